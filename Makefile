@@ -1,0 +1,42 @@
+# Every target sets up what it needs: a fresh clone only needs python3 (>= 3.10) and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= $(HOME)/.cache/llmctl-dev
+DEMO_MODEL := $(DEMO_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_HOME := $(DEMO_DIR)/demo-home
+export LLMCTL_DEMO_MODEL := $(DEMO_MODEL)
+
+.PHONY: setup demo test bench docs clean
+
+# Reinstalls only when pyproject.toml changes; pip reuses its cached llama-cpp-python wheel.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+$(DEMO_MODEL): | $(STAMP)
+	$(PY) tests/demo_model.py --dest $(DEMO_DIR)
+
+setup: $(STAMP) $(DEMO_MODEL)
+
+# The main job on the demo model, in a demo store of its own (your models are untouched).
+demo: setup
+	rm -rf $(DEMO_HOME)
+	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl import $(DEMO_MODEL) --name smollm2-demo
+	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl list
+	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl show smollm2-demo
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+# Regenerates docs/commands.md from the commands' --help (a test fails when it is stale).
+docs: $(STAMP)
+	$(PY) -m llmctl.docgen > docs/commands.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

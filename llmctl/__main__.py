@@ -1,0 +1,5 @@
+"""``python -m llmctl``."""
+
+from llmctl.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""The Typer app: registers the commands; ``main`` maps errors to messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from llmctl import __version__
+from llmctl.commands.import_cmd import import_
+from llmctl.commands.list_cmd import list_models
+from llmctl.commands.rm import rm
+from llmctl.commands.show import show
+from llmctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, LlmctlError
+
+app = typer.Typer(
+    name="llmctl",
+    help="Find, pull, run, chat with and benchmark local GGUF language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Find, pull, run, chat with and benchmark local GGUF language models."""
+
+
+app.command("list", help=list_models.__doc__)(list_models)
+app.command("ls", hidden=True)(list_models)
+app.command("show")(show)
+app.command("import")(import_)
+app.command("rm")(rm)
+
+
+def _debug() -> bool:
+    return os.environ.get("LLMCTL_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the app and return the exit code; every error becomes one message."""
+    from llmctl import output
+
+    try:
+        result = app(args=argv, prog_name="llmctl", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except LlmctlError as exc:
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
+        output.error(exc.message, exc.hint)
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        output.error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`llmctl list | head`): not an error worth a message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into a message
+        # Typer's own usage errors carry an exit code and a formatted message.
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            ctx = getattr(exc, "ctx", None)
+            command = ctx.command_path if ctx is not None else "llmctl"
+            output.error(exc.format_message(), f"run `{command} --help`")
+            return int(getattr(exc, "exit_code", EXIT_USAGE))
+        if _debug():
+            raise
+        output.error(f"unexpected {type(exc).__name__}: {exc}", "rerun with LLMCTL_DEBUG=1 for details and report it")
+        return EXIT_ERROR
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,81 @@
+"""``llmctl rm``: forget models and delete the files llmctl owns."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmctl import output
+from llmctl.commands import open_store
+from llmctl.errors import UsageError
+from llmctl.options import JsonOpt, ModelsArg, YesOpt
+from llmctl.store import ResolvedModel, Store
+
+
+@dataclass
+class Removal:
+    resolved: ResolvedModel
+    delete: list[Path]
+
+
+def rm(
+    models: ModelsArg,
+    yes: YesOpt = False,
+    delete_files: Annotated[
+        bool,
+        typer.Option("--delete-files", help="Also delete files llmctl does not own (imported in place, or found in the HF cache)."),
+    ] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Remove models: their index entry, and the files llmctl owns (others only with --delete-files)."""
+    store = open_store()
+    plan = [_plan(store, store.resolve(name), delete_files) for name in dict.fromkeys(models)]
+    for removal in plan:
+        what = ", ".join(str(p) for p in removal.delete) or "no files (they stay on disk)"
+        output.info(f"{removal.resolved.name}: will delete {what}")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("refusing to remove without confirmation", hint="pass -y to confirm")
+        if not typer.confirm(f"Remove {len(plan)} model(s)?", default=False, err=True):
+            output.info("Nothing removed.")
+            return
+    for removal in plan:
+        _apply(store, removal)
+    if json_output:
+        output.emit_json(
+            {"removed": [{"name": r.resolved.name, "deleted_files": [str(p) for p in r.delete]} for r in plan]}
+        )
+    else:
+        output.info(f"Removed {', '.join(r.resolved.name for r in plan)}")
+
+
+def _plan(store: Store, resolved: ResolvedModel, delete_files: bool) -> Removal:
+    if resolved.kind == "path":
+        raise UsageError(
+            f"{resolved.name} is not a registered model",
+            hint="rm takes names from `llmctl list`; delete plain files with your shell",
+        )
+    if resolved.kind == "discovered" and not delete_files:
+        raise UsageError(
+            f"'{resolved.name}' is in the Hugging Face cache but was not pulled by llmctl",
+            hint="pass --delete-files to delete it anyway",
+        )
+    entry = resolved.entry
+    owned = entry is not None and entry.owned
+    return Removal(resolved, resolved.paths if (owned or delete_files) else [])
+
+
+def _apply(store: Store, removal: Removal) -> None:
+    entry = removal.resolved.entry
+    # Forget first, then delete: a crash in between leaves a stray file, never
+    # an index entry pointing at half-deleted files.
+    if entry is not None:
+        store.remove_entry(entry.name)
+    if removal.delete:
+        # Files llmctl owns must lie inside its own folder; never follow a link out of it.
+        inside = store.settings.models_dir if entry is not None and entry.owned else None
+        store.delete_files(removal.delete, inside=inside)

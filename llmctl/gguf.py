@@ -1,0 +1,652 @@
+"""A bounded, header-only GGUF reader.
+
+Reads the metadata and tensor infos of a GGUF file without touching tensor
+data and without materialising large arrays (the vocabulary is skipped, only
+its length is kept). Every count, length, offset and size is checked against
+the file's real size and fixed limits before it is used, so a crafted file
+gives :class:`~llmctl.errors.InvalidModelError` in bounded time and memory,
+never a crash or a hang. Works on any :class:`ByteSource`: a local file here,
+HTTP range reads for remote files.
+
+Format: little-endian; magic ``GGUF``, u32 version (2 or 3), u64 tensor_count,
+u64 kv_count; kv entries (string key, u32 type, value); tensor infos (name,
+u32 n_dims, u64 dims, u32 ggml type, u64 offset relative to the aligned data
+section).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmctl.errors import InvalidModelError
+
+MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+
+# Limits. Real files stay far below them; crafted files hit them quickly.
+MAX_KEY_BYTES = 65_536
+MAX_STRING_BYTES = 16 * 1024 * 1024  # one materialised string value (a chat template)
+MAX_TENSOR_NAME_BYTES = 1024
+MAX_MATERIALISED_BYTES = 64 * 1024 * 1024  # all materialised values of one header together
+MAX_ARRAY_MATERIALISE = 4096  # longer arrays are summarised as ArraySummary
+MAX_NESTING = 8
+MAX_DIMS = 4
+MAX_ALIGNMENT = 1 << 20
+MAX_ELEMENTS = 1 << 62
+READ_CHUNK = 1 << 20
+
+# GGUF metadata value types.
+T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)
+T_STRING, T_ARRAY, T_UINT64, T_INT64, T_FLOAT64 = 8, 9, 10, 11, 12
+
+_SCALARS: dict[int, struct.Struct] = {
+    T_UINT8: struct.Struct("<B"),
+    T_INT8: struct.Struct("<b"),
+    T_UINT16: struct.Struct("<H"),
+    T_INT16: struct.Struct("<h"),
+    T_UINT32: struct.Struct("<I"),
+    T_INT32: struct.Struct("<i"),
+    T_FLOAT32: struct.Struct("<f"),
+    T_BOOL: struct.Struct("<B"),
+    T_UINT64: struct.Struct("<Q"),
+    T_INT64: struct.Struct("<q"),
+    T_FLOAT64: struct.Struct("<d"),
+}
+VALUE_TYPE_NAMES = {
+    T_UINT8: "u8", T_INT8: "i8", T_UINT16: "u16", T_INT16: "i16", T_UINT32: "u32",
+    T_INT32: "i32", T_FLOAT32: "f32", T_BOOL: "bool", T_STRING: "string",
+    T_ARRAY: "array", T_UINT64: "u64", T_INT64: "i64", T_FLOAT64: "f64",
+}  # fmt: skip
+_INTEGER_TYPES = {T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_UINT64, T_INT64}
+
+_U32 = struct.Struct("<I").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
+
+# ggml tensor types: id -> (name, elements per block, bytes per block).
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}  # fmt: skip
+
+# llama_ftype (general.file_type) -> the quantisation name users know.
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S",
+    22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0",
+}  # fmt: skip
+
+
+class ByteSource(Protocol):
+    """Anything that can hand out bytes by offset: a local file, HTTP ranges."""
+
+    name: str
+    size: int
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+
+class FileSource:
+    """A local file as a :class:`ByteSource`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.name = str(path)
+        try:
+            self._fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            from llmctl.errors import NotFoundError
+
+            raise NotFoundError(f"{self.name}: no such file", hint="check the path") from None
+        except IsADirectoryError:
+            raise InvalidModelError(self.name, "is a directory") from None
+        except OSError as exc:
+            raise InvalidModelError(self.name, exc.strerror or str(exc)) from None
+        self.size = os.fstat(self._fd).st_size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(self._fd, length, offset)
+        os.lseek(self._fd, offset, os.SEEK_SET)  # pragma: no cover - Windows
+        return os.read(self._fd, length)  # pragma: no cover
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ArraySummary:
+    """A metadata array too long to keep (the vocabulary, merges, scores…)."""
+
+    item_type: str
+    count: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "array", "item_type": self.item_type, "count": self.count}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    type_id: int
+    offset: int  # relative to the data section
+    n_elements: int
+    n_bytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.type_id][0]
+
+
+@dataclass
+class GGUFHeader:
+    source: str
+    version: int
+    file_size: int
+    alignment: int
+    data_offset: int
+    metadata: dict[str, Any]
+    value_types: dict[str, int]
+    tensors: list[TensorInfo]
+
+
+class _Problem(Exception):
+    """Raised inside the reader; converted to InvalidModelError with the file name."""
+
+
+class _Cursor:
+    """Sequential reads over a ByteSource through a chunked buffer."""
+
+    def __init__(self, source: ByteSource) -> None:
+        self.source = source
+        self.size = source.size
+        self.pos = 0
+        self.buf = b""
+        self.base = 0  # file offset of buf[0]
+        self.budget = MAX_MATERIALISED_BYTES
+
+    def _need(self, n: int) -> int:
+        """Make [pos, pos+n) available; return its index in buf."""
+        if self.pos + n > self.size:
+            raise _Problem(f"truncated: needs {n} bytes at offset {self.pos}, file has {self.size}")
+        rel = self.pos - self.base
+        if rel >= 0 and rel + n <= len(self.buf):
+            return rel
+        length = min(max(n, READ_CHUNK), self.size - self.pos)
+        data = self.source.read_at(self.pos, length)
+        if len(data) < n:
+            raise _Problem(f"truncated: short read at offset {self.pos}")
+        self.buf, self.base = data, self.pos
+        return 0
+
+    def scalar(self, kind: int) -> Any:
+        fmt = _SCALARS[kind]
+        rel = self._need(fmt.size)
+        (value,) = fmt.unpack_from(self.buf, rel)
+        self.pos += fmt.size
+        if kind == T_BOOL:
+            if value > 1:
+                raise _Problem(f"bool value {value} at offset {self.pos - 1}")
+            return bool(value)
+        return value
+
+    def u32(self) -> int:
+        rel = self._need(4)
+        self.pos += 4
+        return _U32(self.buf, rel)[0]
+
+    def u64(self) -> int:
+        rel = self._need(8)
+        self.pos += 8
+        return _U64(self.buf, rel)[0]
+
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def string(self, limit: int, what: str) -> str:
+        start = self.pos
+        length = self.u64()
+        if length > limit:
+            raise _Problem(f"{what} at offset {start} is {length} bytes long (limit {limit})")
+        if length > self.remaining():
+            raise _Problem(f"truncated: {what} at offset {start} runs past the end of the file")
+        self._charge(length)
+        rel = self._need(length)
+        raw = self.buf[rel : rel + length]
+        self.pos += length
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Problem(f"{what} at offset {start} is not valid UTF-8") from None
+
+    def skip_strings(self, count: int) -> None:
+        """Skip ``count`` strings, reading only their lengths (the vocabulary path)."""
+        done = 0
+        while done < count:
+            rel = self._need(8)
+            buf, end = self.buf, len(self.buf)
+            # Walk as many strings as the buffer holds, in a tight loop.
+            while done < count and rel + 8 <= end:
+                rel += 8 + _U64(buf, rel)[0]
+                done += 1
+            self.pos = self.base + rel
+            if self.pos > self.size:
+                raise _Problem("truncated: string array runs past the end of the file")
+
+    def skip(self, n: int) -> None:
+        if n > self.remaining():
+            raise _Problem(f"truncated: needs {n} bytes at offset {self.pos}")
+        self.pos += n
+
+    def _charge(self, n: int) -> None:
+        self.budget -= n
+        if self.budget < 0:
+            raise _Problem(f"metadata larger than {MAX_MATERIALISED_BYTES} bytes")
+
+
+def _read_value(cur: _Cursor, kind: int, depth: int) -> Any:
+    if kind in _SCALARS:
+        return cur.scalar(kind)
+    if kind == T_STRING:
+        return cur.string(MAX_STRING_BYTES, "string value")
+    if kind == T_ARRAY:
+        return _read_array(cur, depth + 1)
+    raise _Problem(f"unknown value type {kind} at offset {cur.pos - 4}")
+
+
+def _read_array(cur: _Cursor, depth: int) -> Any:
+    if depth > MAX_NESTING:
+        raise _Problem(f"arrays nested deeper than {MAX_NESTING}")
+    start = cur.pos
+    item = cur.u32()
+    count = cur.u64()
+    if item in _SCALARS:
+        width = _SCALARS[item].size
+        if count * width > cur.remaining():
+            raise _Problem(f"array at offset {start}: {count} elements run past the end of the file")
+        if count > MAX_ARRAY_MATERIALISE:
+            cur.skip(count * width)
+            return ArraySummary(VALUE_TYPE_NAMES[item], count)
+        cur._charge(count * width)
+        rel = cur._need(count * width)
+        values = struct.unpack_from(f"<{count}{_SCALARS[item].format[-1]}", cur.buf, rel)
+        cur.pos += count * width
+        if item == T_BOOL:
+            if any(v > 1 for v in values):
+                raise _Problem(f"array at offset {start}: bool value out of range")
+            return [bool(v) for v in values]
+        return list(values)
+    if item == T_STRING:
+        if count * 8 > cur.remaining():
+            raise _Problem(f"array at offset {start}: {count} strings run past the end of the file")
+        if count > MAX_ARRAY_MATERIALISE:
+            cur.skip_strings(count)
+            return ArraySummary("string", count)
+        return [cur.string(MAX_STRING_BYTES, "string in array") for _ in range(count)]
+    if item == T_ARRAY:
+        if count * 12 > cur.remaining():
+            raise _Problem(f"array at offset {start}: {count} arrays run past the end of the file")
+        values = [_read_array(cur, depth + 1) for _ in range(count)]
+        return values if count <= MAX_ARRAY_MATERIALISE else ArraySummary("array", count)
+    raise _Problem(f"array at offset {start} has unknown element type {item}")
+
+
+def read_header(source: ByteSource) -> GGUFHeader:
+    """Read and validate one GGUF file's header. Raises InvalidModelError."""
+    try:
+        return _read_header(source)
+    except _Problem as problem:
+        raise InvalidModelError(source.name, str(problem)) from None
+    except OSError as exc:
+        raise InvalidModelError(source.name, f"read failed: {exc.strerror or exc}") from None
+
+
+def _read_header(source: ByteSource) -> GGUFHeader:
+    cur = _Cursor(source)
+    if source.size < 4:
+        raise _Problem("file is too small to be GGUF")
+    rel = cur._need(4)
+    magic = cur.buf[rel : rel + 4]
+    if magic != MAGIC:
+        raise _Problem(f"bad magic {magic!r} (expected b'GGUF')")
+    cur.pos = 4
+    version = cur.u32()
+    if version not in SUPPORTED_VERSIONS:
+        raise _Problem(f"unsupported GGUF version {version} (supported: 2, 3)")
+    tensor_count = cur.u64()
+    kv_count = cur.u64()
+    # Each kv entry needs at least 8 (key length) + 1 (key) + 4 (type) + 1 bytes;
+    # each tensor info at least 8 + 1 + 4 + 8 + 4 + 8.
+    if kv_count * 14 > cur.remaining():
+        raise _Problem(f"metadata count {kv_count} is impossible for a file of {source.size} bytes")
+    if tensor_count * 33 > cur.remaining():
+        raise _Problem(f"tensor count {tensor_count} is impossible for a file of {source.size} bytes")
+
+    metadata: dict[str, Any] = {}
+    value_types: dict[str, int] = {}
+    for _ in range(kv_count):
+        key = cur.string(MAX_KEY_BYTES, "metadata key")
+        if key in metadata:
+            raise _Problem(f"duplicate metadata key '{key}'")
+        kind = cur.u32()
+        metadata[key] = _read_value(cur, kind, 0)
+        value_types[key] = kind
+
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in metadata:
+        alignment = metadata["general.alignment"]
+        if value_types["general.alignment"] != T_UINT32:
+            raise _Problem("general.alignment must be a u32")
+        if alignment == 0 or alignment & (alignment - 1) or alignment > MAX_ALIGNMENT:
+            raise _Problem(f"general.alignment {alignment} is not a power of two up to {MAX_ALIGNMENT}")
+
+    tensors: list[TensorInfo] = []
+    names: set[str] = set()
+    for _ in range(tensor_count):
+        tensors.append(_read_tensor_info(cur, alignment, names))
+
+    data_offset = -(-cur.pos // alignment) * alignment
+    data_size = source.size - data_offset
+    if tensors and data_size < 0:
+        raise _Problem("truncated: file ends before its data section")
+    end = 0
+    for tensor in sorted(tensors, key=lambda t: t.offset):
+        if tensor.offset < end:
+            raise _Problem(f"tensor '{tensor.name}' overlaps the tensor before it")
+        end = tensor.offset + tensor.n_bytes
+        if end > data_size:
+            raise _Problem(f"truncated: tensor '{tensor.name}' data runs past the end of the file")
+    return GGUFHeader(
+        source=source.name,
+        version=version,
+        file_size=source.size,
+        alignment=alignment,
+        data_offset=data_offset,
+        metadata=metadata,
+        value_types=value_types,
+        tensors=tensors,
+    )
+
+
+def _read_tensor_info(cur: _Cursor, alignment: int, names: set[str]) -> TensorInfo:
+    name = cur.string(MAX_TENSOR_NAME_BYTES, "tensor name")
+    if name in names:
+        raise _Problem(f"duplicate tensor name '{name}'")
+    names.add(name)
+    n_dims = cur.u32()
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise _Problem(f"tensor '{name}' has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+    shape = tuple(cur.u64() for _ in range(n_dims))
+    n_elements = 1
+    for dim in shape:
+        n_elements *= dim
+        if dim >= MAX_ELEMENTS or n_elements >= MAX_ELEMENTS:
+            raise _Problem(f"tensor '{name}' shape {list(shape)} overflows")
+    type_id = cur.u32()
+    if type_id not in GGML_TYPES:
+        raise _Problem(f"tensor '{name}' has unknown ggml type {type_id}")
+    type_name, block, block_bytes = GGML_TYPES[type_id]
+    if shape[0] % block:
+        raise _Problem(f"tensor '{name}' row of {shape[0]} is not a multiple of the {type_name} block ({block})")
+    offset = cur.u64()
+    if offset % alignment:
+        raise _Problem(f"tensor '{name}' data offset {offset} is not aligned to {alignment}")
+    n_bytes = n_elements // block * block_bytes
+    return TensorInfo(name, shape, type_id, offset, n_elements, n_bytes)
+
+
+# --- split files -------------------------------------------------------------
+
+SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All parts of a split model given any part; ``[path]`` for a single file."""
+    match = SPLIT_RE.match(path.name)
+    if not match:
+        return [path]
+    count = int(match["count"])
+    if count < 1:
+        raise InvalidModelError(str(path), "split count is 0")
+    prefix = match["prefix"]
+    return [path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+# --- model summary -----------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """What llmctl needs to know about a model, from its header(s) alone."""
+
+    architecture: str
+    name: str | None
+    quant: str
+    parameter_count: int
+    layer_count: int | None
+    context_length: int | None
+    embedding_length: int | None
+    head_count: int | list[int] | None
+    head_count_kv: int | list[int] | None
+    key_length: int | None
+    value_length: int | None
+    sliding_window: int | None
+    expert_count: int | None
+    expert_used_count: int | None
+    vocab_size: int | None
+    chat_template: str | None
+    size_label: str | None
+    license: str | None
+    gguf_version: int
+    file_type: int | None
+    split_count: int
+    tensor_count: int
+    layer_bytes: list[int]
+    embedding_bytes: int
+    output_bytes: int
+    other_bytes: int
+    total_tensor_bytes: int
+    file_size: int
+    tensor_types: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def _typed(header: GGUFHeader, key: str, kinds: set[int], what: str) -> Any:
+    """A metadata value, or None; raises when a known key has the wrong type."""
+    if key not in header.metadata:
+        return None
+    kind = header.value_types[key]
+    value = header.metadata[key]
+    if kind in kinds:
+        return value
+    if kind == T_ARRAY and "array" in what and isinstance(value, list):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+    raise _Problem(f"metadata '{key}' has type {VALUE_TYPE_NAMES.get(kind, kind)}, expected {what}")
+
+
+def _int(header: GGUFHeader, key: str) -> int | None:
+    return _typed(header, key, _INTEGER_TYPES, "an integer")
+
+
+def _int_or_array(header: GGUFHeader, key: str) -> int | list[int] | None:
+    value = _typed(header, key, _INTEGER_TYPES, "an integer or an integer array")
+    if isinstance(value, list) and value and len(set(value)) == 1:
+        return value[0]
+    return value
+
+
+def _str(header: GGUFHeader, key: str) -> str | None:
+    return _typed(header, key, {T_STRING}, "a string")
+
+
+def _max(value: int | list[int] | None) -> int | None:
+    if isinstance(value, list):
+        return max(value) if value else None
+    return value
+
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+def summarize(headers: list[GGUFHeader]) -> ModelInfo:
+    """Turn one header (or all parts of a split model, in order) into a ModelInfo."""
+    first = headers[0]
+    try:
+        return _summarize(headers)
+    except _Problem as problem:
+        raise InvalidModelError(first.source, str(problem)) from None
+
+
+def _summarize(headers: list[GGUFHeader]) -> ModelInfo:
+    first = headers[0]
+    arch = _str(first, "general.architecture")
+    if not arch:
+        raise _Problem("missing general.architecture")
+    _check_split(headers)
+
+    tensors = [t for h in headers for t in h.tensors]
+    block_count = _int(first, f"{arch}.block_count")
+    layer_bytes = [0] * (block_count or 0)
+    embedding = output = other = 0
+    histogram: dict[str, dict[str, int]] = {}
+    for tensor in tensors:
+        slot = histogram.setdefault(tensor.type_name, {"count": 0, "bytes": 0})
+        slot["count"] += 1
+        slot["bytes"] += tensor.n_bytes
+        match = _BLOCK_RE.match(tensor.name)
+        if match:
+            index = int(match.group(1))
+            if index >= len(layer_bytes):
+                if block_count is not None or index > 100_000:
+                    raise _Problem(f"tensor '{tensor.name}' is outside the {block_count} blocks")
+                layer_bytes.extend([0] * (index + 1 - len(layer_bytes)))
+            layer_bytes[index] += tensor.n_bytes
+        elif tensor.name.startswith("token_embd"):
+            embedding += tensor.n_bytes
+        elif tensor.name.startswith(("output.", "output_norm.")):
+            output += tensor.n_bytes
+        else:
+            other += tensor.n_bytes
+
+    file_type = _int(first, "general.file_type")
+    if file_type is not None and file_type in FILE_TYPES:
+        quant = FILE_TYPES[file_type]
+    elif histogram:
+        quant = max(histogram.items(), key=lambda item: item[1]["bytes"])[0]
+    else:
+        quant = "unknown"
+
+    embedding_length = _int(first, f"{arch}.embedding_length")
+    head_count = _int_or_array(first, f"{arch}.attention.head_count")
+    head_count_kv = _int_or_array(first, f"{arch}.attention.head_count_kv")
+    if head_count_kv is None:
+        head_count_kv = head_count
+    key_length = _int(first, f"{arch}.attention.key_length")
+    value_length = _int(first, f"{arch}.attention.value_length")
+    max_heads = _max(head_count)
+    if key_length is None and embedding_length and max_heads:
+        key_length = embedding_length // max_heads
+    if value_length is None and embedding_length and max_heads:
+        value_length = embedding_length // max_heads
+
+    vocab_size = _int(first, f"{arch}.vocab_size")
+    tokens = first.metadata.get("tokenizer.ggml.tokens")
+    if vocab_size is None and tokens is not None:
+        if first.value_types["tokenizer.ggml.tokens"] != T_ARRAY:
+            raise _Problem("metadata 'tokenizer.ggml.tokens' is not an array")
+        vocab_size = tokens.count if isinstance(tokens, ArraySummary) else len(tokens)
+
+    return ModelInfo(
+        architecture=arch,
+        name=_str(first, "general.name"),
+        quant=quant,
+        parameter_count=sum(t.n_elements for t in tensors),
+        layer_count=block_count,
+        context_length=_int(first, f"{arch}.context_length"),
+        embedding_length=embedding_length,
+        head_count=head_count,
+        head_count_kv=head_count_kv,
+        key_length=key_length,
+        value_length=value_length,
+        sliding_window=_int(first, f"{arch}.attention.sliding_window"),
+        expert_count=_int(first, f"{arch}.expert_count"),
+        expert_used_count=_int(first, f"{arch}.expert_used_count"),
+        vocab_size=vocab_size,
+        chat_template=_str(first, "tokenizer.chat_template"),
+        size_label=_str(first, "general.size_label"),
+        license=_str(first, "general.license"),
+        gguf_version=first.version,
+        file_type=file_type,
+        split_count=len(headers),
+        tensor_count=len(tensors),
+        layer_bytes=layer_bytes,
+        embedding_bytes=embedding,
+        output_bytes=output,
+        other_bytes=other,
+        total_tensor_bytes=sum(t.n_bytes for t in tensors),
+        file_size=sum(h.file_size for h in headers),
+        tensor_types=dict(sorted(histogram.items(), key=lambda item: -item[1]["bytes"])),
+    )
+
+
+def _check_split(headers: list[GGUFHeader]) -> None:
+    count = len(headers)
+    for index, header in enumerate(headers):
+        split_count = _int(header, "split.count")
+        split_no = _int(header, "split.no")
+        if count == 1 and split_count in (None, 1):
+            continue
+        if split_count != count:
+            raise _Problem(f"{header.source} says it is one of {split_count} parts, found {count}")
+        if split_no != index:
+            raise _Problem(f"{header.source} says it is part {split_no}, expected {index}")
+
+
+def read_model(paths: list[Path]) -> tuple[list[GGUFHeader], ModelInfo]:
+    """Read every part of a model from disk and summarise it."""
+    headers = []
+    for path in paths:
+        with FileSource(path) as source:
+            headers.append(read_header(source))
+    return headers, summarize(headers)
+
+
+def metadata_for_json(header: GGUFHeader) -> dict[str, Any]:
+    """Metadata with long arrays shown as summaries, ready for json.dumps."""
+    return {
+        key: value.to_json() if isinstance(value, ArraySummary) else value
+        for key, value in header.metadata.items()
+    }

@@ -1,0 +1,643 @@
+"""The local model store: an index of known models, and name resolution.
+
+Files stay where other tools can use them. Pulled models live in the Hugging
+Face cache (``HF_HUB_CACHE``) under their real names; imported models stay
+where they are (or are copied under ``$LLMCTL_HOME/models`` with ``--copy``).
+The index, ``$LLMCTL_HOME/index.json``, records each model's name, source,
+files, size, sha256, times and a header summary keyed by (size, mtime) so that
+``list`` never re-parses an unchanged file. Writes take a lock and replace the
+file atomically, so a crash leaves the previous index intact.
+
+Models found in the Hugging Face cache that llmctl did not register are
+"discovered": listed and resolvable, marked as such, never deleted unless
+asked explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from llmctl import gguf
+from llmctl.config import Settings
+from llmctl.errors import (
+    AmbiguousNameError,
+    InvalidModelError,
+    LlmctlError,
+    NotFoundError,
+    StoreError,
+    UsageError,
+)
+
+INDEX_VERSION = 1
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:+-]{0,127}$")
+QUANT_IN_NAME_RE = re.compile(
+    r"[-._](?P<quant>(?:I?Q\d(?:_[0-9A-Z]+)*)|BF16|F16|F32|MXFP4(?:_MOE)?)$", re.IGNORECASE
+)
+_REPO_PREFIXES = ("https://huggingface.co/", "http://huggingface.co/", "huggingface.co/", "hf.co/")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class ModelEntry:
+    """One registered model."""
+
+    name: str
+    files: list[str]
+    source: dict[str, Any]
+    owned: bool
+    size: int
+    sha256: list[str | None]
+    added: str
+    last_used: str | None = None
+    header: dict[str, Any] | None = None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(f) for f in self.files]
+
+    @property
+    def source_label(self) -> str:
+        kind = self.source.get("type")
+        if kind == "hub":
+            return f"hf:{self.source.get('repo')}"
+        if kind == "copy":
+            return "import (copy)"
+        return "import"
+
+
+@dataclass
+class ResolvedModel:
+    """What a name turned into: the files to load, and the entry if registered."""
+
+    name: str
+    paths: list[Path]
+    entry: ModelEntry | None = None
+    kind: str = "registered"  # registered | discovered | path
+
+
+@dataclass
+class Listing:
+    """A row of ``list``: the entry or discovered files, their info or problem."""
+
+    name: str
+    paths: list[Path]
+    source: str
+    kind: str
+    info: gguf.ModelInfo | None
+    status: str
+    size: int
+    last_used: str | None = None
+    entry: ModelEntry | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- file helpers --------------------------------------------------------------
+
+
+def file_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 * 1024 * 1024):
+            digest.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def default_name(path: Path, quant: str) -> str:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` → ``smollm2-135m-instruct:q4_1``."""
+    stem = path.name
+    split = gguf.SPLIT_RE.match(stem)
+    stem = split["prefix"] if split else stem[: -len(".gguf")] if stem.lower().endswith(".gguf") else stem
+    match = QUANT_IN_NAME_RE.search(stem)
+    if match:
+        quant = match["quant"]
+        stem = stem[: match.start()]
+    base = re.sub(r"[^a-z0-9._+-]+", "-", stem.lower()).strip("-._") or "model"
+    return f"{base}:{quant.lower()}"
+
+
+def validate_name(name: str) -> str:
+    normal = name.strip().lower()
+    if not NAME_RE.match(normal):
+        raise UsageError(
+            f"invalid model name '{name}'",
+            hint="use letters, digits and . _ : + - (up to 128 characters, no '/')",
+        )
+    return normal
+
+
+# --- the store -----------------------------------------------------------------
+
+
+class Store:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.index_path = settings.index_path
+
+    # index I/O
+
+    def _read_index(self) -> dict[str, Any]:
+        try:
+            text = self.index_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {"version": INDEX_VERSION, "models": [], "discovered_headers": {}}
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.index_path}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+                raise ValueError("unexpected layout")
+        except ValueError as exc:
+            raise StoreError(
+                f"model index {self.index_path} is corrupt ({exc})",
+                hint="move it aside and re-import your models; model files are untouched",
+            ) from None
+        if data.get("version", 0) > INDEX_VERSION:
+            raise StoreError(
+                f"model index {self.index_path} was written by a newer llmctl",
+                hint="upgrade llmctl",
+            )
+        data.setdefault("discovered_headers", {})
+        return data
+
+    def _write_index(self, data: dict[str, Any]) -> None:
+        data["version"] = INDEX_VERSION
+        data["models"].sort(key=lambda m: m["name"])
+        atomic_write_text(self.index_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        lock_path = self.settings.home / "index.lock"
+        with open(lock_path, "a+") as lock:
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - Windows: no cross-process lock
+                yield
+                return
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @contextmanager
+    def transaction(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write of the index under the lock; written only on success."""
+        with self._locked():
+            data = self._read_index()
+            yield data
+            self._write_index(data)
+
+    def entries(self) -> list[ModelEntry]:
+        return [ModelEntry(**m) for m in self._read_index()["models"]]
+
+    def get(self, name: str) -> ModelEntry | None:
+        for entry in self.entries():
+            if entry.name == name.lower():
+                return entry
+        return None
+
+    # registration
+
+    def add(self, entry: ModelEntry) -> None:
+        with self.transaction() as data:
+            names = {m["name"] for m in data["models"]}
+            if entry.name in names:
+                raise UsageError(
+                    f"a model named '{entry.name}' already exists",
+                    hint="choose another with --name, or remove it with `llmctl rm`",
+                )
+            data["models"].append(asdict(entry))
+
+    def remove_entry(self, name: str) -> None:
+        with self.transaction() as data:
+            data["models"] = [m for m in data["models"] if m["name"] != name]
+
+    def touch(self, name: str) -> None:
+        """Record that a model was just used (run, chat, bench)."""
+        with self.transaction() as data:
+            for m in data["models"]:
+                if m["name"] == name:
+                    m["last_used"] = now_iso()
+
+    def find_by_path(self, path: Path) -> ModelEntry | None:
+        real = os.path.realpath(path)
+        for entry in self.entries():
+            if any(os.path.realpath(f) == real for f in entry.files):
+                return entry
+        return None
+
+    # header summaries
+
+    def info(self, entry: ModelEntry) -> gguf.ModelInfo:
+        """The entry's ModelInfo from the cache, re-reading the header only if the files changed."""
+        keys = [file_key(p) for p in entry.paths]
+        cached = entry.header
+        if cached and cached.get("key") == keys:
+            return gguf.ModelInfo.from_dict(cached["info"])
+        _, info = gguf.read_model(entry.paths)
+        entry.header = {"key": keys, "info": info.to_dict()}
+        self._save_header(entry.name, entry.header)
+        return info
+
+    def _save_header(self, name: str, header: dict[str, Any]) -> None:
+        try:
+            with self.transaction() as data:
+                for m in data["models"]:
+                    if m["name"] == name:
+                        m["header"] = header
+        except OSError:
+            pass  # a read-only home still lists; the cache is an optimisation
+
+    # discovery in the Hugging Face cache
+
+    def discover(self, registered: list[ModelEntry]) -> list[tuple[str, str, list[Path]]]:
+        """GGUF files in the HF cache not registered here: (repo, filename, parts)."""
+        root = self.settings.hf_hub_cache
+        if not root.is_dir():
+            return []
+        known = {os.path.realpath(f) for e in registered for f in e.files}
+        found: dict[str, tuple[str, str, list[Path]]] = {}
+        for repo_dir in sorted(root.glob("models--*")):
+            repo = repo_dir.name[len("models--") :].replace("--", "/", 1)
+            snapshots = repo_dir / "snapshots"
+            if not snapshots.is_dir():
+                continue
+            for path in sorted(snapshots.glob("*/**/*.gguf")):
+                split = gguf.SPLIT_RE.match(path.name)
+                if split and int(split["no"]) != 1:
+                    continue
+                real = os.path.realpath(path)
+                if real in known or real in found:
+                    continue
+                rel = path.relative_to(snapshots).parts[1:]
+                found[real] = (repo, "/".join(rel), gguf.split_parts(path))
+        return list(found.values())
+
+    def listing(self) -> list[Listing]:
+        """Every model for ``list``: registered first, then discovered; never raises on a bad file."""
+        entries = self.entries()
+        rows = [self._entry_row(e) for e in entries]
+        rows.extend(self._discovered_rows(entries))
+        return rows
+
+    def _entry_row(self, entry: ModelEntry) -> Listing:
+        info, status = None, "ok"
+        missing = [p for p in entry.paths if not p.exists()]
+        if missing:
+            status = f"missing: {missing[0]}"
+        else:
+            try:
+                info = self.info(entry)
+            except LlmctlError as exc:
+                status = f"invalid: {getattr(exc, 'problem', exc.message)}"
+        return Listing(
+            name=entry.name,
+            paths=entry.paths,
+            source=entry.source_label,
+            kind="registered",
+            info=info,
+            status=status,
+            size=entry.size,
+            last_used=entry.last_used,
+            entry=entry,
+        )
+
+    def _discovered_rows(self, entries: list[ModelEntry]) -> list[Listing]:
+        discovered = self.discover(entries)
+        if not discovered:
+            return []
+        data = self._read_index()
+        cache: dict[str, Any] = data["discovered_headers"]
+        fresh: dict[str, Any] = {}
+        rows = []
+        taken: set[str] = {e.name for e in entries}
+        for repo, filename, parts in discovered:
+            info, status, size = None, "ok", 0
+            try:
+                keys = [file_key(p) for p in parts]
+                size = sum(k[0] for k in keys)
+                cached = cache.get(str(parts[0]))
+                if cached and cached.get("key") == keys:
+                    info = gguf.ModelInfo.from_dict(cached["info"])
+                else:
+                    _, info = gguf.read_model(parts)
+                fresh[str(parts[0])] = {"key": keys, "info": info.to_dict()}
+            except (OSError, LlmctlError) as exc:
+                status = f"invalid: {getattr(exc, 'problem', None) or getattr(exc, 'message', exc)}"
+            name = f"{repo}:{info.quant}" if info else f"{repo}/{filename}"
+            if name.lower() in taken:
+                name = f"{repo}/{filename}"
+            taken.add(name.lower())
+            rows.append(
+                Listing(
+                    name=name,
+                    paths=parts,
+                    source=f"hf-cache:{repo}",
+                    kind="discovered",
+                    info=info,
+                    status=status,
+                    size=size,
+                    extra={"repo": repo, "filename": filename},
+                )
+            )
+        if fresh != cache:
+            try:
+                with self.transaction() as latest:
+                    latest["discovered_headers"] = fresh
+            except OSError:
+                pass
+        return rows
+
+    # name resolution
+
+    def resolve(self, name: str) -> ResolvedModel:
+        """Turn what the user typed into model files.
+
+        Order: exact registered name; an existing file path; ``owner/repo[:QUANT]``
+        (also ``hf.co/…`` and huggingface.co URLs) among registered and discovered
+        models; a unique prefix of a name. Unknown names suggest the nearest ones.
+        """
+        text = name.strip()
+        if not text:
+            raise UsageError("empty model name", hint="run `llmctl list` to see model names")
+        entries = self.entries()
+        lowered = text.lower()
+        for entry in entries:
+            if entry.name == lowered:
+                return ResolvedModel(entry.name, entry.paths, entry)
+
+        path = Path(text).expanduser()
+        if path.is_file():
+            return self._resolve_path(path)
+        if path.is_dir():
+            raise UsageError(f"{text} is a directory", hint="give the path of a .gguf file")
+
+        rows = self.listing_for_resolution(entries)
+        repo_match = self._match_repo(text, rows)
+        if repo_match is not None:
+            return repo_match
+        if lowered.endswith(".gguf") and ("/" not in text or os.path.isabs(text) or text.startswith(".")):
+            raise NotFoundError(f"{text}: no such file", hint="check the path")
+
+        names = {row.name.lower(): row for row in rows}
+        candidates = [n for n in names if n.startswith(lowered)]
+        if len(candidates) == 1:
+            return self._from_row(names[candidates[0]])
+        if len(candidates) > 1:
+            raise AmbiguousNameError(text, sorted(candidates))
+        close = difflib.get_close_matches(lowered, list(names), n=3, cutoff=0.5)
+        hint = (
+            f"did you mean {', '.join(close)}?"
+            if close
+            else "run `llmctl list` to see your models, or `llmctl pull NAME` to download one"
+        )
+        raise NotFoundError(f"no model named '{text}'", hint=hint)
+
+    def listing_for_resolution(self, entries: list[ModelEntry]) -> list[Listing]:
+        rows = [
+            Listing(e.name, e.paths, e.source_label, "registered", None, "ok", e.size, entry=e)
+            for e in entries
+        ]
+        return rows + self._discovered_rows(entries)
+
+    def _from_row(self, row: Listing) -> ResolvedModel:
+        return ResolvedModel(row.name, row.paths, row.entry, row.kind)
+
+    def _resolve_path(self, path: Path) -> ResolvedModel:
+        entry = self.find_by_path(path)
+        if entry is not None:
+            return ResolvedModel(entry.name, entry.paths, entry)
+        return ResolvedModel(str(path), gguf.split_parts(path.resolve()), None, "path")
+
+    def _match_repo(self, text: str, rows: list[Listing]) -> ResolvedModel | None:
+        ref = text
+        for prefix in _REPO_PREFIXES:
+            if ref.lower().startswith(prefix):
+                ref = ref[len(prefix) :]
+                break
+        repo, _, quant = ref.partition(":")
+        parts = repo.strip("/").split("/")
+        if len(parts) < 2 or not all(parts[:2]):
+            return None
+        repo_id = "/".join(parts[:2]).lower()
+        filename = "/".join(p for p in parts[2:] if p not in ("resolve", "blob") and not _is_revision(p))
+        matches = []
+        for row in rows:
+            row_repo = _row_repo(row)
+            if row_repo is None or row_repo.lower() != repo_id:
+                continue
+            if filename and not _row_has_file(row, filename):
+                continue
+            if quant and not _row_quant_is(row, quant, self):
+                continue
+            matches.append(row)
+        if not matches:
+            return None
+        if len(matches) > 1:
+            raise AmbiguousNameError(text, sorted(r.name for r in matches))
+        return self._from_row(matches[0])
+
+    # removal
+
+    def delete_files(self, entry_or_paths: ModelEntry | list[Path], *, inside: Path | None = None) -> list[Path]:
+        """Delete model files; with ``inside``, refuse anything that resolves outside it."""
+        paths = entry_or_paths.paths if isinstance(entry_or_paths, ModelEntry) else entry_or_paths
+        removed = []
+        for path in paths:
+            if inside is not None:
+                real = Path(os.path.realpath(path))
+                if path.is_symlink() or not real.is_relative_to(Path(os.path.realpath(inside))):
+                    raise StoreError(f"refusing to delete {path}: it points outside {inside}")
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot delete {path}: {exc.strerror}") from None
+        if inside is not None and paths:
+            folder = paths[0].parent
+            if folder != inside and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        return removed
+
+
+def _is_revision(part: str) -> bool:
+    return part == "main" or bool(re.fullmatch(r"[0-9a-f]{40}", part))
+
+
+def _row_repo(row: Listing) -> str | None:
+    if row.entry is not None and row.entry.source.get("type") == "hub":
+        return str(row.entry.source.get("repo"))
+    return row.extra.get("repo")
+
+
+def _row_has_file(row: Listing, filename: str) -> bool:
+    names = [p.name.lower() for p in row.paths]
+    return filename.split("/")[-1].lower() in names
+
+
+def _row_quant_is(row: Listing, quant: str, store: Store) -> bool:
+    quant = quant.lower()
+    if row.name.lower().endswith(":" + quant):
+        return True
+    return any(quant in p.name.lower() for p in row.paths)
+
+
+# --- import --------------------------------------------------------------------
+
+
+def import_model(
+    store: Store,
+    path: Path,
+    *,
+    name: str | None,
+    copy: bool,
+    progress: Callable[[str, int], Any] | None = None,
+) -> tuple[ModelEntry, gguf.ModelInfo]:
+    """Validate a GGUF (all parts of a split one) and register it.
+
+    Nothing is registered unless every part reads cleanly; a copy is written to
+    a temporary name and renamed into place only when complete.
+    """
+    path = path.expanduser()
+    if not path.exists():
+        raise NotFoundError(f"{path}: no such file", hint="check the path")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory", hint="give the path of a .gguf file")
+    parts = [p.resolve() for p in gguf.split_parts(path)]
+    missing = [p for p in parts if not p.exists()]
+    if missing:
+        raise NotFoundError(
+            f"{missing[0]}: part {parts.index(missing[0]) + 1} of {len(parts)} of this split model is missing",
+            hint="download every part into the same folder",
+        )
+    _, info = gguf.read_model(parts)
+    existing = store.find_by_path(parts[0])
+    if existing is not None:
+        raise UsageError(f"{path} is already registered as '{existing.name}'", hint="use that name")
+    final_name = validate_name(name) if name else default_name(parts[0], info.quant)
+    if store.get(final_name) is not None:
+        raise UsageError(
+            f"a model named '{final_name}' already exists",
+            hint="choose another with --name, or remove it with `llmctl rm`",
+        )
+
+    size = sum(p.stat().st_size for p in parts)
+    if copy:
+        dest_dir = store.settings.models_dir / final_name.replace(":", "-")
+        files, hashes = _copy_parts(parts, dest_dir, progress)
+        source = {"type": "copy", "path": str(parts[0])}
+    else:
+        files = parts
+        hashes = [sha256_file(p, _progress_for(progress, p)) for p in parts]
+        source = {"type": "import", "path": str(parts[0])}
+    entry = ModelEntry(
+        name=final_name,
+        files=[str(f) for f in files],
+        source=source,
+        owned=copy,
+        size=size,
+        sha256=hashes,
+        added=now_iso(),
+        header={"key": [file_key(f) for f in files], "info": info.to_dict()},
+    )
+    try:
+        store.add(entry)
+    except BaseException:
+        if copy:
+            store.delete_files(list(files), inside=store.settings.models_dir)
+        raise
+    return entry, info
+
+
+def _progress_for(progress: Callable[[str, int], Any] | None, path: Path) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    return lambda n: progress(path.name, n)
+
+
+def _copy_parts(
+    parts: list[Path], dest_dir: Path, progress: Callable[[str, int], Any] | None
+) -> tuple[list[Path], list[str | None]]:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    needed = sum(p.stat().st_size for p in parts)
+    free = shutil.disk_usage(dest_dir).free
+    if needed > free:
+        raise StoreError(
+            f"not enough disk space to copy: need {needed} bytes, {free} free in {dest_dir}",
+            hint="free some space or import without --copy",
+        )
+    files: list[Path] = []
+    hashes: list[str | None] = []
+    try:
+        for part in parts:
+            dest = dest_dir / part.name
+            if dest.exists():
+                raise UsageError(f"{dest} already exists", hint="remove it or choose another --name")
+            tmp = dest.with_name(dest.name + ".partial")
+            digest = hashlib.sha256()
+            with open(part, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(4 * 1024 * 1024):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                    if progress:
+                        progress(part.name, len(chunk))
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, dest)
+            files.append(dest)
+            hashes.append(digest.hexdigest())
+    except BaseException:
+        for leftover in list(dest_dir.glob("*.partial")) + files:
+            leftover.unlink(missing_ok=True)
+        if dest_dir.is_dir() and not any(dest_dir.iterdir()):
+            dest_dir.rmdir()
+        raise
+    return files, hashes
