@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any, Callable, Sequence
 
 import typer
+from typer.core import TyperGroup
 
 from llmctl import __version__
 from llmctl.commands.import_cmd import import_
@@ -15,8 +16,35 @@ from llmctl.commands.rm import rm
 from llmctl.commands.show import show
 from llmctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, LlmctlError
 
+
+class LlmctlGroup(TyperGroup):
+    """The root command: turns every error into one message and a documented exit code.
+
+    Living in the group (not around ``app()``) means the test runner and the
+    console script take the same path.
+    """
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        code = _guarded(
+            lambda: super(LlmctlGroup, self).main(
+                args=args, prog_name=prog_name or "llmctl", complete_var=complete_var, standalone_mode=False, **extra
+            )
+        )
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 app = typer.Typer(
     name="llmctl",
+    cls=LlmctlGroup,
     help="Find, pull, run, chat with and benchmark local GGUF language models.",
     no_args_is_help=True,
     add_completion=False,
@@ -52,12 +80,12 @@ def _debug() -> bool:
     return os.environ.get("LLMCTL_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Run the app and return the exit code; every error becomes one message."""
+def _guarded(invoke: Callable[[], Any]) -> int:
+    """Run the command line; return its exit code, reporting any error in one message."""
     from llmctl import output
 
     try:
-        result = app(args=argv, prog_name="llmctl", standalone_mode=False)
+        result = invoke()
         return result if isinstance(result, int) else 0
     except LlmctlError as exc:
         if _debug():
@@ -70,16 +98,18 @@ def run(argv: list[str] | None = None) -> int:
         output.error("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (`llmctl list | head`): not an error worth a message.
+        # The reader went away (`llmctl list | head`): nothing worth a message.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into a message
-        # Typer's own usage errors carry an exit code and a formatted message.
+        # Typer's own usage errors (unknown option, bad value) carry an exit code.
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
             ctx = getattr(exc, "ctx", None)
             command = ctx.command_path if ctx is not None else "llmctl"
-            output.error(exc.format_message(), f"run `{command} --help`")
+            message = exc.format_message()
+            if message:  # empty when the help was shown for a bare `llmctl`
+                output.error(message, f"run `{command} --help`")
             return int(getattr(exc, "exit_code", EXIT_USAGE))
         if _debug():
             raise
@@ -88,4 +118,4 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    app()

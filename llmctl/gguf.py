@@ -340,9 +340,9 @@ def _read_header(source: ByteSource) -> GGUFHeader:
     # Each kv entry needs at least 8 (key length) + 1 (key) + 4 (type) + 1 bytes;
     # each tensor info at least 8 + 1 + 4 + 8 + 4 + 8.
     if kv_count * 14 > cur.remaining():
-        raise _Problem(f"metadata count {kv_count} is impossible for a file of {source.size} bytes")
+        raise _Problem(f"truncated or corrupt: {kv_count} metadata entries cannot fit in {source.size} bytes")
     if tensor_count * 33 > cur.remaining():
-        raise _Problem(f"tensor count {tensor_count} is impossible for a file of {source.size} bytes")
+        raise _Problem(f"truncated or corrupt: {tensor_count} tensors cannot fit in {source.size} bytes")
 
     metadata: dict[str, Any] = {}
     value_types: dict[str, int] = {}

@@ -1,0 +1,186 @@
+"""Builders for test GGUF files.
+
+``write_model`` uses the ``gguf`` package (llama.cpp's own writer) for valid
+files; ``RawGGUF`` writes bytes field by field so tests can craft every kind
+of broken or hostile file.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_model(
+    path: Path,
+    *,
+    arch: str = "llama",
+    n_layers: int = 2,
+    n_embd: int = 64,
+    n_head: int | list[int] = 4,
+    n_head_kv: int | list[int] = 2,
+    n_vocab: int = 32,
+    n_ctx: int = 256,
+    n_ff: int = 128,
+    file_type: int | None = 7,
+    name: str = "Tiny Test Model",
+    chat_template: str | None = "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    sliding_window: int | None = None,
+    extra: dict[str, Any] | None = None,
+    split_max_tensors: int = 0,
+    f16: bool = False,
+) -> Path:
+    """A tiny model with real tensor shapes; returns the (first) file's path."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    writer.add_name(name)
+    writer.add_block_count(n_layers)
+    writer.add_context_length(n_ctx)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"tok{i}" for i in range(n_vocab)])
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    for key, value in (extra or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_array(key, value)
+    dtype = np.float16 if f16 else np.float32
+    max_heads = max(n_head) if isinstance(n_head, list) else n_head
+    head_dim = n_embd // max_heads
+    kv_heads = max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv
+
+    def tensor(tname: str, *shape: int) -> None:
+        # numpy shape is reversed relative to ggml's ne[]
+        writer.add_tensor(tname, np.ones(tuple(reversed(shape)), dtype=dtype))
+
+    tensor("token_embd.weight", n_embd, n_vocab)
+    for i in range(n_layers):
+        tensor(f"blk.{i}.attn_norm.weight", n_embd)
+        tensor(f"blk.{i}.attn_q.weight", n_embd, n_embd)
+        tensor(f"blk.{i}.attn_k.weight", n_embd, head_dim * kv_heads)
+        tensor(f"blk.{i}.attn_v.weight", n_embd, head_dim * kv_heads)
+        tensor(f"blk.{i}.attn_output.weight", n_embd, n_embd)
+        tensor(f"blk.{i}.ffn_norm.weight", n_embd)
+        tensor(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
+        tensor(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+    tensor("output_norm.weight", n_embd)
+    tensor("output.weight", n_embd, n_vocab)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if split_max_tensors:
+        return next(iter(sorted(path.parent.glob(path.stem + "-00001-of-*.gguf"))))
+    return path
+
+
+# --- raw, field-by-field writer ---------------------------------------------------
+
+T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)
+T_STRING, T_ARRAY, T_UINT64, T_INT64, T_FLOAT64 = 8, 9, 10, 11, 12
+_FMT = {T_UINT8: "<B", T_INT8: "<b", T_UINT16: "<H", T_INT16: "<h", T_UINT32: "<I", T_INT32: "<i",
+        T_FLOAT32: "<f", T_BOOL: "<B", T_UINT64: "<Q", T_INT64: "<q", T_FLOAT64: "<d"}  # fmt: skip
+
+
+def gstr(text: str | bytes, length: int | None = None) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw) if length is None else length) + raw
+
+
+def value_bytes(kind: int, value: Any) -> bytes:
+    if kind == T_STRING:
+        return gstr(value)
+    if kind == T_ARRAY:
+        item, items = value
+        return struct.pack("<IQ", item, len(items)) + b"".join(value_bytes(item, v) for v in items)
+    return struct.pack(_FMT.get(kind, "<I"), value)  # unknown kinds: 4 raw bytes
+
+
+@dataclass
+class RawTensor:
+    name: str
+    dims: list[int]
+    type_id: int = 0  # F32
+    offset: int | None = None  # None: packed one after another, aligned
+
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        # Absurd shapes (overflow tests) get a token amount of data.
+        return min(n * 4 if self.type_id == 0 else n * 2, 1 << 16)
+
+
+@dataclass
+class RawGGUF:
+    """A GGUF assembled from parts; every field can be overridden to break it."""
+
+    kvs: list[tuple[str | bytes, int, Any]] = field(default_factory=list)
+    tensors: list[RawTensor] = field(default_factory=list)
+    magic: bytes = b"GGUF"
+    version: int = 3
+    alignment: int = 32
+    kv_count: int | None = None
+    tensor_count: int | None = None
+    raw_kv_tail: bytes = b""  # appended after the kv entries (hand-made entries)
+
+    @classmethod
+    def minimal(cls) -> RawGGUF:
+        return cls(
+            kvs=[
+                ("general.architecture", T_STRING, "llama"),
+                ("general.name", T_STRING, "raw"),
+                ("llama.block_count", T_UINT32, 1),
+                ("llama.context_length", T_UINT32, 128),
+                ("llama.embedding_length", T_UINT32, 32),
+                ("llama.attention.head_count", T_UINT32, 4),
+            ],
+            tensors=[
+                RawTensor("token_embd.weight", [32, 8]),
+                RawTensor("blk.0.attn_q.weight", [32, 32]),
+                RawTensor("output.weight", [32, 8]),
+            ],
+        )
+
+    def build(self) -> bytes:
+        out = bytearray(self.magic)
+        out += struct.pack("<I", self.version)
+        out += struct.pack("<Q", len(self.tensors) if self.tensor_count is None else self.tensor_count)
+        kv_count = len(self.kvs) if self.kv_count is None else self.kv_count
+        out += struct.pack("<Q", kv_count)
+        for key, kind, value in self.kvs:
+            out += gstr(key) + struct.pack("<I", kind) + value_bytes(kind, value)
+        out += self.raw_kv_tail
+        align = self.alignment if self.alignment > 0 else 32
+        offset = 0
+        for tensor in self.tensors:
+            own = offset if tensor.offset is None else tensor.offset
+            out += gstr(tensor.name) + struct.pack("<I", len(tensor.dims))
+            out += b"".join(struct.pack("<Q", d) for d in tensor.dims)
+            out += struct.pack("<IQ", tensor.type_id, own)
+            offset = -(-(own + tensor.nbytes()) // align) * align
+        out += b"\0" * ((-len(out)) % align)
+        # The data section holds the tensors packed naturally; an explicit offset
+        # beyond that points past the end of the file.
+        out += b"\0" * sum(-(-t.nbytes() // align) * align for t in self.tensors)
+        return bytes(out)
+
+    def write(self, path: Path) -> Path:
+        path.write_bytes(self.build())
+        return path

@@ -1,0 +1,314 @@
+"""The header reader against llama.cpp's own ``gguf`` package, and against broken files."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+from gguf_factory import T_ARRAY, T_STRING, T_UINT32, T_UINT8, RawGGUF, RawTensor, gstr
+
+from llmctl import gguf
+from llmctl.errors import InvalidModelError
+
+
+def _reference_scalars(reader) -> dict:
+    """Metadata values as the gguf package decodes them (short arrays as lists)."""
+    import gguf as ggufpkg
+
+    values = {}
+    for name, fld in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        kind = fld.types[0]
+        if kind == ggufpkg.GGUFValueType.ARRAY:
+            if len(fld.data) > gguf.MAX_ARRAY_MATERIALISE:
+                values[name] = ("array", len(fld.data))
+                continue
+        values[name] = fld.contents()
+    return values
+
+
+def _ours(header: gguf.GGUFHeader) -> dict:
+    return {
+        k: ("array", v.count) if isinstance(v, gguf.ArraySummary) else v for k, v in header.metadata.items()
+    }
+
+
+def _assert_matches_reference(path: Path) -> gguf.GGUFHeader:
+    import gguf as ggufpkg
+
+    reader = ggufpkg.GGUFReader(path)
+    with gguf.FileSource(path) as src:
+        header = gguf.read_header(src)
+    ours = _ours(header)
+    ref = _reference_scalars(reader)
+    assert ours.keys() == ref.keys()
+    for key, value in ref.items():
+        if isinstance(value, float):
+            assert ours[key] == pytest.approx(value), key
+        else:
+            assert ours[key] == value, key
+    assert len(header.tensors) == len(reader.tensors)
+    for mine, theirs in zip(header.tensors, reader.tensors):
+        assert mine.name == theirs.name
+        assert list(mine.shape) == [int(d) for d in theirs.shape]
+        assert mine.type_id == int(theirs.tensor_type)
+        assert header.data_offset + mine.offset == int(theirs.data_offset)
+        assert mine.n_elements == int(theirs.n_elements)
+        assert mine.n_bytes == int(theirs.n_bytes)
+    return header
+
+
+def test_demo_model_matches_gguf_package(demo_model: Path) -> None:
+    header = _assert_matches_reference(demo_model)
+    info = gguf.summarize([header])
+    assert info.architecture == "llama"
+    assert info.quant == "Q4_1"
+    assert info.layer_count == 30
+    assert info.context_length == 8192
+    assert info.embedding_length == 576
+    assert (info.head_count, info.head_count_kv) == (9, 3)
+    assert (info.key_length, info.value_length) == (64, 64)
+    assert info.vocab_size == 49152
+    assert info.chat_template and "<|im_start|>" in info.chat_template
+    assert info.parameter_count == sum(t.n_elements for t in header.tensors)
+    assert sum(info.layer_bytes) + info.embedding_bytes + info.output_bytes + info.other_bytes == info.total_tensor_bytes
+    assert len(info.layer_bytes) == 30 and len(set(info.layer_bytes)) == 1
+    # The data section ends exactly at the end of the file for this model.
+    assert header.data_offset + info.total_tensor_bytes == demo_model.stat().st_size
+
+
+def test_demo_vocab_is_summarised_not_materialised(demo_model: Path) -> None:
+    with gguf.FileSource(demo_model) as src:
+        header = gguf.read_header(src)
+    tokens = header.metadata["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, gguf.ArraySummary) and tokens.count == 49152
+    assert isinstance(header.metadata["tokenizer.ggml.merges"], gguf.ArraySummary)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"n_layers": 3, "n_head": [4, 4, 2], "n_head_kv": [2, 1, 1], "sliding_window": 64},
+        {"f16": True, "file_type": 1, "chat_template": None},
+        {"file_type": None, "arch": "qwen2", "extra": {"general.license": "mit"}},
+    ],
+)
+def test_generated_files_match_gguf_package(make_gguf, kwargs) -> None:
+    path = make_gguf(**kwargs)
+    header = _assert_matches_reference(path)
+    info = gguf.summarize([header])
+    assert info.architecture == kwargs.get("arch", "llama")
+    assert info.layer_count == kwargs.get("n_layers", 2)
+    assert info.head_count == kwargs.get("n_head", 4)
+    assert info.head_count_kv == kwargs.get("n_head_kv", 2)
+    assert info.sliding_window == kwargs.get("sliding_window")
+    assert info.has_chat_template == (kwargs.get("chat_template", "x") is not None)
+    assert info.vocab_size == 32
+
+
+def test_quant_falls_back_to_dominant_tensor_type(make_gguf) -> None:
+    info = gguf.read_model([make_gguf(file_type=None, f16=True)])[1]
+    assert info.file_type is None
+    assert info.quant == "F16"
+
+
+def test_split_model_is_read_as_one(make_gguf, tmp_path: Path) -> None:
+    single = make_gguf("whole.gguf")
+    first = make_gguf("split.gguf", split_max_tensors=7)
+    parts = gguf.split_parts(first)
+    assert len(parts) == 3 and all(p.exists() for p in parts)
+    assert gguf.split_parts(parts[1]) == parts
+    _, info = gguf.read_model(parts)
+    _, whole = gguf.read_model([single])
+    assert info.split_count == 3
+    assert info.tensor_count == whole.tensor_count
+    assert info.parameter_count == whole.parameter_count
+    assert info.layer_bytes == whole.layer_bytes
+
+
+def test_split_parts_out_of_order_are_rejected(make_gguf) -> None:
+    parts = gguf.split_parts(make_gguf("split.gguf", split_max_tensors=7))
+    with pytest.raises(InvalidModelError, match="part"):
+        gguf.read_model([parts[1], parts[0], parts[2]])
+
+
+def test_type_table_matches_gguf_package() -> None:
+    import gguf as ggufpkg
+
+    for qtype, (block, size) in ggufpkg.GGML_QUANT_SIZES.items():
+        assert gguf.GGML_TYPES[int(qtype)] == (qtype.name, block, size)
+    for ftype in ggufpkg.LlamaFileType:
+        if ftype.value in gguf.FILE_TYPES:
+            assert ftype.name.removeprefix("MOSTLY_").replace("ALL_", "") == gguf.FILE_TYPES[ftype.value]
+
+
+# --- broken and hostile files ---------------------------------------------------
+
+
+def _kv_replace(raw: RawGGUF, key: str, kind: int, value) -> RawGGUF:
+    raw.kvs = [(k, kind, value) if k == key else (k, t, v) for k, t, v in raw.kvs]
+    return raw
+
+
+def _variants() -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, a fragment the error must contain)."""
+    good = RawGGUF.minimal().build()
+    header_end = len(RawGGUF(kvs=RawGGUF.minimal().kvs, tensors=[]).build())
+    v: dict[str, tuple[bytes, str]] = {
+        "empty": (b"", "too small"),
+        "bad magic": (b"GGML" + good[4:], "bad magic"),
+        "text file": (b"hello world, not a model\n", "bad magic"),
+        "version 1": (good[:4] + struct.pack("<I", 1) + good[8:], "version 1"),
+        "version 99": (good[:4] + struct.pack("<I", 99) + good[8:], "version 99"),
+        "cut in counts": (good[:12], "truncated"),
+        "cut in first key": (good[:30], "truncated"),
+        "cut in kv section": (good[: header_end // 2], "truncated"),
+        "cut in tensor infos": (good[: header_end + 20], "truncated"),
+        "cut in data": (good[:-64], "truncated"),
+        "huge kv count": (good[:16] + struct.pack("<Q", 2**62) + good[24:], "cannot fit"),
+        "huge tensor count": (good[:8] + struct.pack("<Q", 2**60) + good[16:], "cannot fit"),
+    }
+    raw = RawGGUF.minimal()
+    raw.kvs = []
+    raw.kv_count = 1
+    raw.raw_kv_tail = gstr("general.architecture", length=2**40)
+    v["huge key length"] = (raw.build(), "limit")
+    raw = RawGGUF.minimal()
+    raw.kvs = raw.kvs + [("x.big", T_ARRAY, (T_UINT32, []))]
+    raw.kv_count = len(raw.kvs)
+    data = raw.build()
+    # patch the empty array's count to something enormous
+    pos = data.index(b"x.big") + len("x.big") + 4 + 4
+    v["huge array count"] = (data[:pos] + struct.pack("<Q", 2**58) + data[pos + 8 :], "past the end")
+    nested: tuple = (T_UINT8, [1])
+    for _ in range(12):
+        nested = (T_ARRAY, [nested])
+    raw = RawGGUF.minimal()
+    raw.kvs.append(("x.nested", T_ARRAY, nested))
+    v["deep nesting"] = (raw.build(), "nested deeper")
+    raw = RawGGUF.minimal()
+    raw.tensors[1].dims = [32, 1, 1, 1, 1]
+    v["five dims"] = (raw.build(), "dimensions")
+    raw = RawGGUF.minimal()
+    raw.tensors[1].dims = [2**32, 2**32]
+    v["element overflow"] = (raw.build(), "overflows")
+    raw = RawGGUF.minimal()
+    raw.tensors[1].type_id = 77
+    v["unknown tensor type"] = (raw.build(), "unknown ggml type")
+    raw = RawGGUF.minimal()
+    raw.tensors[2].offset = 1 << 30
+    v["offset past end"] = (raw.build(), "past the end")
+    raw = RawGGUF.minimal()
+    raw.tensors[1].offset = 0
+    v["overlapping tensors"] = (raw.build(), "overlaps")
+    raw = RawGGUF.minimal()
+    raw.tensors[1].offset = 1028
+    v["misaligned offset"] = (raw.build(), "not aligned")
+    for bad in (0, 48):
+        raw = RawGGUF.minimal()
+        raw.alignment = bad
+        raw.kvs.append(("general.alignment", T_UINT32, bad))
+        v[f"alignment {bad}"] = (raw.build(), "power of two")
+    raw = RawGGUF.minimal()
+    raw.kvs.append(("general.name", T_STRING, "again"))
+    v["duplicate key"] = (raw.build(), "duplicate metadata key")
+    raw = RawGGUF.minimal()
+    raw.tensors.append(RawTensor("output.weight", [32]))
+    v["duplicate tensor"] = (raw.build(), "duplicate tensor")
+    raw = RawGGUF.minimal()
+    raw.kvs.append((b"bad\xff\xfekey", T_UINT8, 1))
+    v["invalid utf-8 key"] = (raw.build(), "UTF-8")
+    raw = RawGGUF.minimal()
+    raw.kvs.append(("x.flag", 7, 5))
+    v["bool out of range"] = (raw.build(), "bool")
+    raw = RawGGUF.minimal()
+    raw.kvs.append(("x.weird", 13, 0))
+    v["unknown value type"] = (raw.build(), "unknown value type")
+    v["block count as string"] = (
+        _kv_replace(RawGGUF.minimal(), "llama.block_count", T_STRING, "thirty").build(),
+        "expected an integer",
+    )
+    v["architecture as number"] = (
+        _kv_replace(RawGGUF.minimal(), "general.architecture", T_UINT32, 7).build(),
+        "expected a string",
+    )
+    raw = RawGGUF.minimal()
+    raw.kvs = [kv for kv in raw.kvs if kv[0] != "general.architecture"]
+    v["no architecture"] = (raw.build(), "missing general.architecture")
+    raw = RawGGUF.minimal()
+    raw.tensors.append(RawTensor("blk.5.attn_q.weight", [32]))
+    v["block outside block_count"] = (raw.build(), "outside")
+    return v
+
+
+VARIANTS = _variants()
+
+
+def test_minimal_raw_file_is_valid(tmp_path: Path) -> None:
+    path = RawGGUF.minimal().write(tmp_path / "ok.gguf")
+    _, info = gguf.read_model([path])
+    assert info.layer_count == 1 and info.tensor_count == 3
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_broken_file_is_rejected_with_reason(tmp_path: Path, name: str) -> None:
+    data, fragment = VARIANTS[name]
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(data)
+    with pytest.raises(InvalidModelError) as caught:
+        gguf.read_model([path])
+    assert fragment in caught.value.problem
+    assert str(path) in caught.value.message
+
+
+def test_every_truncation_of_a_valid_file_is_rejected(tmp_path: Path) -> None:
+    data = RawGGUF.minimal().build()
+    path = tmp_path / "cut.gguf"
+    for cut in range(0, len(data) - 1, 7):
+        path.write_bytes(data[:cut])
+        with pytest.raises(InvalidModelError):
+            gguf.read_model([path])
+
+
+def test_directory_and_missing_file(tmp_path: Path) -> None:
+    from llmctl.errors import NotFoundError
+
+    with pytest.raises(InvalidModelError, match="directory"):
+        gguf.read_model([tmp_path])
+    with pytest.raises(NotFoundError):
+        gguf.read_model([tmp_path / "nope.gguf"])
+
+
+class _CountingSource:
+    """A byte source that records what was read: the reader must not touch tensor data."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self._data = path.read_bytes()
+        self.size = len(self._data)
+        self.reads: list[tuple[int, int]] = []
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        return self._data[offset : offset + length]
+
+
+def test_reader_works_on_any_byte_source_and_skips_tensor_data(demo_model: Path) -> None:
+    source = _CountingSource(demo_model)
+    header = gguf.read_header(source)
+    assert header.data_offset < 2_000_000
+    assert sum(length for _, length in source.reads) < 4 * gguf.READ_CHUNK
+    assert all(offset < header.data_offset for offset, _ in source.reads)
+
+
+def test_metadata_for_json_is_serialisable(demo_model: Path) -> None:
+    import json
+
+    headers, _ = gguf.read_model([demo_model])
+    doc = json.loads(json.dumps(gguf.metadata_for_json(headers[0])))
+    assert doc["tokenizer.ggml.tokens"] == {"type": "array", "item_type": "string", "count": 49152}
+    assert doc["general.architecture"] == "llama"
+
