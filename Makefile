@@ -36,7 +36,7 @@ bench: setup
 
 # Regenerates docs/commands.md from the commands' --help (a test fails when it is stale).
 docs: $(STAMP)
-	$(PY) -m llmctl.docgen > docs/commands.md
+	$(PY) docs/gen_commands.py > docs/commands.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -14,6 +14,7 @@ from llmctl.commands.import_cmd import import_
 from llmctl.commands.list_cmd import list_models
 from llmctl.commands.rm import rm
 from llmctl.commands.show import show
+from llmctl.config import debug_enabled
 from llmctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, LlmctlError
 
 
@@ -76,10 +77,6 @@ app.command("import")(import_)
 app.command("rm")(rm)
 
 
-def _debug() -> bool:
-    return os.environ.get("LLMCTL_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _guarded(invoke: Callable[[], Any]) -> int:
     """Run the command line; return its exit code, reporting any error in one message."""
     from llmctl import output
@@ -88,7 +85,7 @@ def _guarded(invoke: Callable[[], Any]) -> int:
         result = invoke()
         return result if isinstance(result, int) else 0
     except LlmctlError as exc:
-        if _debug():
+        if debug_enabled():
             import traceback
 
             traceback.print_exc()
@@ -102,6 +99,12 @@ def _guarded(invoke: Callable[[], Any]) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_ERROR
+    except OSError as exc:
+        if debug_enabled():
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        output.error(f"{where}{exc.strerror or exc}", "check free disk space and permissions")
+        return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into a message
         # Typer's own usage errors (unknown option, bad value) carry an exit code.
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
@@ -111,7 +114,7 @@ def _guarded(invoke: Callable[[], Any]) -> int:
             if message:  # empty when the help was shown for a bare `llmctl`
                 output.error(message, f"run `{command} --help`")
             return int(getattr(exc, "exit_code", EXIT_USAGE))
-        if _debug():
+        if debug_enabled():
             raise
         output.error(f"unexpected {type(exc).__name__}: {exc}", "rerun with LLMCTL_DEBUG=1 for details and report it")
         return EXIT_ERROR

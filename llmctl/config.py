@@ -35,6 +35,16 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def debug_enabled() -> bool:
+    """LLMCTL_DEBUG; read directly so error reporting works even when settings cannot load."""
+    return _truthy(os.environ.get(ENV_DEBUG))
+
+
+def no_color() -> bool:
+    """NO_COLOR (https://no-color.org): any non-empty value."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
 def _default_home() -> Path:
     from platformdirs import user_data_dir
 
@@ -84,7 +94,6 @@ class Settings:
     config_file: Path
     hf_hub_cache: Path
     debug: bool
-    no_color: bool
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,8 +130,7 @@ def load_settings(home: str | None = None) -> Settings:
         home=home_path,
         config_file=config_file,
         hf_hub_cache=hub_cache,
-        debug=_truthy(os.environ.get(ENV_DEBUG)),
-        no_color="NO_COLOR" in os.environ and os.environ["NO_COLOR"] != "",
+        debug=debug_enabled(),
         config=config,
     )
 

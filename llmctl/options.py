@@ -15,10 +15,11 @@ ModelArg = Annotated[
     typer.Argument(
         help="Model: a name from `llmctl list` (or a unique prefix), owner/repo[:QUANT], or a path to a .gguf file.",
         show_default=False,
+        metavar="MODEL",
     ),
 ]
 ModelsArg = Annotated[
     list[str],
-    typer.Argument(help="One or more model names (as for ModelArg).", show_default=False),
+    typer.Argument(help="One or more model names from `llmctl list`.", show_default=False, metavar="MODEL..."),
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]

@@ -17,7 +17,7 @@ import unicodedata
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from llmctl.config import get_settings
+from llmctl.config import no_color
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -60,7 +60,6 @@ PIPE_WIDTH = 200
 def _make_console(stderr: bool) -> Console:
     from rich.console import Console
 
-    settings = get_settings()
     stream = sys.stderr if stderr else sys.stdout
     # Piped tables get room instead of Rich's 80-column guess; COLUMNS still wins.
     width = None if _is_tty(stream) or os.environ.get("COLUMNS") else PIPE_WIDTH
@@ -68,7 +67,7 @@ def _make_console(stderr: bool) -> Console:
         file=stream,
         width=width,
         highlight=False,
-        no_color=settings.no_color,
+        no_color=no_color(),
         emoji=False,
         markup=False,
         # Messages on stderr stay one line each, whatever the width.
@@ -85,7 +84,7 @@ def _is_tty(stream: Any) -> bool:
 
 def interactive_stderr() -> bool:
     """True when live widgets (spinners, progress bars) may be drawn."""
-    return _is_tty(sys.stderr) and not get_settings().no_color
+    return _is_tty(sys.stderr) and not no_color()
 
 
 # --- data (stdout) ----------------------------------------------------------

@@ -27,7 +27,7 @@ def write_model(
     n_ctx: int = 256,
     n_ff: int = 128,
     file_type: int | None = 7,
-    name: str = "Tiny Test Model",
+    model_name: str = "Tiny Test Model",
     chat_template: str | None = "{% for m in messages %}{{ m['content'] }}{% endfor %}",
     sliding_window: int | None = None,
     extra: dict[str, Any] | None = None,
@@ -38,7 +38,7 @@ def write_model(
     import gguf
 
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
-    writer.add_name(name)
+    writer.add_name(model_name)
     writer.add_block_count(n_layers)
     writer.add_context_length(n_ctx)
     writer.add_embedding_length(n_embd)

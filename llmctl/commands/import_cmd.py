@@ -14,7 +14,7 @@ from llmctl.store import import_model
 
 
 def import_(
-    path: Annotated[Path, typer.Argument(help="A .gguf file (for a split model, any of its parts).", show_default=False)],
+    path: Annotated[Path, typer.Argument(help="A .gguf file (for a split model, any of its parts).", show_default=False, metavar="PATH")],
     name: Annotated[str | None, typer.Option("--name", "-n", help="Name to register it under (default: from the file name).")] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy the file(s) into llmctl's store instead of using them in place.")] = False,
     json_output: JsonOpt = False,

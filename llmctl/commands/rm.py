@@ -38,7 +38,7 @@ def rm(
         what = ", ".join(str(p) for p in removal.delete) or "no files (they stay on disk)"
         output.info(f"{removal.resolved.name}: will delete {what}")
     if not yes:
-        if not sys.stdin.isatty():
+        if not _can_ask():
             raise UsageError("refusing to remove without confirmation", hint="pass -y to confirm")
         if not typer.confirm(f"Remove {len(plan)} model(s)?", default=False, err=True):
             output.info("Nothing removed.")
@@ -51,6 +51,11 @@ def rm(
         )
     else:
         output.info(f"Removed {', '.join(r.resolved.name for r in plan)}")
+
+
+def _can_ask() -> bool:
+    """A person is at the keyboard to answer the confirmation."""
+    return sys.stdin.isatty()
 
 
 def _plan(store: Store, resolved: ResolvedModel, delete_files: bool) -> Removal:

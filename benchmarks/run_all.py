@@ -1,0 +1,28 @@
+"""`make bench`: run every benchmark and print one table with ratios against its reference."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_foundation  # noqa: E402
+from common import print_table  # noqa: E402
+
+
+def main() -> int:
+    import os
+
+    print(f"# llmctl benchmarks on {platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
+    rows = bench_foundation.run()
+    print_table(rows)
+    failed = [r.name for r in rows if r.ok is False]
+    if failed:
+        print(f"\nmissed target: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
