@@ -40,6 +40,8 @@ MAX_DIMS = 4
 MAX_ALIGNMENT = 1 << 20
 MAX_ELEMENTS = 1 << 62
 READ_CHUNK = 1 << 20
+# Bump when ModelInfo gains or changes fields, so cached summaries are re-read.
+SUMMARY_VERSION = 2
 
 # GGUF metadata value types.
 T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)
@@ -470,10 +472,20 @@ class ModelInfo:
     total_tensor_bytes: int
     file_size: int
     tensor_types: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Added after the first index format: defaults keep older cached summaries loadable.
+    feed_forward_length: int | list[int] | None = None
+    merges_count: int | None = None
+    sliding_window_pattern: int | list[bool] | None = None
+    tied_embeddings: bool = False
+    expert_bytes: int = 0
 
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
+
+    @property
+    def max_head_count(self) -> int | None:
+        return _max(self.head_count)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -540,12 +552,14 @@ def _summarize(headers: list[GGUFHeader]) -> ModelInfo:
     tensors = [t for h in headers for t in h.tensors]
     block_count = _int(first, f"{arch}.block_count")
     layer_bytes = [0] * (block_count or 0)
-    embedding = output = other = 0
+    embedding = output = other = experts = 0
     histogram: dict[str, dict[str, int]] = {}
     for tensor in tensors:
         slot = histogram.setdefault(tensor.type_name, {"count": 0, "bytes": 0})
         slot["count"] += 1
         slot["bytes"] += tensor.n_bytes
+        if "_exps." in tensor.name:
+            experts += tensor.n_bytes
         match = _BLOCK_RE.match(tensor.name)
         if match:
             index = int(match.group(1))
@@ -589,6 +603,15 @@ def _summarize(headers: list[GGUFHeader]) -> ModelInfo:
             raise _Problem("metadata 'tokenizer.ggml.tokens' is not an array")
         vocab_size = tokens.count if isinstance(tokens, ArraySummary) else len(tokens)
 
+    merges = first.metadata.get("tokenizer.ggml.merges")
+    merges_count = merges.count if isinstance(merges, ArraySummary) else len(merges) if isinstance(merges, list) else None
+    pattern = first.metadata.get(f"{arch}.attention.sliding_window_pattern")
+    if pattern is not None and not (
+        (isinstance(pattern, int) and not isinstance(pattern, bool))
+        or (isinstance(pattern, list) and all(isinstance(v, bool) for v in pattern))
+    ):
+        raise _Problem(f"metadata '{arch}.attention.sliding_window_pattern' must be an integer or a bool array")
+
     return ModelInfo(
         architecture=arch,
         name=_str(first, "general.name"),
@@ -619,6 +642,11 @@ def _summarize(headers: list[GGUFHeader]) -> ModelInfo:
         total_tensor_bytes=sum(t.n_bytes for t in tensors),
         file_size=sum(h.file_size for h in headers),
         tensor_types=dict(sorted(histogram.items(), key=lambda item: -item[1]["bytes"])),
+        feed_forward_length=_int_or_array(first, f"{arch}.feed_forward_length"),
+        merges_count=merges_count,
+        sliding_window_pattern=pattern,
+        tied_embeddings=not any(t.name == "output.weight" for t in tensors),
+        expert_bytes=experts,
     )
 
 

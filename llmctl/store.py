@@ -113,6 +113,20 @@ def file_key(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def header_cache_entry(paths: list[Path], info: gguf.ModelInfo) -> dict[str, Any]:
+    """What the index keeps of a header: the summary, keyed by each file's (size, mtime)."""
+    return {"v": gguf.SUMMARY_VERSION, "key": [file_key(p) for p in paths], "info": info.to_dict()}
+
+
+def cached_info(cached: dict[str, Any] | None, paths: list[Path]) -> gguf.ModelInfo | None:
+    """The cached summary if it still describes these files, else None."""
+    if not cached or cached.get("v") != gguf.SUMMARY_VERSION:
+        return None
+    if cached.get("key") != [file_key(p) for p in paths]:
+        return None
+    return gguf.ModelInfo.from_dict(cached["info"])
+
+
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -276,12 +290,11 @@ class Store:
 
     def info(self, entry: ModelEntry) -> gguf.ModelInfo:
         """The entry's ModelInfo from the cache, re-reading the header only if the files changed."""
-        keys = [file_key(p) for p in entry.paths]
-        cached = entry.header
-        if cached and cached.get("key") == keys:
-            return gguf.ModelInfo.from_dict(cached["info"])
+        info = cached_info(entry.header, entry.paths)
+        if info is not None:
+            return info
         _, info = gguf.read_model(entry.paths)
-        entry.header = {"key": keys, "info": info.to_dict()}
+        entry.header = header_cache_entry(entry.paths, info)
         self._save_header(entry.name, entry.header)
         return info
 
@@ -360,14 +373,11 @@ class Store:
         for repo, filename, parts in discovered:
             info, status, size = None, "ok", 0
             try:
-                keys = [file_key(p) for p in parts]
-                size = sum(k[0] for k in keys)
-                cached = cache.get(str(parts[0]))
-                if cached and cached.get("key") == keys:
-                    info = gguf.ModelInfo.from_dict(cached["info"])
-                else:
+                size = sum(p.stat().st_size for p in parts)
+                info = cached_info(cache.get(str(parts[0])), parts)
+                if info is None:
                     _, info = gguf.read_model(parts)
-                fresh[str(parts[0])] = {"key": keys, "info": info.to_dict()}
+                fresh[str(parts[0])] = header_cache_entry(parts, info)
             except (OSError, LlmctlError) as exc:
                 status = f"invalid: {getattr(exc, 'problem', None) or getattr(exc, 'message', exc)}"
             name = f"{repo}:{info.quant}" if info else f"{repo}/{filename}"
@@ -586,7 +596,7 @@ def import_model(
         size=size,
         sha256=hashes,
         added=now_iso(),
-        header={"key": [file_key(f) for f in files], "info": info.to_dict()},
+        header=header_cache_entry(files, info),
     )
     try:
         store.add(entry)
