@@ -10,6 +10,8 @@ import typer
 from typer.core import TyperGroup
 
 from llmctl import __version__
+from llmctl.commands.fit_cmd import fit_command
+from llmctl.commands.hwinfo import hwinfo
 from llmctl.commands.import_cmd import import_
 from llmctl.commands.list_cmd import list_models
 from llmctl.commands.rm import rm
@@ -75,6 +77,8 @@ app.command("ls", hidden=True)(list_models)
 app.command("show")(show)
 app.command("import")(import_)
 app.command("rm")(rm)
+app.command("hwinfo")(hwinfo)
+app.command("fit")(fit_command)
 
 
 def _guarded(invoke: Callable[[], Any]) -> int:

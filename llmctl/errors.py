@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+EXIT_DOES_NOT_FIT = 4
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -19,6 +20,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_ERROR: "error: invalid model file, I/O failure, or any other failure",
     EXIT_USAGE: "usage error: bad option, bad value, ambiguous name, missing confirmation",
     EXIT_NOT_FOUND: "not found: unknown model name or missing file",
+    EXIT_DOES_NOT_FIT: "does not fit: the model needs more memory than this machine has",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -73,3 +75,18 @@ class InvalidModelError(LlmctlError):
 class StoreError(LlmctlError):
     """The model index or the files it tracks cannot be read or written."""
 
+
+
+class DoesNotFitError(LlmctlError):
+    """No way to load the model within this machine's memory."""
+
+    exit_code = EXIT_DOES_NOT_FIT
+
+    def __init__(self, plan: object) -> None:
+        label = getattr(getattr(plan, "candidate", None), "label", "the model")
+        reason = getattr(plan, "reason", "")
+        super().__init__(
+            f"{label} does not fit on this machine: {reason}",
+            hint="try a smaller quantisation, a shorter --ctx, or --force to load it anyway",
+        )
+        self.plan = plan

@@ -184,3 +184,71 @@ class RawGGUF:
     def write(self, path: Path) -> Path:
         path.write_bytes(self.build())
         return path
+
+
+# --- big shapes without weights ----------------------------------------------------
+
+# (n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, context) of well-known model shapes.
+SHAPES = {
+    "1b": (16, 2048, 32, 8, 8192, 128256, 131072),  # Llama-3.2-1B
+    "7b": (32, 4096, 32, 32, 11008, 32000, 4096),  # Llama-2-7B
+    "13b": (40, 5120, 40, 40, 13824, 32000, 4096),  # Llama-2-13B
+    "70b": (80, 8192, 64, 8, 28672, 32000, 4096),  # Llama-2-70B
+}
+Q4_K, Q6_K, Q8_0, F16 = 12, 14, 8, 1
+FTYPE_OF = {Q4_K: 15, Q6_K: 18, Q8_0: 7, F16: 1}  # as llama.cpp labels the whole file
+
+
+def write_shape_model(path: Path, shape: str, type_id: int = Q4_K) -> Path:
+    """A valid GGUF header for a real model shape; the data section is a sparse hole.
+
+    The file is as large as the real model (so sizes and offsets are checked
+    for real) but takes no disk space.
+    """
+    from llmctl.gguf import GGML_TYPES
+
+    n_layer, n_embd, n_head, n_kv, n_ff, n_vocab, ctx = SHAPES[shape]
+    head_dim = n_embd // n_head
+    tensors: list[tuple[str, list[int], int]] = [("token_embd.weight", [n_embd, n_vocab], Q6_K if type_id != F16 else F16)]
+    for i in range(n_layer):
+        tensors += [
+            (f"blk.{i}.attn_norm.weight", [n_embd], 0),
+            (f"blk.{i}.attn_q.weight", [n_embd, n_embd], type_id),
+            (f"blk.{i}.attn_k.weight", [n_embd, head_dim * n_kv], type_id),
+            (f"blk.{i}.attn_v.weight", [n_embd, head_dim * n_kv], type_id),
+            (f"blk.{i}.attn_output.weight", [n_embd, n_embd], type_id),
+            (f"blk.{i}.ffn_norm.weight", [n_embd], 0),
+            (f"blk.{i}.ffn_gate.weight", [n_embd, n_ff], type_id),
+            (f"blk.{i}.ffn_up.weight", [n_embd, n_ff], type_id),
+            (f"blk.{i}.ffn_down.weight", [n_ff, n_embd], type_id),
+        ]
+    tensors += [("output_norm.weight", [n_embd], 0), ("output.weight", [n_embd, n_vocab], Q6_K if type_id != F16 else F16)]
+    kvs = [
+        ("general.architecture", T_STRING, "llama"),
+        ("general.name", T_STRING, f"shape-{shape}"),
+        ("general.file_type", T_UINT32, FTYPE_OF[type_id]),
+        ("llama.block_count", T_UINT32, n_layer),
+        ("llama.context_length", T_UINT32, ctx),
+        ("llama.embedding_length", T_UINT32, n_embd),
+        ("llama.feed_forward_length", T_UINT32, n_ff),
+        ("llama.attention.head_count", T_UINT32, n_head),
+        ("llama.attention.head_count_kv", T_UINT32, n_kv),
+        ("llama.vocab_size", T_UINT32, n_vocab),
+    ]
+    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)))
+    for key, kind, value in kvs:
+        out += gstr(key) + struct.pack("<I", kind) + value_bytes(kind, value)
+    offset = 0
+    for name, dims, tid in tensors:
+        _, block, block_bytes = GGML_TYPES[tid]
+        n = 1
+        for d in dims:
+            n *= d
+        out += gstr(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", tid, offset)
+        offset += -(-(n // block * block_bytes) // 32) * 32
+    out += b"\0" * ((-len(out)) % 32)
+    with open(path, "wb") as fh:
+        fh.write(out)
+        fh.truncate(len(out) + offset)
+    return path

@@ -1,0 +1,87 @@
+"""Small models of other shapes and architectures, with random weights, for checking the estimate.
+
+They borrow the demo model's tokenizer (so llama.cpp loads and runs them) and
+differ in everything the estimate depends on: width, head layout (GQA vs
+MHA), depth, feed-forward size, weight type, tied or separate output, and
+architecture (llama, qwen2 with attention biases).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SPECS = {
+    # name: (arch, n_embd, n_head, n_head_kv, n_layer, n_ff, weight type, tied output)
+    "llama-gqa-f16": ("llama", 1024, 16, 4, 6, 2816, "F16", False),
+    "qwen2-mha-q8": ("qwen2", 768, 12, 12, 8, 2048, "Q8_0", True),
+}
+
+
+def build(demo: Path, folder: Path, name: str) -> Path:
+    import gguf
+
+    out = folder / f"{name}.gguf"
+    if out.exists():
+        return out
+    arch, n_embd, n_head, n_kv, n_layer, n_ff, wtype, tied = SPECS[name]
+    src = gguf.GGUFReader(demo)
+    tokens = src.fields["tokenizer.ggml.tokens"].contents()
+    writer = gguf.GGUFWriter(out.with_suffix(".tmp"), arch)
+    writer.add_name(name)
+    writer.add_block_count(n_layer)
+    writer.add_context_length(32768)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_file_type(1 if wtype == "F16" else 7)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
+    writer.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    rng = np.random.default_rng(0)
+    head_dim = n_embd // n_head
+    qtype = gguf.GGMLQuantizationType.Q8_0
+
+    def tensor(tname: str, *shape: int, norm: bool = False, bias: bool = False) -> None:
+        data = (np.ones if norm else rng.standard_normal)(tuple(reversed(shape))).astype(np.float32)
+        if not norm:
+            data *= 0.02
+        if norm or bias or wtype == "F16":
+            writer.add_tensor(tname, data if norm or bias else data.astype(np.float16))
+        else:
+            writer.add_tensor(tname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    vocab = len(tokens)
+    tensor("token_embd.weight", n_embd, vocab)
+    for i in range(n_layer):
+        tensor(f"blk.{i}.attn_norm.weight", n_embd, norm=True)
+        tensor(f"blk.{i}.attn_q.weight", n_embd, n_embd)
+        tensor(f"blk.{i}.attn_k.weight", n_embd, head_dim * n_kv)
+        tensor(f"blk.{i}.attn_v.weight", n_embd, head_dim * n_kv)
+        if arch == "qwen2":
+            tensor(f"blk.{i}.attn_q.bias", n_embd, bias=True)
+            tensor(f"blk.{i}.attn_k.bias", head_dim * n_kv, bias=True)
+            tensor(f"blk.{i}.attn_v.bias", head_dim * n_kv, bias=True)
+        tensor(f"blk.{i}.attn_output.weight", n_embd, n_embd)
+        tensor(f"blk.{i}.ffn_norm.weight", n_embd, norm=True)
+        tensor(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
+        tensor(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
+        tensor(f"blk.{i}.ffn_down.weight", n_ff, n_embd)
+    tensor("output_norm.weight", n_embd, norm=True)
+    if not tied:
+        tensor("output.weight", n_embd, vocab)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out.with_suffix(".tmp").rename(out)
+    return out
