@@ -27,6 +27,9 @@ demo: setup
 	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl import $(DEMO_MODEL) --name smollm2-demo
 	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl list
 	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl show smollm2-demo
+	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl hwinfo
+	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl fit smollm2-demo
+	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl fit smollm2-demo --hw-profile rtx4060-16gb --ctx 4096
 
 test: setup
 	$(PY) -m pytest

@@ -31,6 +31,7 @@ GIB = 1024**3
 DEFAULT_CTX = 8192  # what a model gets by default, when its trained context is larger
 MIN_AUTO_CTX = 2048  # the planner shrinks the context down to this before giving up
 KV_PAD = 256  # llama.cpp pads the KV cache to a multiple of this many cells
+SPEED_DEPTH = 512  # tokens in context when the expected generation speed is quoted
 
 # Bytes per element of each KV cache type: (elements per block, bytes per block).
 KV_TYPES: dict[str, tuple[int, int]] = {
@@ -246,6 +247,8 @@ def estimate_memory(
         return cpu if index < 0 else gpu_estimates[index]
 
     kv_depth = padded_cells(min(depth, config.n_ctx)) if depth is not None else padded_cells(config.n_ctx)
+    # Speed is quoted early in a conversation: the KV cache read per token at this depth.
+    read_depth = min(depth if depth is not None else SPEED_DEPTH, config.n_ctx)
     for il in range(n_layer):
         dev = device(layer_device[il])
         dev.weights += layer_bytes[il]
@@ -256,7 +259,7 @@ def estimate_memory(
             # Only the routed experts' weights are read for a token.
             idle = info.expert_bytes / max(n_layer, 1) * (1 - info.expert_used_count / info.expert_count)
             active = max(int(active - idle), 0)
-        dev.bytes_per_token += active + int(kv_layers[il] * kv_depth / padded_cells(config.n_ctx))
+        dev.bytes_per_token += active + int(kv_layers[il] * read_depth / padded_cells(config.n_ctx))
     out_dev = device(output_device)
     out_dev.weights += info.output_bytes
     out_dev.bytes_per_token += info.output_bytes

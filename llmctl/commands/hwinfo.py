@@ -53,11 +53,16 @@ def hwinfo(
 
 def _fields(hw: HardwareInfo) -> list[tuple[str, object]]:
     cpu, build = hw.cpu, hw.build
-    llama = (
-        f"llama-cpp-python {build.version}, backend {build.backend}, GPU offload {'yes' if build.gpu_offload else 'no'}"
-        if build.installed
-        else f"not usable: {build.error}"
-    )
+    offload = f"backend {build.backend}, GPU offload {'yes' if build.gpu_offload else 'no'}"
+    if not build.installed:
+        llama = f"not usable: {build.error}"
+    elif hw.source == "live":
+        llama = f"llama-cpp-python {build.version}, {offload}"
+    else:
+        llama = f"as described: {offload}"
+    disk = "-"
+    if hw.disk_free is not None:
+        disk = output.human_bytes(hw.disk_free) + " free" + (f" in {hw.disk_path}" if hw.disk_path else "")
     return [
         ("source", hw.source),
         ("os", hw.os),
@@ -66,7 +71,7 @@ def _fields(hw: HardwareInfo) -> list[tuple[str, object]]:
         ("memory bandwidth", f"{cpu.bandwidth_gbs:.1f} GB/s" if cpu.bandwidth_gbs else "not measured (`--bandwidth`)"),
         ("ram", f"{output.human_bytes(hw.ram_total)} total, {output.human_bytes(hw.ram_available)} available"),
         ("swap", f"{output.human_bytes(hw.swap_total)} total, {output.human_bytes(hw.swap_free)} free"),
-        ("disk", f"{output.human_bytes(hw.disk_free)} free in {hw.disk_path}" if hw.disk_free is not None else "-"),
+        ("disk", disk),
         ("gpus", f"{len(hw.gpus)}" if hw.gpus else (hw.gpu_note or "none")),
         ("llama.cpp", llama),
         ("llama.cpp flags", build.system_info or "-"),
