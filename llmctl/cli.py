@@ -14,7 +14,9 @@ from llmctl.commands.fit_cmd import fit_command
 from llmctl.commands.hwinfo import hwinfo
 from llmctl.commands.import_cmd import import_
 from llmctl.commands.list_cmd import list_models
+from llmctl.commands.pull_cmd import pull_command
 from llmctl.commands.rm import rm
+from llmctl.commands.search import search
 from llmctl.commands.show import show
 from llmctl.config import debug_enabled
 from llmctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, LlmctlError
@@ -72,6 +74,8 @@ def _root(
     """Find, pull, run, chat with and benchmark local GGUF language models."""
 
 
+app.command("search")(search)
+app.command("pull")(pull_command)
 app.command("list", help=list_models.__doc__)(list_models)
 app.command("ls", hidden=True)(list_models)
 app.command("show")(show)

@@ -13,6 +13,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_DOES_NOT_FIT = 4
+EXIT_HUB = 5
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -21,6 +22,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_USAGE: "usage error: bad option, bad value, ambiguous name, missing confirmation",
     EXIT_NOT_FOUND: "not found: unknown model name or missing file",
     EXIT_DOES_NOT_FIT: "does not fit: the model needs more memory than this machine has",
+    EXIT_HUB: "hub: the Hugging Face Hub is unreachable, offline mode is on, or it answered with an error",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

@@ -19,7 +19,7 @@ ModelArg = Annotated[
     ),
 ]
 ModelsArg = Annotated[
-    list[str],
+    list[str] | None,
     typer.Argument(help="One or more model names from `llmctl list`.", show_default=False, metavar="MODEL..."),
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]

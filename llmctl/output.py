@@ -109,8 +109,9 @@ def emit_table(
     title: str | None = None,
     right_align: Iterable[str] = (),
     dim_rows: Iterable[int] = (),
+    stderr: bool = False,
 ) -> None:
-    """A table of plain cells on stdout. Cells are escaped; markup is never interpreted."""
+    """A table of plain cells on stdout (or stderr, as commentary). Cells are escaped; markup is never interpreted."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
@@ -123,7 +124,8 @@ def emit_table(
     for index, row in enumerate(rows):
         style = "dim" if index in dim else ""
         table.add_row(*(Text(safe("" if cell is None else str(cell)), style=style) for cell in row))
-    _make_console(stderr=False).print(table)
+    _make_console(stderr=stderr).print(table)
+
 
 
 def emit_fields(pairs: Iterable[tuple[str, Any]], *, title: str | None = None) -> None:

@@ -268,6 +268,24 @@ class Store:
                 )
             data["models"].append(asdict(entry))
 
+    def upsert_hub(self, entry: ModelEntry) -> None:
+        """Register a pulled model, replacing an earlier pull of the same repo under that name."""
+        with self.transaction() as data:
+            for index, existing in enumerate(data["models"]):
+                if existing["name"] != entry.name:
+                    continue
+                source = existing.get("source", {})
+                if source.get("type") == "hub" and source.get("repo", "").lower() == entry.source["repo"].lower():
+                    entry.added = existing.get("added", entry.added)
+                    entry.last_used = existing.get("last_used")
+                    data["models"][index] = asdict(entry)
+                    return
+                raise UsageError(
+                    f"a model named '{entry.name}' already exists (from {ModelEntry(**existing).source_label})",
+                    hint="pull under another name with --name, or remove it with `llmctl rm`",
+                )
+            data["models"].append(asdict(entry))
+
     def remove_entry(self, name: str) -> None:
         with self.transaction() as data:
             data["models"] = [m for m in data["models"] if m["name"] != name]
@@ -494,6 +512,26 @@ class Store:
         return self._from_row(matches[0])
 
     # removal
+
+    def delete_hub_files(self, entry: ModelEntry) -> list[Path]:
+        """Delete a pulled model's snapshot links, and each blob no other snapshot still uses."""
+        cache = Path(os.path.realpath(self.settings.hf_hub_cache))
+        removed = []
+        for link in entry.paths:
+            repo_dir = next((p for p in link.parents if p.name.startswith("models--")), None)
+            if repo_dir is None or not Path(os.path.realpath(repo_dir)).is_relative_to(cache):
+                raise StoreError(f"refusing to delete {link}: it is not inside the Hugging Face cache {cache}")
+            blob = Path(os.path.realpath(link))
+            if not blob.is_relative_to(Path(os.path.realpath(repo_dir)) / "blobs"):
+                raise StoreError(f"refusing to delete {link}: it points outside {repo_dir}")
+            if link.is_symlink() or link.exists():
+                link.unlink()
+                removed.append(link)
+            users = [p for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink() and os.path.realpath(p) == str(blob)]
+            if not users and blob.exists():
+                blob.unlink()
+                removed.append(blob)
+        return removed
 
     def delete_files(self, entry_or_paths: ModelEntry | list[Path], *, inside: Path | None = None) -> list[Path]:
         """Delete model files; with ``inside``, refuse anything that resolves outside it."""

@@ -79,3 +79,61 @@ def make_gguf(tmp_path: Path):
         return write_model(path, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hub_files(tmp_path_factory, demo_model: Path) -> dict[str, Path]:
+    """GGUF files the local hub serves: the demo model and generated variants."""
+    from gguf_factory import write_model
+
+    folder = tmp_path_factory.mktemp("hub-files")
+    files = {"demo": demo_model}
+    files["q8"] = write_model(folder / "Tiny-Q8_0.gguf", file_type=7, n_embd=128, n_ff=256)
+    files["f16"] = write_model(folder / "Tiny-F16.gguf", file_type=1, f16=True, n_embd=128, n_ff=256)
+    split_dir = folder / "split"
+    split_dir.mkdir()
+    first = write_model(split_dir / "Big-Q8_0.gguf", file_type=7, split_max_tensors=7)
+    for part in sorted(split_dir.glob("*.gguf")):
+        files[f"split:{part.name}"] = part
+    assert first.exists()
+    return files
+
+
+@pytest.fixture(scope="session")
+def hub_server(hub_files: dict[str, Path]):
+    """The local Hub, serving a handful of repos (see tests/hub_server.py)."""
+    from hub_server import FakeHub
+
+    hub = FakeHub()
+    hub.add_repo(
+        "bartowski/SmolLM2-135M-Instruct-GGUF",
+        {"SmolLM2-135M-Instruct-Q4_1.gguf": hub_files["demo"]},
+        downloads=5000,
+        likes=40,
+        parameters=134515008,
+    )
+    hub.add_repo("test/Tiny-GGUF", {"Tiny-Q8_0.gguf": hub_files["q8"], "Tiny-F16.gguf": hub_files["f16"]}, downloads=10)
+    hub.add_repo(
+        "test/Split-GGUF", {k.split(":", 1)[1]: v for k, v in hub_files.items() if k.startswith("split:")}, downloads=5
+    )
+    hub.add_repo("test/Gated-GGUF", {"Gated-Q8_0.gguf": hub_files["q8"]}, gated=True)
+    hub.add_repo("test/NoGGUF", {}, extra_siblings=["README.md", "model.safetensors"])
+    hub.add_repo("test/Hostile-GGUF", {"../../escape-Q8_0.gguf": hub_files["q8"]})
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch: pytest.MonkeyPatch):
+    """The local Hub for one test: HF_ENDPOINT points at it, faults and log reset, fast retries."""
+    from hub_server import Faults
+
+    hub_server.faults = Faults()
+    hub_server.log.clear()
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "5")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("llmctl.hub._backoff", lambda attempt: None)
+    return hub_server

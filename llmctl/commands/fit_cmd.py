@@ -6,10 +6,10 @@ from typing import Annotated
 
 import typer
 
-from llmctl import fit, gguf, output
+from llmctl import fit, gguf, hub, output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
-from llmctl.errors import UsageError
+from llmctl.errors import NotFoundError, UsageError
 from llmctl.hardware import get_hardware
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
 
@@ -34,16 +34,52 @@ def fit_command(
         type_v=_cache_type(cache_type_v, "--cache-type-v"),
         flash_attn=flash_attn or None,
     )
-    resolved = open_store().resolve(model)
-    _, info = gguf.read_model(resolved.paths)
     hw = get_hardware(get_settings(), hw_profile, with_bandwidth=True)
-    size = sum(p.stat().st_size for p in resolved.paths)
-    candidate = fit.Candidate(resolved.name, info, size, str(resolved.paths[0]))
-    plan = fit.make_plan([candidate], hw, overrides, force=True)
+    candidates = _local_or_remote(model)
+    plan = fit.make_plan(candidates, hw, overrides, force=True)
     if json_output:
         output.emit_json(plan.to_dict())
         return
+    if len(candidates) > 1:
+        render_candidates(plan)
     render_plan(plan)
+
+
+def _local_or_remote(model: str) -> list[fit.Candidate]:
+    """A model in the store (or a file), else every quant of a repo on the Hub, read remotely."""
+    try:
+        resolved = open_store().resolve(model)
+    except NotFoundError:
+        from llmctl import pull
+        from llmctl.catalog import parse_ref
+
+        ref = parse_ref(model)
+        if ref is None:
+            raise
+        listing = hub.list_repo(ref.repo_id, ref.revision)
+        with output.status(f"Reading GGUF headers of {ref.repo_id} on the Hub…"):
+            return pull.remote_candidates(listing, pull.pick_models(ref, listing, None))
+    _, info = gguf.read_model(resolved.paths)
+    size = sum(p.stat().st_size for p in resolved.paths)
+    return [fit.Candidate(resolved.name, info, size, str(resolved.paths[0]))]
+
+
+def render_candidates(plan: fit.Plan, stderr: bool = False) -> None:
+    """One row per quant: its size, fit label, GPU layers and expected speed."""
+    rows = [
+        [
+            ("→ " if c is plan.chosen else "  ") + c.candidate.label,
+            output.human_bytes(c.candidate.size),
+            f"{c.candidate.bits_per_weight:.1f}",
+            c.fit,
+            f"{c.config.n_gpu_layers}/{(c.candidate.info.layer_count or 0) + 1}",
+            c.config.n_ctx,
+            f"{c.tokens_per_second:.0f}" if c.tokens_per_second else "-",
+        ]
+        for c in sorted(plan.candidates, key=lambda c: c.candidate.size)
+    ]
+    columns = ["QUANT", "SIZE", "BITS/W", "FIT", "GPU LAYERS", "CONTEXT", "≤ TOKENS/S"]
+    output.emit_table(columns, rows, right_align=("SIZE", "BITS/W", "CONTEXT", "≤ TOKENS/S"), stderr=stderr)
 
 
 def _cache_type(value: str | None, flag: str) -> str | None:

@@ -12,10 +12,27 @@ from llmctl.store import Listing
 
 def list_models(json_output: JsonOpt = False) -> None:
     """List local models: registered ones and GGUF files found in the Hugging Face cache."""
-    rows = open_store().listing()
+    from llmctl import hub
+
+    store = open_store()
+    rows = store.listing()
+    partials = hub.find_partials(store.settings.hf_hub_cache)
     if json_output:
-        output.emit_json({"models": [listing_json(row) for row in rows]})
+        output.emit_json(
+            {
+                "models": [listing_json(row) for row in rows],
+                "partial_downloads": [
+                    {"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size, "in_use": p.in_use} for p in partials
+                ],
+            }
+        )
         return
+    if partials:
+        total = sum(p.size for p in partials)
+        output.info(
+            f"{len(partials)} unfinished download(s) ({output.human_bytes(total)}): resume with `llmctl pull`, "
+            "or remove with `llmctl rm --partials`"
+        )
     if not rows:
         output.info("No models yet. Try `llmctl pull smollm2-135m-instruct` or `llmctl import FILE.gguf`.")
         return

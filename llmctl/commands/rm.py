@@ -23,16 +23,25 @@ class Removal:
 
 
 def rm(
-    models: ModelsArg,
+    models: ModelsArg = None,
     yes: YesOpt = False,
     delete_files: Annotated[
         bool,
         typer.Option("--delete-files", help="Also delete files llmctl does not own (imported in place, or found in the HF cache)."),
     ] = False,
+    partials: Annotated[
+        bool, typer.Option("--partials", help="Remove unfinished downloads (ones no running pull is using).")
+    ] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Remove models: their index entry, and the files llmctl owns (others only with --delete-files)."""
     store = open_store()
+    if partials:
+        _remove_partials(store, json_output)
+        if not models:
+            return
+    if not models:
+        raise UsageError("name at least one model to remove", hint="see `llmctl list`, or pass --partials")
     plan = [_plan(store, store.resolve(name), delete_files) for name in dict.fromkeys(models)]
     for removal in plan:
         what = ", ".join(str(p) for p in removal.delete) or "no files (they stay on disk)"
@@ -80,7 +89,30 @@ def _apply(store: Store, removal: Removal) -> None:
     # an index entry pointing at half-deleted files.
     if entry is not None:
         store.remove_entry(entry.name)
-    if removal.delete:
-        # Files llmctl owns must lie inside its own folder; never follow a link out of it.
-        inside = store.settings.models_dir if entry is not None and entry.owned else None
-        store.delete_files(removal.delete, inside=inside)
+    if not removal.delete:
+        return
+    if entry is not None and entry.source.get("type") == "hub":
+        store.delete_hub_files(entry)
+        return
+    # Files llmctl owns must lie inside its own folder; never follow a link out of it.
+    inside = store.settings.models_dir if entry is not None and entry.owned else None
+    store.delete_files(removal.delete, inside=inside)
+
+
+def _remove_partials(store: Store, json_output: bool) -> None:
+    from llmctl import hub
+
+    removed = []
+    for partial in hub.find_partials(store.settings.hf_hub_cache):
+        if partial.in_use:
+            output.info(f"skipping {partial.path}: a pull is downloading it now")
+            continue
+        partial.path.unlink(missing_ok=True)
+        lock = partial.path.with_name(partial.path.name.replace(hub.PARTIAL_SUFFIX, hub.LOCK_SUFFIX))
+        lock.unlink(missing_ok=True)
+        removed.append(partial)
+    if json_output:
+        output.emit_json({"removed_partials": [{"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size} for p in removed]})
+    else:
+        total = sum(p.size for p in removed)
+        output.info(f"Removed {len(removed)} partial download(s), {output.human_bytes(total)}")
