@@ -10,12 +10,14 @@ import typer
 from typer.core import TyperGroup
 
 from llmctl import __version__
+from llmctl.commands.chat_cmd import chat
 from llmctl.commands.fit_cmd import fit_command
 from llmctl.commands.hwinfo import hwinfo
 from llmctl.commands.import_cmd import import_
 from llmctl.commands.list_cmd import list_models
 from llmctl.commands.pull_cmd import pull_command
 from llmctl.commands.rm import rm
+from llmctl.commands.run_cmd import run
 from llmctl.commands.search import search
 from llmctl.commands.show import show
 from llmctl.config import debug_enabled
@@ -76,6 +78,8 @@ def _root(
 
 app.command("search")(search)
 app.command("pull")(pull_command)
+app.command("run")(run)
+app.command("chat")(chat)
 app.command("list", help=list_models.__doc__)(list_models)
 app.command("ls", hidden=True)(list_models)
 app.command("show")(show)

@@ -49,3 +49,14 @@ CacheTypeKOpt = Annotated[
 CacheTypeVOpt = Annotated[
     str | None, typer.Option("--cache-type-v", help="KV cache type for values: f16, q8_0, q4_0, … (default f16).")
 ]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 picks the likeliest token (default 0.8).")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling: keep tokens up to this cumulative probability (default 0.95).")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep only the K likeliest tokens (default 40).")]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Drop tokens less likely than this fraction of the likeliest (default 0.05).")]
+RepeatPenaltyOpt = Annotated[float | None, typer.Option("--repeat-penalty", help="Penalty for repeated tokens (default 1.1; 1 disables).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed; with --temperature 0 output is reproducible.")]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Stop after this many tokens (default: when the model stops or the context is full).")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing summary on stderr (load, prompt, generation, time to first token); llama.cpp's log too.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Load even if the planner says it does not fit.")]
+ChatFormatOpt = Annotated[str | None, typer.Option("--chat-format", help="llama-cpp-python chat format to use instead of the model's template (e.g. chatml, llama-2).")]

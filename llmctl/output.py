@@ -145,10 +145,17 @@ def emit_fields(pairs: Iterable[tuple[str, Any]], *, title: str | None = None) -
 # --- everything else (stderr) -----------------------------------------------
 
 
-def info(message: str) -> None:
+def info(message: str, *, multiline: bool = False) -> None:
     from rich.text import Text
 
-    _make_console(stderr=True).print(Text(safe(message)))
+    _make_console(stderr=True).print(Text(safe(message, keep_layout=multiline)))
+
+
+def dim(message: str) -> None:
+    """A quiet status line (per-reply stats in chat)."""
+    from rich.text import Text
+
+    _make_console(stderr=True).print(Text(safe(message), style="dim"))
 
 
 def warn(message: str) -> None:

@@ -1,0 +1,209 @@
+"""A chat session, without any UI: history, context trimming, slash commands, save and load.
+
+The terminal front end (commands/chat_cmd.py) only reads lines and prints;
+everything a conversation does is here, so it can be tested without a
+terminal and reused by other front ends.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmctl.engine import Engine, Result, SamplingSettings, Timings
+from llmctl.errors import LlmctlError, UsageError
+
+MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators a chat template adds per message
+
+HELP = """\
+/help                 this help
+/exit, /bye           leave (also Ctrl-D, or Ctrl-C twice on an empty prompt)
+/clear                forget the conversation (keeps the system prompt)
+/system TEXT          set the system prompt (empty: remove it)
+/set PARAM VALUE      temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
+/show                 model, parameters, context used
+/retry                regenerate the last reply
+/save FILE            save the conversation (OpenAI messages JSON)
+/load FILE            load a conversation saved with /save
+/stats                timings of the last reply and of the session
+Multi-line input: start and end with \"\"\" on their own, or press Esc then Enter (Alt-Enter) for a new line."""
+
+
+class ContextError(LlmctlError):
+    """A single message that cannot fit the context at all."""
+
+
+@dataclass
+class Command:
+    """What the UI should do after a slash command."""
+
+    action: str  # "continue" | "exit" | "reply"
+    message: str = ""
+
+
+@dataclass
+class ChatSession:
+    engine: Engine
+    sampling: SamplingSettings
+    system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    history: list[Timings] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # for the UI: turns dropped, etc.
+
+    # --- the conversation ---
+
+    def conversation(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+    def tokens_of(self, message: dict[str, str]) -> int:
+        return self.engine.count_tokens(message["content"]) + MESSAGE_OVERHEAD_TOKENS
+
+    def reply_budget(self) -> int:
+        n_ctx = self.engine.n_ctx
+        return self.sampling.max_tokens or max(min(1024, n_ctx // 4), 16)
+
+    def context_used(self) -> int:
+        return sum(self.tokens_of(m) for m in self.conversation())
+
+    def _trim(self) -> None:
+        """Drop the oldest turns (never the system prompt or the newest message) until a reply fits."""
+        limit = self.engine.n_ctx - self.reply_budget()
+        newest = self.messages[-1]
+        fixed = self.tokens_of(newest) + (self.tokens_of({"content": self.system}) if self.system else 0)
+        if fixed > limit:
+            self.messages.pop()
+            raise ContextError(
+                f"that message is {self.tokens_of(newest)} tokens; with the system prompt and room for a reply "
+                f"it cannot fit the {self.engine.n_ctx}-token context",
+                hint="shorten it, or restart chat with a larger --ctx",
+            )
+        dropped = 0
+        while self.context_used() > limit and len(self.messages) > 1:
+            self.messages.pop(0)
+            dropped += 1
+        if dropped:
+            self.notices.append(f"context nearly full: dropped the {dropped} oldest message(s)")
+
+    def send(self, text: str, *, response_format: dict[str, Any] | None = None) -> Iterator[str | Result]:
+        """Add a user message and stream the reply; the reply joins the history as it was shown."""
+        self.messages.append({"role": "user", "content": text})
+        return self._generate(response_format)
+
+    def retry(self) -> Iterator[str | Result]:
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise UsageError("nothing to retry yet")
+        return self._generate(None)
+
+    def _generate(self, response_format: dict[str, Any] | None) -> Iterator[str | Result]:
+        self._trim()
+        pieces: list[str] = []
+        try:
+            for piece in self.engine.chat(self.conversation(), self.sampling, response_format=response_format):
+                if isinstance(piece, Result):
+                    self.history.append(piece.timings)
+                    self.messages.append({"role": "assistant", "content": piece.text})
+                else:
+                    pieces.append(piece)
+                yield piece
+        except KeyboardInterrupt:
+            # Keep what was shown, so the conversation matches the screen.
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            raise
+
+    # --- slash commands ---
+
+    def command(self, line: str) -> Command:
+        name, _, arg = line.strip().partition(" ")
+        name = name.lower()
+        arg = arg.strip()
+        if name in ("/exit", "/quit", "/bye"):
+            return Command("exit")
+        if name in ("/help", "/?"):
+            return Command("continue", HELP)
+        if name == "/clear":
+            self.messages.clear()
+            return Command("continue", "conversation cleared")
+        if name == "/system":
+            self.system = arg or None
+            return Command("continue", "system prompt set" if arg else "system prompt removed")
+        if name == "/set":
+            param, _, value = arg.partition(" ")
+            if not param:
+                raise UsageError("usage: /set PARAM VALUE", hint="e.g. /set temperature 0.2")
+            self.sampling.set(param, value.strip())
+            return Command("continue", f"{param} = {value.strip()}")
+        if name == "/show":
+            return Command("continue", self.describe())
+        if name == "/retry":
+            return Command("reply")
+        if name == "/save":
+            return Command("continue", self.save(Path(_need(arg, "/save FILE")).expanduser()))
+        if name == "/load":
+            return Command("continue", self.load(Path(_need(arg, "/load FILE")).expanduser()))
+        if name == "/stats":
+            return Command("continue", self.stats())
+        raise UsageError(f"unknown command {name}", hint="/help lists the commands")
+
+    def describe(self) -> str:
+        s = self.sampling
+        cfg = self.engine.config
+        return "\n".join(
+            [
+                f"model:       {self.engine.name}",
+                f"context:     {self.context_used()} of {self.engine.n_ctx} tokens used",
+                f"load:        {cfg.n_gpu_layers} GPU layers, KV cache {cfg.type_k}/{cfg.type_v}",
+                f"system:      {self.system or '(none)'}",
+                f"sampling:    temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, min_p {s.min_p}, "
+                f"repeat_penalty {s.repeat_penalty}, seed {s.seed}, max_tokens {s.max_tokens}, stop {s.stop}",
+            ]
+        )
+
+    def stats(self) -> str:
+        if not self.history:
+            return "no replies yet"
+        last = self.history[-1]
+        total_tokens = sum(t.generated_tokens for t in self.history)
+        total_time = sum(t.generation_s for t in self.history)
+        rate = last.generation_tokens_per_second
+        return "\n".join(
+            [
+                f"last reply:  {last.generated_tokens} tokens, {rate:.1f} tokens/s" if rate else f"last reply:  {last.generated_tokens} tokens",
+                f"             first token after {last.ttft_s:.3f}s; prompt {last.prompt_eval_tokens} of "
+                f"{last.prompt_tokens} tokens evaluated (the rest reused from the cache)",
+                f"session:     {len(self.history)} replies, {total_tokens} tokens in {total_time:.1f}s of generation",
+            ]
+        )
+
+    def save(self, path: Path) -> str:
+        try:
+            path.write_text(json.dumps(self.conversation(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise LlmctlError(f"cannot save to {path}: {exc.strerror}") from None
+        return f"saved {len(self.conversation())} messages to {path}"
+
+    def load(self, path: Path) -> str:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise LlmctlError(f"cannot read {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageError(f"{path} is not JSON: {exc}") from None
+        if not isinstance(data, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in data
+        ):
+            raise UsageError(f"{path} is not a list of {{role, content}} messages", hint="load a file written by /save")
+        self.system = next((m["content"] for m in data if m["role"] == "system"), None)
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in data if m["role"] != "system"]
+        return f"loaded {len(data)} messages from {path}"
+
+
+def _need(arg: str, usage: str) -> str:
+    if not arg:
+        raise UsageError(f"usage: {usage}")
+    return arg

@@ -1,0 +1,192 @@
+"""``llmctl chat``: an interactive conversation in the terminal (or line by line from a pipe)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Iterator
+
+import typer
+
+from llmctl import output
+from llmctl.chat import ChatSession, Command
+from llmctl.commands import open_store
+from llmctl.commands.generation import overrides_from_flags, sampling_from_flags
+from llmctl.config import get_settings
+from llmctl.engine import Result
+from llmctl.errors import LlmctlError
+from llmctl.options import (
+    ChatFormatOpt,
+    CtxOpt,
+    ForceOpt,
+    GpuLayersOpt,
+    MaxTokensOpt,
+    MinPOpt,
+    ModelArg,
+    RepeatPenaltyOpt,
+    SeedOpt,
+    StopOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+)
+from llmctl.runner import open_model
+
+BLOCK = '"""'
+
+
+def chat(
+    model: ModelArg,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Render replies as Markdown (on a terminal).")] = False,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    stop: StopOpt = None,
+    ctx: CtxOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    chat_format: ChatFormatOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Chat with a model. On a terminal: line editing, history, /help for commands; piped: one turn per line."""
+    sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
+    loaded = open_model(open_store(), model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
+    if not loaded.engine.has_chat_template and chat_format is None:
+        output.warn("this model has no chat template; using a generic format (choose one with --chat-format)")
+    session = ChatSession(loaded.engine, sampling, system=system)
+    if sys.stdin.isatty():
+        _interactive(session, markdown)
+    else:
+        _piped(session)
+
+
+# --- piped: one user turn per line --------------------------------------------------
+
+
+def _piped(session: ChatSession) -> None:
+    for raw in sys.stdin:
+        line = raw.rstrip("\n")
+        if not line.strip():
+            continue
+        if not _turn(session, line, markdown=False, interactive=False):
+            return
+
+
+# --- interactive ------------------------------------------------------------------------
+
+
+def _interactive(session: ChatSession, markdown: bool) -> None:
+    prompt = _prompt_session()
+    output.info(f"Chatting with {session.engine.name} ({session.engine.n_ctx}-token context). /help for commands, Ctrl-D to leave.")
+    interrupts = 0
+    while True:
+        try:
+            line = prompt.prompt(">>> ")
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts >= 2:
+                return
+            output.info("(Ctrl-C again, /exit or Ctrl-D to leave)")
+            continue
+        except EOFError:
+            return
+        interrupts = 0
+        if line.strip() == BLOCK:
+            line = _read_block(prompt)
+            if line is None:
+                continue
+        if not line.strip():
+            continue
+        if not _turn(session, line, markdown=markdown, interactive=True):
+            return
+
+
+def _prompt_session():
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    history_file = get_settings().home / "chat_history"
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event) -> None:  # Alt-Enter / Esc Enter: a new line without sending
+        event.current_buffer.insert_text("\n")
+
+    return PromptSession(history=FileHistory(str(history_file)), key_bindings=bindings, multiline=False)
+
+
+def _read_block(prompt) -> str | None:
+    lines = []
+    while True:
+        try:
+            line = prompt.prompt("... ")
+        except (KeyboardInterrupt, EOFError):
+            return None
+        if line.strip() == BLOCK:
+            return "\n".join(lines)
+        lines.append(line)
+
+
+def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool) -> bool:
+    """One line of input: a slash command or a message. False when the session should end."""
+    try:
+        if line.startswith("/"):
+            command: Command = session.command(line)
+            if command.action == "exit":
+                return False
+            if command.action == "continue":
+                output.info(command.message, multiline=True)
+                return True
+            stream = session.retry()
+        else:
+            stream = session.send(line)
+        _show_reply(stream, markdown=markdown and interactive, interactive=interactive)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        output.info("[reply stopped]")
+    except LlmctlError as exc:
+        output.error(exc.message, exc.hint)
+    for notice in session.notices:
+        output.warn(notice)
+    session.notices.clear()
+    return True
+
+
+def _show_reply(stream: Iterator[str | Result], *, markdown: bool, interactive: bool) -> None:
+    result: Result | None = None
+    if markdown:
+        from rich.live import Live
+        from rich.markdown import Markdown
+
+        text = ""
+        with Live(Markdown(""), console=output._make_console(stderr=False), refresh_per_second=8) as live:
+            for piece in stream:
+                if isinstance(piece, Result):
+                    result = piece
+                else:
+                    text += piece
+                    live.update(Markdown(text))
+    else:
+        for piece in stream:
+            if isinstance(piece, Result):
+                result = piece
+            else:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if result is not None and interactive:
+        t = result.timings
+        rate = t.generation_tokens_per_second
+        output.dim(
+            f"{t.generated_tokens} tokens · {rate:.1f} tokens/s · first token {t.ttft_s:.2f}s"
+            if rate
+            else f"{t.generated_tokens} tokens · first token {t.ttft_s:.2f}s"
+        )

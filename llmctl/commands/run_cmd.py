@@ -1,0 +1,148 @@
+"""``llmctl run``: one prompt in, the model's text out — clean stdout for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmctl import output
+from llmctl.commands import open_store
+from llmctl.commands.generation import overrides_from_flags, print_summary, sampling_from_flags
+from llmctl.engine import Result, grammar_for
+from llmctl.errors import UsageError
+from llmctl.options import (
+    ChatFormatOpt,
+    CtxOpt,
+    ForceOpt,
+    GpuLayersOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    MinPOpt,
+    ModelArg,
+    RepeatPenaltyOpt,
+    SeedOpt,
+    StopOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+    VerboseOpt,
+)
+from llmctl.runner import open_model
+
+
+def run(
+    model: ModelArg,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin. Piped stdin is appended to it as content.", show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.", exists=True, dir_okay=False)] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain completion of the prompt text, without the chat template.")] = False,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    stop: StopOpt = None,
+    ctx: CtxOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text only when it is complete.")] = False,
+    format_: Annotated[str | None, typer.Option("--format", help="'json': constrain the output to valid JSON.")] = None,
+    json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Constrain the output to JSON matching this schema file.", exists=True, dir_okay=False)] = None,
+    chat_format: ChatFormatOpt = None,
+    force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Generate a reply to one prompt; stdout carries only the model's text (or --json)."""
+    sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
+    text = _read_prompt(prompt, file)
+    response_format = _response_format(format_, json_schema)
+    loaded = open_model(open_store(), model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
+    engine = loaded.engine
+    if raw:
+        stream = engine.complete(text, sampling, grammar=grammar_for(response_format))
+    else:
+        if not engine.has_chat_template and chat_format is None:
+            output.warn("this model has no chat template; using a generic format (choose one with --chat-format, or use --raw)")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        stream = engine.chat(messages, sampling, response_format=response_format)
+    live = not (no_stream or json_output)
+    result: Result | None = None
+    for piece in stream:
+        if isinstance(piece, Result):
+            result = piece
+        elif live:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    assert result is not None
+    if json_output:
+        output.emit_json(_json(loaded, result))
+    elif live:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:
+        output.emit_text(result.text)
+    if verbose:
+        print_summary(result.timings)
+
+
+def _read_prompt(prompt: str | None, file: Path | None) -> str:
+    if file is not None:
+        body = file.read_text(encoding="utf-8", errors="replace")
+        return f"{prompt}\n\n{body}" if prompt else body
+    piped = None
+    if prompt == "-" or (not sys.stdin.isatty() and prompt != "-"):
+        try:
+            piped = sys.stdin.read() if prompt == "-" or not sys.stdin.isatty() else None
+        except OSError:
+            piped = None
+    if prompt == "-":
+        prompt = None
+    if piped and prompt:
+        return f"{prompt}\n\n{piped.rstrip()}"  # instructions, then the content they are about
+    text = prompt or (piped or "").strip()
+    if not text:
+        raise UsageError("no prompt given", hint='pass one: llmctl run MODEL "your prompt", or pipe text in')
+    return text
+
+
+def _response_format(format_: str | None, schema_file: Path | None) -> dict[str, Any] | None:
+    if schema_file is not None:
+        try:
+            schema = json.loads(schema_file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise UsageError(f"--json-schema {schema_file}: not valid JSON ({exc})") from None
+        return {"type": "json_object", "schema": schema}
+    if format_ is None:
+        return None
+    if format_.lower() != "json":
+        raise UsageError(f"--format {format_!r} is not supported", hint="use --format json")
+    return {"type": "json_object"}
+
+
+def _json(loaded: Any, result: Result) -> dict[str, Any]:
+    t = result.timings
+    return {
+        "model": loaded.model.name,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "usage": {
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.generated_tokens,
+            "total_tokens": t.prompt_tokens + t.generated_tokens,
+        },
+        "timings": t.to_dict(),
+        "load": {
+            "n_ctx": loaded.engine.config.n_ctx,
+            "n_gpu_layers": loaded.engine.config.n_gpu_layers,
+            "threads": loaded.plan.threads,
+            "fit": loaded.plan.chosen.fit,
+        },
+    }

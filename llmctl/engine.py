@@ -1,0 +1,352 @@
+"""The engine: llama.cpp through llama-cpp-python, loaded with a fit plan, streaming with timings.
+
+Generation uses the high-level ``Llama`` API: chat templates come from the
+GGUF (rendered by llama-cpp-python in a Jinja sandbox), JSON output is
+constrained with its grammar support, and the KV cache prefix is reused
+between calls automatically (a follow-up chat turn only evaluates the new
+tokens). llama.cpp's own C logging is silenced unless ``verbose``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from llmctl.errors import LlmctlError, UsageError
+from llmctl.fit import LoadConfig, Plan
+
+
+class EngineError(LlmctlError):
+    """llama.cpp could not load or run the model."""
+
+
+@dataclass
+class SamplingSettings:
+    """Sampling knobs, with llama.cpp's own defaults."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    max_tokens: int | None = None  # None: until the model stops or the context is full
+    stop: list[str] = field(default_factory=list)
+
+    LIMITS = {
+        "temperature": (0.0, 5.0),
+        "top_p": (0.0, 1.0),
+        "top_k": (0, 100_000),
+        "min_p": (0.0, 1.0),
+        "repeat_penalty": (0.0, 5.0),
+        "max_tokens": (1, 10_000_000),
+        "seed": (0, 2**32 - 1),
+    }
+
+    def validate(self) -> SamplingSettings:
+        for name, (low, high) in self.LIMITS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not low <= value <= high:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} {value} is out of range", hint=f"{name} must be between {low} and {high}")
+        return self
+
+    def set(self, name: str, raw: str) -> None:
+        """``/set temperature 0.2`` in chat."""
+        key = name.replace("-", "_").lower()
+        if key == "stop":
+            self.stop = [raw] if raw else []
+            return
+        if key not in self.LIMITS:
+            raise UsageError(f"unknown parameter '{name}'", hint="one of: " + ", ".join([*self.LIMITS, "stop"]))
+        kind = int if key in ("top_k", "max_tokens", "seed") else float
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise UsageError(f"{name} needs a {'whole ' if kind is int else ''}number, not {raw!r}") from None
+        previous = getattr(self, key)
+        setattr(self, key, value)
+        try:
+            self.validate()
+        except UsageError:
+            setattr(self, key, previous)
+            raise
+
+
+@dataclass
+class Timings:
+    load_s: float = 0.0
+    prompt_tokens: int = 0  # tokens of the whole prompt
+    prompt_eval_tokens: int = 0  # of which evaluated now (the rest came from the reused KV prefix)
+    prompt_eval_s: float = 0.0
+    generated_tokens: int = 0
+    generation_s: float = 0.0  # first token to last
+    ttft_s: float = 0.0  # request to first token
+    total_s: float = 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float | None:
+        return self.prompt_eval_tokens / self.prompt_eval_s if self.prompt_eval_s > 0 else None
+
+    @property
+    def generation_tokens_per_second(self) -> float | None:
+        if self.generated_tokens > 1 and self.generation_s > 0:
+            return (self.generated_tokens - 1) / self.generation_s
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "load_s": round(self.load_s, 4),
+            "ttft_s": round(self.ttft_s, 4),
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_eval_tokens": self.prompt_eval_tokens,
+            "prompt_eval_s": round(self.prompt_eval_s, 4),
+            "prompt_tokens_per_second": _round(self.prompt_tokens_per_second),
+            "generated_tokens": self.generated_tokens,
+            "generation_s": round(self.generation_s, 4),
+            "generation_tokens_per_second": _round(self.generation_tokens_per_second),
+            "total_s": round(self.total_s, 4),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str
+    timings: Timings
+
+
+def _is_memory_error(message: str) -> bool:
+    lowered = message.lower()
+    return any(word in lowered for word in ("memory", "alloc", "oom", "cuda error", "failed to create context"))
+
+
+class Engine:
+    """One loaded model. Use ``Engine.load``; then ``chat`` or ``complete`` stream text."""
+
+    def __init__(self, llm: Any, name: str, config: LoadConfig, load_s: float, notes: list[str]) -> None:
+        self.llm = llm
+        self.name = name
+        self.config = config
+        self.load_s = load_s
+        self.notes = notes  # what the loader had to change (fewer GPU layers, smaller context)
+        self._first = True
+
+    @classmethod
+    def load(
+        cls,
+        name: str,
+        paths: list[Path],
+        plan: Plan,
+        *,
+        threads: int | None = None,
+        verbose: bool = False,
+        chat_format: str | None = None,
+    ) -> Engine:
+        """Load with the plan; on a memory failure retry with fewer GPU layers, then a smaller context."""
+        import llama_cpp  # heavy: only here
+
+        config = plan.config
+        attempts = [config]
+        if config.n_gpu_layers:
+            for fraction in (0.75, 0.5, 0.25, 0.0):
+                attempts.append(replace(config, n_gpu_layers=int(config.n_gpu_layers * fraction)))
+        if config.n_ctx > 2048:
+            attempts.append(replace(config, n_gpu_layers=0, n_ctx=max(2048, config.n_ctx // 2)))
+        errors = []
+        for attempt in attempts:
+            start = time.perf_counter()
+            try:
+                llm = llama_cpp.Llama(
+                    str(paths[0]),
+                    n_ctx=attempt.n_ctx,
+                    n_gpu_layers=attempt.n_gpu_layers,
+                    n_batch=attempt.n_batch,
+                    n_ubatch=attempt.n_ubatch,
+                    n_threads=threads or plan.threads,
+                    n_threads_batch=threads or plan.threads,
+                    type_k=_ggml_type(attempt.type_k),
+                    type_v=_ggml_type(attempt.type_v),
+                    flash_attn=attempt.flash_attn,
+                    tensor_split=attempt.tensor_split,
+                    chat_format=chat_format,
+                    verbose=verbose,
+                )
+            except (ValueError, RuntimeError, OSError) as exc:
+                errors.append(f"{attempt.n_gpu_layers} GPU layers, context {attempt.n_ctx}: {exc}")
+                if not _is_memory_error(str(exc)) and attempt is config and not config.n_gpu_layers:
+                    break
+                continue
+            notes = []
+            if attempt is not config:
+                notes.append(
+                    f"loaded with {attempt.n_gpu_layers} GPU layers and context {attempt.n_ctx} "
+                    f"(the plan's {config.n_gpu_layers} / {config.n_ctx} did not load: {errors[0]})"
+                )
+            return cls(llm, name, attempt, time.perf_counter() - start, notes)
+        raise EngineError(
+            f"llama.cpp could not load {name}: " + "; ".join(errors[-2:]),
+            hint="try a smaller quantisation, a shorter --ctx, or fewer --gpu-layers; LLMCTL_DEBUG=1 shows llama.cpp's log",
+        )
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llm.n_ctx())
+
+    @property
+    def has_chat_template(self) -> bool:
+        return "tokenizer.chat_template" in (self.llm.metadata or {})
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        sampling: SamplingSettings,
+        *,
+        response_format: dict[str, Any] | None = None,
+        on_first_token: Callable[[], None] | None = None,
+    ) -> Iterator[str | Result]:
+        """Stream a chat reply: text pieces, then one ``Result`` with the finish reason and timings."""
+        kwargs = self._sampling_kwargs(sampling)
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        return self._stream(
+            lambda processors: self.llm.create_chat_completion(messages, stream=True, logits_processor=processors, **kwargs),
+            lambda chunk: chunk["choices"][0]["delta"].get("content") or "",
+            on_first_token,
+        )
+
+    def complete(
+        self,
+        prompt: str,
+        sampling: SamplingSettings,
+        *,
+        grammar: Any = None,
+        on_first_token: Callable[[], None] | None = None,
+    ) -> Iterator[str | Result]:
+        """Plain completion of raw text, without a chat template."""
+        kwargs = self._sampling_kwargs(sampling)
+        if grammar is not None:
+            kwargs["grammar"] = grammar
+        return self._stream(
+            lambda processors: self.llm.create_completion(prompt, stream=True, logits_processor=processors, **kwargs),
+            lambda chunk: chunk["choices"][0].get("text") or "",
+            on_first_token,
+        )
+
+    def _sampling_kwargs(self, s: SamplingSettings) -> dict[str, Any]:
+        return {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k,
+            "min_p": s.min_p,
+            "repeat_penalty": s.repeat_penalty,
+            "seed": s.seed,
+            "max_tokens": s.max_tokens if s.max_tokens is not None else -1,
+            "stop": list(s.stop),
+        }
+
+    def _stream(
+        self,
+        start_call: Callable[[Any], Iterator[dict[str, Any]]],
+        text_of: Callable[[dict[str, Any]], str],
+        on_first_token: Callable[[], None] | None,
+    ) -> Iterator[str | Result]:
+        import llama_cpp
+
+        sampled = [0]
+
+        def count(_input_ids: Any, scores: Any) -> Any:
+            sampled[0] += 1
+            return scores
+
+        processors = llama_cpp.LogitsProcessorList([count])
+        llama_cpp.llama_perf_context_reset(self.llm._ctx.ctx)
+        timings = Timings(load_s=self.load_s if self._first else 0.0)
+        self._first = False
+        start = time.perf_counter()
+        first_at = last_at = None
+        finish = "stop"
+        pieces = []
+        stream = start_call(processors)
+        try:
+            for chunk in stream:
+                reason = chunk["choices"][0].get("finish_reason")
+                if reason:
+                    finish = reason
+                text = text_of(chunk)
+                if not text:
+                    continue
+                now = time.perf_counter()
+                if first_at is None:
+                    first_at = now
+                    if on_first_token:
+                        on_first_token()
+                last_at = now
+                pieces.append(text)
+                yield text
+        except KeyboardInterrupt:
+            finish = "interrupted"
+            _close(stream)
+            raise
+        except ValueError as exc:  # e.g. "Requested tokens exceed context window"
+            raise EngineError(str(exc), hint="shorten the input or raise --ctx") from None
+        finally:
+            end = time.perf_counter()
+            perf = llama_cpp.llama_perf_context(self.llm._ctx.ctx)
+            generated = max(sampled[0] - (1 if finish == "stop" else 0), 0)
+            timings.generated_tokens = generated
+            timings.prompt_tokens = max(int(self.llm.n_tokens) - max(sampled[0] - 1, 0), 0)
+            timings.prompt_eval_tokens = int(perf.n_p_eval)
+            timings.prompt_eval_s = perf.t_p_eval_ms / 1000
+            timings.ttft_s = (first_at - start) if first_at else end - start
+            timings.generation_s = (last_at - first_at) if first_at and last_at else 0.0
+            timings.total_s = end - start
+            self.last_timings = timings
+        yield Result("".join(pieces), finish, timings)
+
+
+def _close(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if close:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+
+def _ggml_type(name: str) -> int | None:
+    if name == "f16":
+        return None  # llama.cpp's default
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if value is None:
+        raise UsageError(f"KV cache type {name!r} is not supported by this llama.cpp build")
+    return int(value)
+
+
+def grammar_for(response_format: dict[str, Any] | None) -> Any:
+    """A llama.cpp grammar for raw completions constrained to JSON (optionally a schema)."""
+    if response_format is None:
+        return None
+    from llama_cpp import LlamaGrammar
+
+    schema = response_format.get("schema")
+    if schema is not None:
+        import json
+
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
