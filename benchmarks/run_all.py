@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_fit  # noqa: E402
 import bench_foundation  # noqa: E402
+import bench_generation  # noqa: E402
 import bench_hub  # noqa: E402
 from common import print_table  # noqa: E402
 
@@ -18,7 +19,7 @@ def main() -> int:
     import os
 
     print(f"# llmctl benchmarks on {platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
-    rows = bench_foundation.run() + bench_fit.run() + bench_hub.run()
+    rows = bench_foundation.run() + bench_fit.run() + bench_hub.run() + bench_generation.run()
     print_table(rows)
     failed = [r.name for r in rows if r.ok is False]
     if failed:

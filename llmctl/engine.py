@@ -24,13 +24,13 @@ class EngineError(LlmctlError):
 
 @dataclass
 class SamplingSettings:
-    """Sampling knobs, with llama.cpp's own defaults."""
+    """Sampling knobs, with llama.cpp's own defaults (repeat penalty off, as llama.cpp has it since 2024)."""
 
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
     min_p: float = 0.05
-    repeat_penalty: float = 1.1
+    repeat_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int | None = None  # None: until the model stops or the context is full
     stop: list[str] = field(default_factory=list)
@@ -139,6 +139,27 @@ class Engine:
         self.load_s = load_s
         self.notes = notes  # what the loader had to change (fewer GPU layers, smaller context)
         self._first = True
+        self._counts = {"prompt": 0, "sampled": 0}
+        self._count_tokens_of(llm)
+
+    def _count_tokens_of(self, llm: Any) -> None:
+        """Count prompt and sampled tokens exactly, at no per-token cost.
+
+        llama-cpp-python's completion calls ``self.generate(prompt_tokens, …)`` and
+        consumes one yielded token per sampling step; an instance attribute
+        wrapping it sees both. (A logits processor could count too, but costs a
+        copy of the logits per token.)
+        """
+        original = llm.generate
+        counts = self._counts
+
+        def generate(tokens: Any, *args: Any, **kwargs: Any) -> Iterator[int]:
+            counts["prompt"] = len(tokens)
+            for token in original(tokens, *args, **kwargs):
+                counts["sampled"] += 1
+                yield token
+
+        llm.generate = generate
 
     @classmethod
     def load(
@@ -221,7 +242,7 @@ class Engine:
         if response_format is not None:
             kwargs["response_format"] = response_format
         return self._stream(
-            lambda processors: self.llm.create_chat_completion(messages, stream=True, logits_processor=processors, **kwargs),
+            lambda: self.llm.create_chat_completion(messages, stream=True, **kwargs),
             lambda chunk: chunk["choices"][0]["delta"].get("content") or "",
             on_first_token,
         )
@@ -239,7 +260,7 @@ class Engine:
         if grammar is not None:
             kwargs["grammar"] = grammar
         return self._stream(
-            lambda processors: self.llm.create_completion(prompt, stream=True, logits_processor=processors, **kwargs),
+            lambda: self.llm.create_completion(prompt, stream=True, **kwargs),
             lambda chunk: chunk["choices"][0].get("text") or "",
             on_first_token,
         )
@@ -258,19 +279,13 @@ class Engine:
 
     def _stream(
         self,
-        start_call: Callable[[Any], Iterator[dict[str, Any]]],
+        start_call: Callable[[], Iterator[dict[str, Any]]],
         text_of: Callable[[dict[str, Any]], str],
         on_first_token: Callable[[], None] | None,
     ) -> Iterator[str | Result]:
         import llama_cpp
 
-        sampled = [0]
-
-        def count(_input_ids: Any, scores: Any) -> Any:
-            sampled[0] += 1
-            return scores
-
-        processors = llama_cpp.LogitsProcessorList([count])
+        self._counts.update(prompt=0, sampled=0)
         llama_cpp.llama_perf_context_reset(self.llm._ctx.ctx)
         timings = Timings(load_s=self.load_s if self._first else 0.0)
         self._first = False
@@ -278,7 +293,7 @@ class Engine:
         first_at = last_at = None
         finish = "stop"
         pieces = []
-        stream = start_call(processors)
+        stream = start_call()
         try:
             for chunk in stream:
                 reason = chunk["choices"][0].get("finish_reason")
@@ -304,9 +319,10 @@ class Engine:
         finally:
             end = time.perf_counter()
             perf = llama_cpp.llama_perf_context(self.llm._ctx.ctx)
-            generated = max(sampled[0] - (1 if finish == "stop" else 0), 0)
-            timings.generated_tokens = generated
-            timings.prompt_tokens = max(int(self.llm.n_tokens) - max(sampled[0] - 1, 0), 0)
+            sampled = self._counts["sampled"]
+            # A reply that stopped on its own ended with an end-of-generation token, which is not text.
+            timings.generated_tokens = max(sampled - (1 if finish == "stop" else 0), 0)
+            timings.prompt_tokens = self._counts["prompt"]
             timings.prompt_eval_tokens = int(perf.n_p_eval)
             timings.prompt_eval_s = perf.t_p_eval_ms / 1000
             timings.ttft_s = (first_at - start) if first_at else end - start

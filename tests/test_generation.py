@@ -55,7 +55,7 @@ def test_piped_stdin_is_content_after_the_instruction(cli, demo_model: Path) -> 
 
 
 def test_format_json_and_schema(cli, demo_model: Path, tmp_path: Path) -> None:
-    r = cli("run", demo_model, "Describe a cat as JSON.", *GREEDY, "--max-tokens", "80", "--format", "json")
+    r = cli("run", demo_model, "Give a JSON object with a name and age of a person", *GREEDY, "--max-tokens", "200", "--format", "json")
     assert r.exit_code == 0, r.stderr
     assert isinstance(json.loads(r.stdout), (dict, list))
     schema = tmp_path / "schema.json"
