@@ -8,7 +8,7 @@ DEMO_MODEL := $(DEMO_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_HOME := $(DEMO_DIR)/demo-home
 export LLMCTL_DEMO_MODEL := $(DEMO_MODEL)
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo test bench bench-compare docs clean
 
 # Reinstalls only when pyproject.toml changes; pip reuses its cached llama-cpp-python wheel.
 $(STAMP): pyproject.toml
@@ -38,6 +38,10 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# llmctl bench against native llama-bench built from the same llama.cpp (built once, cached in $(DEMO_DIR)).
+bench-compare: setup
+	$(PY) benchmarks/run_all.py --compare-only
 
 # Regenerates docs/commands.md from the commands' --help (a test fails when it is stale).
 docs: $(STAMP)

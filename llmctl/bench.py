@@ -69,25 +69,36 @@ class LowLevel:
         self.api.llama_synchronize(self.ctx)
 
     def generate(self, n_gen: int) -> None:
-        token = self.bos if self.add_bos else self.rng.randrange(self.n_vocab)
+        # One preallocated single-token batch, refilled each step: the loop's Python
+        # cost stays far below a decode, so the figure is llama.cpp's.
+        api, ctx = self.api, self.ctx
+        one = (api.llama_token * 1)(self.bos if self.add_bos else self.rng.randrange(self.n_vocab))
+        batch = api.llama_batch_get_one(one, 1)
+        decode, synchronize, draw, n_vocab = api.llama_decode, api.llama_synchronize, self.rng.randrange, self.n_vocab
         for _ in range(n_gen):
-            self._decode([token])
-            self.api.llama_synchronize(self.ctx)
-            token = self.rng.randrange(self.n_vocab)
+            if decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            synchronize(ctx)
+            one[0] = draw(n_vocab)
 
 
-def measure(llm: Any, *, n_prompt: int = 0, n_gen: int = 0, repetitions: int = 5) -> Measurement:
-    """One llama-bench test: ppN (n_gen 0), tgN (n_prompt 0) or ppN+tgM."""
+def measure(llm: Any, *, n_prompt: int = 0, n_gen: int = 0, n_depth: int = 0, repetitions: int = 5) -> Measurement:
+    """One llama-bench test: ppN (n_gen 0), tgN (n_prompt 0) or ppN+tgM, optionally at a depth."""
+    if repetitions < 1:
+        raise ValueError("repetitions must be at least 1")
     runner = LowLevel(llm)
     name = "+".join(part for part in (f"pp{n_prompt}" if n_prompt else "", f"tg{n_gen}" if n_gen else "") if part)
-    # warm-up: a prompt run and a one-token generation, as llama-bench does
+    # warm-up, as llama-bench does: a prompt run, and a one-token generation for tg tests
     runner.clear()
     if n_prompt:
         runner.prompt(n_prompt)
-    runner.generate(1)
+    if n_gen:
+        runner.generate(1)
     result = Measurement(name)
     for _ in range(repetitions):
         runner.clear()
+        if n_depth:
+            runner.prompt(n_depth)  # the context already there: prefilled, not timed
         start = time.perf_counter_ns()
         if n_prompt:
             runner.prompt(n_prompt)
@@ -96,3 +107,67 @@ def measure(llm: Any, *, n_prompt: int = 0, n_gen: int = 0, repetitions: int = 5
         elapsed = (time.perf_counter_ns() - start) / 1e9
         result.samples_ts.append((n_prompt + n_gen) / elapsed)
     return result
+
+
+# --- sweeps ------------------------------------------------------------------------------
+
+from llmctl.errors import UsageError  # noqa: E402
+
+
+def parse_sweep(text: str, flag: str, *, kind: type = int, minimum: int = 0) -> list[Any]:
+    """llama-bench's list syntax: ``1,2,4``, ranges ``1-8``, ``1-8+2`` (step), ``1-64*2`` (multiply)."""
+    values: list[Any] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise UsageError(f"{flag} {text!r}: empty value", hint="use a comma list like 1,2,4 or a range like 1-8")
+        if kind is int and "-" in part[1:]:
+            values.extend(_range(part, flag))
+            continue
+        try:
+            values.append(kind(part))
+        except ValueError:
+            raise UsageError(f"{flag} {text!r}: {part!r} is not a valid value", hint="use a comma list like 1,2,4") from None
+    for value in values:
+        if kind is int and value < minimum:
+            raise UsageError(f"{flag} {text!r}: {value} is below {minimum}")
+    return list(dict.fromkeys(values))
+
+
+def _range(part: str, flag: str) -> list[int]:
+    import re
+
+    match = re.fullmatch(r"(\d+)-(\d+)(?:([+*])(\d+))?", part)
+    if not match:
+        raise UsageError(f"{flag}: {part!r} is not a range", hint="ranges look like 1-8, 1-8+2 or 1-64*2")
+    first, last = int(match.group(1)), int(match.group(2))
+    op, step = match.group(3) or "+", int(match.group(4) or 1)
+    if last < first or step < 1 or (op == "*" and step < 2) or (op == "*" and first < 1):
+        raise UsageError(f"{flag}: {part!r} is an empty or endless range")
+    out, value = [], first
+    while value <= last and len(out) < 1000:
+        out.append(value)
+        value = value + step if op == "+" else value * step
+    return out
+
+
+def parse_bools(text: str, flag: str) -> list[bool]:
+    mapping = {"0": False, "1": True, "off": False, "on": True, "false": False, "true": True}
+    out = []
+    for part in text.split(","):
+        key = part.strip().lower()
+        if key not in mapping:
+            raise UsageError(f"{flag} {text!r}: {part!r} is not 0/1", hint="e.g. --flash-attn 0,1")
+        out.append(mapping[key])
+    return list(dict.fromkeys(out))
+
+
+def parse_pairs(text: str, flag: str) -> list[tuple[int, int]]:
+    """``--prompt-gen 512,128`` (one pair) or ``512,128;1024,256``."""
+    pairs = []
+    for chunk in text.split(";"):
+        values = parse_sweep(chunk, flag, minimum=1)
+        if len(values) != 2:
+            raise UsageError(f"{flag} {text!r}: needs PROMPT,GEN pairs", hint="e.g. --prompt-gen 512,128")
+        pairs.append((values[0], values[1]))
+    return pairs

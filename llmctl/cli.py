@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from llmctl import __version__
+from llmctl.commands.bench_cmd import bench
 from llmctl.commands.chat_cmd import chat
 from llmctl.commands.fit_cmd import fit_command
 from llmctl.commands.hwinfo import hwinfo
@@ -80,6 +81,7 @@ app.command("search")(search)
 app.command("pull")(pull_command)
 app.command("run")(run)
 app.command("chat")(chat)
+app.command("bench")(bench)
 app.command("list", help=list_models.__doc__)(list_models)
 app.command("ls", hidden=True)(list_models)
 app.command("show")(show)

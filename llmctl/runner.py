@@ -31,6 +31,7 @@ def open_model(
     resolved = store.resolve(name)
     _, info = gguf.read_model(resolved.paths)  # validates before llama.cpp sees the file
     hw = get_hardware(get_settings())
+    overrides = apply_tuned(overrides, resolved.paths)
     size = sum(p.stat().st_size for p in resolved.paths)
     plan = make_plan([Candidate(resolved.name, info, size, str(resolved.paths[0]))], hw, overrides, force=force)
     for warning in plan.warnings:
@@ -52,3 +53,22 @@ def open_model(
         except OSError:
             pass  # a read-only store still runs
     return Loaded(engine, plan, resolved, info)
+
+
+def apply_tuned(overrides: Overrides, paths: list) -> Overrides:
+    """This machine's `bench --tune` result for the model, where the user did not say otherwise."""
+    from dataclasses import replace
+
+    from llmctl.benchrun import load_tuned
+    from llmctl.hardware import _machine_key
+
+    tuned = load_tuned(get_settings().home, _machine_key(), paths)
+    if not tuned:
+        return overrides
+    return replace(
+        overrides,
+        threads=overrides.threads or tuned.get("threads"),
+        n_batch=overrides.n_batch or tuned.get("n_batch"),
+        n_ubatch=overrides.n_ubatch or tuned.get("n_ubatch"),
+        n_gpu_layers=overrides.n_gpu_layers if overrides.n_gpu_layers is not None else tuned.get("n_gpu_layers") or None,
+    )

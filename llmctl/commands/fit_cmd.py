@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,6 +12,7 @@ from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import NotFoundError, UsageError
 from llmctl.hardware import get_hardware
+from llmctl.runner import apply_tuned
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
 
 
@@ -36,13 +38,30 @@ def fit_command(
     )
     hw = get_hardware(get_settings(), hw_profile, with_bandwidth=True)
     candidates = _local_or_remote(model)
+    tuned = _tuned_for(candidates) if hw_profile is None else None
+    if tuned:
+        overrides = apply_tuned(overrides, [Path(candidates[0].location)])
     plan = fit.make_plan(candidates, hw, overrides, force=True)
+    if tuned:
+        plan.reasons.append(
+            f"tuned on this machine by `bench --tune`: {tuned['threads']} threads, batch {tuned['n_batch']}, "
+            f"tg {tuned['tg_ts']} t/s, pp {tuned['pp_ts']} t/s"
+        )
     if json_output:
         output.emit_json(plan.to_dict())
         return
     if len(candidates) > 1:
         render_candidates(plan)
     render_plan(plan)
+
+
+def _tuned_for(candidates: list[fit.Candidate]) -> dict | None:
+    from llmctl.benchrun import load_tuned
+    from llmctl.hardware import _machine_key
+
+    if len(candidates) != 1 or not candidates[0].location or not Path(candidates[0].location).exists():
+        return None
+    return load_tuned(get_settings().home, _machine_key(), [Path(candidates[0].location)])
 
 
 def _local_or_remote(model: str) -> list[fit.Candidate]:

@@ -77,7 +77,22 @@ def _fields(resolved: ResolvedModel, info: gguf.ModelInfo) -> list[tuple[str, An
         ("source", entry.source_label if entry else resolved.kind),
         ("path", "\n".join(str(p) for p in resolved.paths)),
         ("sha256", sha),
+        ("tuned here", _tuned(resolved)),
     ]
+
+
+def _tuned(resolved: ResolvedModel) -> str:
+    from llmctl.benchrun import load_tuned
+    from llmctl.config import get_settings
+    from llmctl.hardware import _machine_key
+
+    tuned = load_tuned(get_settings().home, _machine_key(), resolved.paths)
+    if not tuned:
+        return "- (`llmctl bench --tune` finds the fastest settings for this machine)"
+    return (
+        f"{tuned['threads']} threads, batch {tuned['n_batch']}/{tuned['n_ubatch']}, {tuned['n_gpu_layers']} GPU layers "
+        f"(tg {tuned['tg_ts']} t/s, pp {tuned['pp_ts']} t/s)"
+    )
 
 
 def show_json(resolved: ResolvedModel, headers: list[gguf.GGUFHeader], info: gguf.ModelInfo) -> dict[str, Any]:

@@ -1,0 +1,70 @@
+"""`llmctl bench` against native llama-bench on the same llama.cpp.
+
+llama-bench is built from the llama.cpp tree vendored in the pinned
+llama-cpp-python sdist (benchmarks/build_llama_bench.sh, cached outside git).
+Both run pp512 and tg128 with 2 threads and 5 repetitions on the demo model,
+flash attention off (llama-cpp-python cannot ask for llama.cpp's "auto"),
+alternating five times. A shared 2-core machine drifts by ±10% over minutes,
+so each round's llmctl figure is divided by the native figure measured just
+before it, and the median of those ratios is the result.
+Target: within 5%. The tg128 roofline figure is reported with the measured
+memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, Row
+from demo_model import ensure_demo_model
+
+LLMCTL = str(Path(sys.executable).with_name("llmctl"))
+ROUNDS = 5
+
+
+def native_binary() -> str:
+    script = ROOT / "benchmarks" / "build_llama_bench.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+
+
+def run() -> list[Row]:
+    model = ensure_demo_model()
+    binary = native_binary()
+    native: dict[str, list[float]] = {"pp512": [], "tg128": []}
+    ours: dict[str, list[float]] = {"pp512": [], "tg128": []}
+    roofline, bandwidth = [], None
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "LLMCTL_HOME": home}
+        for _ in range(ROUNDS):
+            out = subprocess.run(
+                [binary, "-m", str(model), "-t", "2", "-p", "512", "-n", "128", "-r", "5", "-fa", "0", "-o", "json"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            for result in json.loads(out.stdout):
+                native["pp512" if result["n_prompt"] else "tg128"].append(result["avg_ts"])
+            out = subprocess.run(
+                [LLMCTL, "bench", str(model), "-t", "2", "-p", "512", "-n", "128", "-r", "5", "--no-extras", "-o", "json"],
+                capture_output=True, text=True, check=True, env=env,
+            )  # fmt: skip
+            doc = json.loads(out.stdout)
+            bandwidth = doc["fingerprint"].get("bandwidth_gbs")
+            for result in doc["results"]:
+                ours[result["test"]].append(result["avg_ts"])
+                if result["roofline_pct"] is not None:
+                    roofline.append(result["roofline_pct"])
+    rows = []
+    for test in ("pp512", "tg128"):
+        ratio = statistics.median(a / b for a, b in zip(ours[test], native[test]))
+        a, b = statistics.median(ours[test]), statistics.median(native[test])
+        rows.append(
+            Row(f"bench {test}, demo, 2 threads (median ratio {ratio:.3f})", a, "t/s", b, "native llama-bench", "within 5%", abs(ratio - 1) <= 0.05)
+        )
+    rows.append(Row(f"tg128 roofline (bandwidth {bandwidth} GB/s)", statistics.fmean(roofline), "% of bound", None, "-", "reported", None))
+    return rows

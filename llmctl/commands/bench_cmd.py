@@ -1,0 +1,233 @@
+"""``llmctl bench``: llama-bench's numbers, plus load, first-token and roofline figures; history and tuning."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmctl import benchreport, benchrun, gguf, output
+from llmctl.bench import parse_bools, parse_pairs, parse_sweep
+from llmctl.commands import open_store
+from llmctl.config import get_settings
+from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, UsageError
+from llmctl.fit import KV_TYPES
+from llmctl.hardware import _machine_key, get_hardware
+from llmctl.options import ModelsArg
+
+OUTPUTS = ("table", "md", "csv", "json", "jsonl")
+
+
+def bench(
+    models: ModelsArg = None,
+    n_prompt: Annotated[str, typer.Option("--n-prompt", "-p", help="Prompt lengths to process (pp tests), e.g. 512 or 128,512.")] = "512",
+    n_gen: Annotated[str, typer.Option("--n-gen", "-n", help="Tokens to generate (tg tests), e.g. 128.")] = "128",
+    prompt_gen: Annotated[str | None, typer.Option("--prompt-gen", "-pg", help="Combined tests PROMPT,GEN (e.g. 512,128); ';' separates several.")] = None,
+    depth: Annotated[str, typer.Option("--depth", "-d", help="Tokens already in the context before each test.")] = "0",
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, max=1000, help="Timed repetitions after the warm-up.")] = 5,
+    threads: Annotated[str | None, typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2,4 or 1-8 (default: physical cores).")] = None,
+    gpu_layers: Annotated[str | None, typer.Option("--gpu-layers", "-ngl", help="GPU layer counts (default: the plan's).")] = None,
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Logical batch sizes (llama-bench's default 2048).")] = "2048",
+    ubatch_size: Annotated[str, typer.Option("--ubatch-size", "-ub", help="Physical batch sizes.")] = "512",
+    flash_attn: Annotated[str, typer.Option("--flash-attn", "-fa", help="Flash attention off/on: 0, 1 or 0,1.")] = "0",
+    cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk", help="KV cache types for keys.")] = "f16",
+    cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV cache types for values.")] = "f16",
+    output_format: Annotated[str, typer.Option("--output", "-o", help="table, md, csv, json or jsonl.")] = "table",
+    no_extras: Annotated[bool, typer.Option("--no-extras", help="Skip load times, TTFT and the run-path rate.")] = False,
+    chart: Annotated[bool, typer.Option("--chart", help="Draw a bar chart of the results on stderr.")] = False,
+    chart_file: Annotated[Path | None, typer.Option("--chart-file", help="Also write the chart as an SVG image.")] = None,
+    history: Annotated[bool, typer.Option("--history", help="List past benchmark runs.")] = False,
+    compare: Annotated[tuple[str, str] | None, typer.Option("--compare", help="Compare two past runs: RUN_A RUN_B (or 'last').")] = None,
+    tune: Annotated[bool, typer.Option("--tune", help="Find the fastest threads / batch / GPU layers for MODEL and save them for run and chat.")] = False,
+) -> None:
+    """Benchmark models like llama-bench (pp/tg tokens per second), with roofline, load and first-token figures."""
+    home = get_settings().home
+    if output_format not in OUTPUTS:
+        raise UsageError(f"--output {output_format!r} is not one of {', '.join(OUTPUTS)}")
+    if history:
+        _history(home)
+        return
+    if compare:
+        _compare(home, compare)
+        return
+    if not models:
+        raise UsageError("name at least one model to benchmark", hint="e.g. llmctl bench smollm2")
+    hw = get_hardware(get_settings(), with_bandwidth=True)
+    if tune:
+        _tune(home, models[0], hw)
+        return
+    sweep = _sweep(
+        {
+            "threads": threads, "gpu_layers": gpu_layers, "batch_size": batch_size, "ubatch_size": ubatch_size,
+            "flash_attn": flash_attn, "cache_type_k": cache_type_k, "cache_type_v": cache_type_v,
+            "n_prompt": n_prompt, "n_gen": n_gen, "depth": depth, "prompt_gen": prompt_gen, "repetitions": repetitions,
+        },  # fmt: skip
+        hw,
+    )
+    run = benchrun.new_run(hw)
+    bench_models = _models(models, run)
+    try:
+        with _Progress(len(bench_models) * len(sweep.load_configs()) * len(sweep.tests())) as progress:
+            for model in bench_models:
+                benchrun.run_model(run, model, sweep, hw, extras=not no_extras, on_row=progress.row)
+    except KeyboardInterrupt:
+        run.interrupted = True
+        output.warn("interrupted: showing the results so far")
+    if run.rows:
+        saved = benchrun.save_run(home, run)
+        output.info(f"saved as run {run.run_id} ({saved})")
+    _render(run, output_format)
+    if chart or chart_file:
+        pairs = benchreport.chart_pairs(run)
+        if chart:
+            output.info(benchreport.bar_chart(pairs), multiline=True)
+        if chart_file:
+            chart_file.write_text(benchreport.svg_chart(pairs, f"llmctl bench {run.run_id}"), encoding="utf-8")
+    if run.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _sweep(args: dict, hw) -> benchrun.Sweep:
+    for name, flag in (("cache_type_k", "--cache-type-k"), ("cache_type_v", "--cache-type-v")):
+        for value in args[name].split(","):
+            if value.strip().lower() not in KV_TYPES:
+                raise UsageError(f"{flag} {value!r} is not a KV cache type", hint="one of " + ", ".join(KV_TYPES))
+    return benchrun.Sweep(
+        threads=parse_sweep(args["threads"], "--threads", minimum=1) if args["threads"] else [hw.cpu.physical_cores],
+        gpu_layers=parse_sweep(args["gpu_layers"], "--gpu-layers") if args["gpu_layers"] else [None],
+        batch=parse_sweep(args["batch_size"], "--batch-size", minimum=1),
+        ubatch=parse_sweep(args["ubatch_size"], "--ubatch-size", minimum=1),
+        flash_attn=parse_bools(args["flash_attn"], "--flash-attn"),
+        type_k=[v.strip().lower() for v in args["cache_type_k"].split(",")],
+        type_v=[v.strip().lower() for v in args["cache_type_v"].split(",")],
+        n_prompt=parse_sweep(args["n_prompt"], "--n-prompt"),
+        n_gen=parse_sweep(args["n_gen"], "--n-gen"),
+        depth=parse_sweep(args["depth"], "--depth"),
+        prompt_gen=parse_pairs(args["prompt_gen"], "--prompt-gen") if args["prompt_gen"] else [],
+        repetitions=args["repetitions"],
+    )
+
+
+def _models(names: list[str], run: benchrun.BenchRun) -> list[benchrun.BenchModel]:
+    """Resolve every model; with several, one that fails is reported and the others still run."""
+    store = open_store()
+    found = []
+    for name in names:
+        try:
+            resolved = store.resolve(name)
+            _, info = gguf.read_model(resolved.paths)
+            found.append(benchrun.BenchModel(resolved.name, resolved.paths, info))
+        except LlmctlError as exc:
+            if len(names) == 1:
+                raise
+            output.error(f"{name}: {exc.message}", exc.hint)
+            run.extras.append(benchrun.ModelExtras(name, status=f"failed: {exc.message}"))
+    if not found:
+        raise UsageError("none of the models could be benchmarked")
+    return found
+
+
+class _Progress:
+    """Progress on stderr: a Rich bar on a terminal, a plain line per result otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None
+
+    def __enter__(self) -> _Progress:
+        if output.interactive_stderr():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=output._make_console(stderr=True), transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("benchmarking", total=self.total)
+        return self
+
+    def row(self, row: benchrun.Row) -> None:
+        line = f"{row.model} t{row.n_threads} ngl{row.n_gpu_layers} {row.test}: {benchreport.ts_cell(row)}" + (
+            f" t/s, {row.roofline_pct:.0f}% of the bandwidth bound" if row.roofline_pct is not None else (" t/s" if row.ok else "")
+        )
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False)
+            self.bar.update(self.task, advance=1, description=row.test)
+        else:
+            output.info(line)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _render(run: benchrun.BenchRun, fmt: str) -> None:
+    if fmt == "md":
+        output.emit_text(benchreport.to_markdown(run))
+    elif fmt == "csv":
+        sys.stdout.write(benchreport.to_csv(run))
+    elif fmt == "json":
+        output.emit_text(benchreport.to_json(run))
+    elif fmt == "jsonl":
+        sys.stdout.write(benchreport.to_jsonl(run))
+    else:
+        columns, rows = benchreport.table_rows(run)
+        output.emit_table(columns, rows, right_align=("size", "params", "threads", "t/s", "% of bw bound"))
+        extras = [e for e in run.extras]
+        if extras:
+            output.emit_table(
+                ["model", "load cold", "load warm", "TTFT (run path)", "t/s (run path)", "peak RSS", "status"],
+                [
+                    [
+                        e.model,
+                        benchreport._s(e.load_cold_s),
+                        benchreport._s(e.load_warm_s),
+                        benchreport._s(e.ttft_s),
+                        e.e2e_tokens_per_second or "-",
+                        output.human_bytes(e.peak_rss_bytes) if e.peak_rss_bytes else "-",
+                        e.status,
+                    ]
+                    for e in extras
+                ],
+            )
+
+
+def _history(home: Path) -> None:
+    runs = benchrun.list_runs(home)
+    if not runs:
+        output.info("No benchmark runs yet.")
+        return
+    output.emit_table(
+        ["RUN", "DATE", "MODELS", "TESTS", "CPU"],
+        [
+            [r.run_id, r.created, ", ".join(sorted({row.model for row in r.rows})), len(r.rows), r.fingerprint.get("cpu_info", "-")]
+            for r in runs
+        ],
+    )
+
+
+def _compare(home: Path, ids: tuple[str, str]) -> None:
+    a, b = (benchrun.load_run(home, run_id) for run_id in ids)
+    pairs = benchrun.compare(a, b)
+    if not pairs:
+        raise UsageError(f"runs {a.run_id} and {b.run_id} have no test in common", hint="compare runs of the same model and settings")
+    output.emit_table(
+        ["model", "test", "threads", f"{a.run_id} t/s", f"{b.run_id} t/s", "ratio"],
+        [[Path(x.model_filename).name, x.test, x.n_threads, f"{x.avg_ts:.2f}", f"{y.avg_ts:.2f}", f"{ratio:.3f}"] for x, y, ratio in pairs],
+        right_align=(f"{a.run_id} t/s", f"{b.run_id} t/s", "ratio"),
+    )
+    output.info(benchreport.bar_chart([(f"{x.test} ({a.run_id[-4:]}→{b.run_id[-4:]})", ratio * 100) for x, _, ratio in pairs]), multiline=True)
+
+
+def _tune(home: Path, name: str, hw) -> None:
+    from llmctl import tune
+
+    resolved = open_store().resolve(name)
+    _, info = gguf.read_model(resolved.paths)
+    model = benchrun.BenchModel(resolved.name, resolved.paths, info)
+    with output.status(f"Tuning {resolved.name}…"):
+        profile = tune.tune(model, hw, on_step=lambda text: output.info(text))
+    benchrun.save_tuned(home, _machine_key(), resolved.paths, profile)
+    output.info(
+        f"Saved for this machine: {profile['threads']} threads, batch {profile['n_batch']}/{profile['n_ubatch']}, "
+        f"{profile['n_gpu_layers']} GPU layers (tg {profile['tg_ts']:.1f} t/s, pp {profile['pp_ts']:.1f} t/s). run and chat use it."
+    )
