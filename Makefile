@@ -32,6 +32,7 @@ demo: setup
 	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl fit smollm2-demo --hw-profile rtx4060-16gb --ctx 4096
 	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl run smollm2-demo "What is the capital of France? Answer in one word." --temperature 0 --seed 1 --verbose
 	printf 'My name is Ada.\nWhat is my name?\n' | LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl chat smollm2-demo --temperature 0 --max-tokens 40
+	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl bench smollm2-demo -p 128 -n 32 -r 3 -o md
 
 test: setup
 	$(PY) -m pytest
