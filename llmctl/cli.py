@@ -20,6 +20,7 @@ from llmctl.commands.pull_cmd import pull_command
 from llmctl.commands.rm import rm
 from llmctl.commands.run_cmd import run
 from llmctl.commands.search import search
+from llmctl.commands.serve_cmd import ps, serve, stop
 from llmctl.commands.show import show
 from llmctl.config import debug_enabled
 from llmctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, LlmctlError
@@ -82,6 +83,9 @@ app.command("pull")(pull_command)
 app.command("run")(run)
 app.command("chat")(chat)
 app.command("bench")(bench)
+app.command("serve")(serve)
+app.command("ps")(ps)
+app.command("stop")(stop)
 app.command("list", help=list_models.__doc__)(list_models)
 app.command("ls", hidden=True)(list_models)
 app.command("show")(show)

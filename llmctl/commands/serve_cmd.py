@@ -1,0 +1,114 @@
+"""``llmctl serve``, ``ps`` and ``stop``: an OpenAI-compatible local server and its loaded models."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Annotated, Any
+
+import typer
+
+from llmctl import output
+from llmctl.commands import open_store
+from llmctl.errors import LlmctlError, NotFoundError, UsageError
+
+DEFAULT_PORT = 8080
+ServerOpt = Annotated[
+    str,
+    typer.Option("--server", envvar="LLMCTL_SERVER", help="The running server's address (LLMCTL_SERVER)."),
+]
+
+
+def serve(
+    models: Annotated[list[str] | None, typer.Argument(help="Models to load now (any model in the store loads on its first request).", show_default=False, metavar="MODEL...")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback should have --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LLMCTL_API_KEY", help="Require 'Authorization: Bearer KEY' (LLMCTL_API_KEY).")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", min=256, help="Context size for every model (default: each model's plan).")] = None,
+    keep_alive: Annotated[str, typer.Option("--keep-alive", help="How long an idle model stays loaded: 300, 5m, 1h, or -1 for ever.")] = "5m",
+    max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help="Models loaded at once; the least recently used is unloaded first.")] = 2,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a busy model before 503.")] = 8,
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (chat, completions, streaming, JSON mode)."""
+    from llmctl.serve import ModelPool, ServerSettings, run_server
+
+    if not _is_loopback(host) and not api_key:
+        output.warn(f"binding to {host} without --api-key: anyone who can reach this port can use your models")
+    settings = ServerSettings(keep_alive=parse_duration(keep_alive), max_loaded=max_loaded, max_queue=max_queue, ctx=ctx, api_key=api_key)
+    store = open_store()
+    for name in models or []:
+        store.resolve(name)  # unknown names fail now, not at the first request
+    run_server(ModelPool(store, settings), host, port, list(models or []))
+
+
+def ps(server: ServerOpt = f"http://127.0.0.1:{DEFAULT_PORT}", json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the models a running `llmctl serve` has loaded."""
+    data = _call(server, "GET", "/api/ps")
+    if json_output:
+        output.emit_json(data)
+        return
+    if not data["models"]:
+        output.info("No models loaded.")
+        return
+    output.emit_table(
+        ["NAME", "MEMORY", "CONTEXT", "GPU LAYERS", "BUSY", "EXPIRES"],
+        [
+            [m["name"], output.human_bytes(m["memory_bytes"]), m["n_ctx"], m["n_gpu_layers"], m["busy"],
+             "never" if m["expires_in_s"] is None else f"in {m['expires_in_s']:.0f}s"]  # fmt: skip
+            for m in data["models"]
+        ],
+        right_align=("MEMORY", "CONTEXT", "GPU LAYERS", "BUSY"),
+    )
+
+
+def stop(
+    model: Annotated[str, typer.Argument(help="A loaded model's name.", show_default=False, metavar="MODEL")],
+    server: ServerOpt = f"http://127.0.0.1:{DEFAULT_PORT}",
+) -> None:
+    """Unload a model from a running `llmctl serve`."""
+    _call(server, "POST", "/api/stop", {"model": model})
+    output.info(f"Stopped {model}")
+
+
+def parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = text.strip().lower()
+    try:
+        if raw and raw[-1] in units:
+            return float(raw[:-1]) * units[raw[-1]]
+        return float(raw)
+    except ValueError:
+        raise UsageError(f"--keep-alive {text!r} is not a duration", hint="e.g. 300, 5m, 1h, or -1 to keep models loaded") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _call(server: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    request = urllib.request.Request(server.rstrip("/") + path, method=method, data=json.dumps(body).encode() if body else None)
+    request.add_header("Content-Type", "application/json")
+    key = os.environ.get("LLMCTL_API_KEY")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        if exc.code == 404:
+            raise NotFoundError(message) from None
+        raise LlmctlError(f"the server answered: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise LlmctlError(f"no llmctl server at {server} ({getattr(exc, 'reason', exc)})", hint="start one with `llmctl serve`, or set --server / LLMCTL_SERVER") from None

@@ -1,0 +1,213 @@
+"""serve: a real server process on a free loopback port, driven by the real openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "LLMCTL_HOME": str(home), "NO_COLOR": "1"}
+        env.pop("LLMCTL_API_KEY", None)
+        exe = str(Path(sys.executable).with_name("llmctl"))
+        self.log = open(home / "server.log", "w")
+        self.proc = subprocess.Popen([exe, "serve", "--port", str(self.port), *args], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                assert self.proc.poll() is None, (home / "server.log").read_text()
+                time.sleep(0.1)
+        raise TimeoutError("server did not start")
+
+    def client(self, key: str = "unused"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read() or b"{}"), dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}"), dict(exc.headers)
+
+    def rss(self) -> int:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        finally:
+            self.log.close()
+        return (Path(self.log.name)).read_text()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, demo_model: Path):
+    home = tmp_path_factory.mktemp("serve-home")
+    second = home / "second.Q4_1.gguf"
+    try:
+        os.link(demo_model, second)
+    except OSError:
+        shutil.copy(demo_model, second)
+    env = {**os.environ, "LLMCTL_HOME": str(home)}
+    exe = str(Path(sys.executable).with_name("llmctl"))
+    subprocess.run([exe, "import", str(demo_model), "--name", "demo"], env=env, check=True, capture_output=True)
+    subprocess.run([exe, "import", str(second), "--name", "other"], env=env, check=True, capture_output=True)
+    server = Server(home, "demo", "--max-queue", "4", "--max-loaded", "1")
+    yield server
+    server.stop()
+
+
+def test_models_chat_completions_and_json_mode(served: Server) -> None:
+    client = served.client()
+    assert sorted(m.id for m in client.models.list().data) == ["demo", "other"]
+    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+                                           temperature=0, seed=1, max_tokens=16)  # fmt: skip
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.prompt_tokens > 5 and reply.usage.completion_tokens >= 1
+    again = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+                                           temperature=0, seed=1, max_tokens=16)  # fmt: skip
+    assert again.choices[0].message.content == reply.choices[0].message.content
+    text = client.completions.create(model="demo", prompt="The capital of France is", temperature=0, max_tokens=4)
+    assert "Paris" in text.choices[0].text
+    stop = client.completions.create(model="demo", prompt="1, 2, 3,", temperature=0, max_tokens=30, stop=["6"])
+    assert "6" not in stop.choices[0].text
+    data = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Give a JSON object with a name and age of a person"}],
+                                          temperature=0, max_tokens=200, response_format={"type": "json_object"})  # fmt: skip
+    assert isinstance(json.loads(data.choices[0].message.content), dict)
+
+
+def test_streaming(served: Server) -> None:
+    stream = served.client().chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Count to five."}], temperature=0, max_tokens=24, stream=True
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    streamed = served.client().completions.create(model="demo", prompt="Once upon a time", max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in streamed)
+
+
+def test_errors(served: Server) -> None:
+    from openai import BadRequestError, NotFoundError
+
+    client = served.client()
+    with pytest.raises(NotFoundError) as caught:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert "available: demo, other" in str(caught.value)
+    with pytest.raises(BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], max_tokens=10**9)
+    with pytest.raises(BadRequestError, match="context"):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "word " * 9000}], max_tokens=4)
+    status, body, _ = served.raw("POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and "malformed JSON" in body["error"]["message"]
+    status, body, _ = served.raw("POST", "/v1/chat/completions", json.dumps({"model": "demo", "messages": "hi"}).encode())
+    assert status == 400 and body["error"]["param"] == "messages"
+    # An oversized body is refused from its Content-Length, before the server reads it.
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 9437184\r\n\r\n{")  # fmt: skip
+        reply = b""
+        while b"larger than" not in reply and len(reply) < 8192:
+            data = sock.recv(4096)
+            if not data:
+                break
+            reply += data
+    assert reply.startswith(b"HTTP/1.1 413") and b"larger than" in reply
+
+
+def test_load_bounded_queue_and_lru(served: Server) -> None:
+    client = served.client()
+    client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    before = served.rss()
+    outcomes: list[str] = []
+
+    def worker() -> None:
+        import openai
+
+        c = served.client()
+        for _ in range(4):
+            try:
+                stream = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Tell me a fact."}], max_tokens=12, stream=True)
+                text = "".join(ch.choices[0].delta.content or "" for ch in stream)
+                outcomes.append("ok" if text else "empty")
+            except openai.APIStatusError as exc:
+                retry = exc.response.headers.get("retry-after")
+                outcomes.append("503" if exc.status_code == 503 and retry else f"bad {exc.status_code}")
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert len(outcomes) == 64 and set(outcomes) <= {"ok", "503"}, outcomes
+    assert outcomes.count("ok") >= 16
+    assert served.rss() < before + 200 * 1024 * 1024  # bounded: no per-request growth
+    # Streams finish on the server a moment after their clients read [DONE].
+    deadline = time.time() + 30
+    while any(m["busy"] for m in served.raw("GET", "/api/ps")[1]["models"]) and time.time() < deadline:
+        time.sleep(0.1)
+    # LRU: max-loaded 1, so loading another model unloads demo
+    client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    status, ps, _ = served.raw("GET", "/api/ps")
+    assert [m["name"] for m in ps["models"]] == ["other"]
+    exe = str(Path(sys.executable).with_name("llmctl"))
+    out = subprocess.run([exe, "ps", "--server", served.url], capture_output=True, text=True)
+    assert out.returncode == 0 and "other" in out.stdout
+    out = subprocess.run([exe, "stop", "other", "--server", served.url], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert served.raw("GET", "/api/ps")[1]["models"] == []
+
+
+def test_keep_alive_expiry_and_api_key(tmp_path: Path, demo_model: Path) -> None:
+    env = {**os.environ, "LLMCTL_HOME": str(tmp_path)}
+    exe = str(Path(sys.executable).with_name("llmctl"))
+    subprocess.run([exe, "import", str(demo_model), "--name", "demo"], env=env, check=True, capture_output=True)
+    server = Server(tmp_path, "--keep-alive", "1", "--api-key", "sekret-key-123")
+    try:
+        from openai import AuthenticationError
+
+        with pytest.raises(AuthenticationError):
+            server.client("wrong").models.list()
+        assert server.raw("GET", "/v1/models")[0] == 401
+        client = server.client("sekret-key-123")
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        headers = {"Authorization": "Bearer sekret-key-123"}
+        assert [m["name"] for m in server.raw("GET", "/api/ps", headers=headers)[1]["models"]] == ["demo"]
+        time.sleep(2.5)
+        assert server.raw("GET", "/api/ps", headers=headers)[1]["models"] == []
+    finally:
+        log = server.stop()
+    assert "keep-alive expired" in log
+    assert "sekret-key-123" not in log
