@@ -400,26 +400,64 @@ def _full_response(kind: str, name: str, result: Result) -> dict[str, Any]:
     return {**base, "object": "text_completion", "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}]}
 
 
+class _Handoff:
+    """Pieces from the generation thread to the event loop, waking the loop only when it waits.
+
+    A wake-up per token (call_soon_threadsafe) costs a syscall and a loop turn
+    that compete with llama.cpp for the CPU; here the loop sleeps a few
+    milliseconds between events and takes whatever arrived meanwhile.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[tuple[str, Any]] = []
+        self.lock = threading.Lock()
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: tuple[str, Any]) -> None:
+        with self.lock:
+            self.items.append(item)
+            waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            self.loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+    async def take(self, timeout: float) -> list[tuple[str, Any]]:
+        with self.lock:
+            if not self.items:
+                self.waiter = self.loop.create_future()
+            waiter = self.waiter
+        if waiter is not None:
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except asyncio.TimeoutError:
+                pass
+        with self.lock:
+            self.waiter = None
+            items, self.items = self.items, []
+        return items
+
+
+PACE_S = 0.02  # between stream events: at most ~50 events/s (smooth to the eye), tokens beyond that share an event
+
+
 def _stream(request: Any, pool: ModelPool, model: Loaded, kind: str, body: dict[str, Any], started: float) -> Any:
     """Start generating in a thread now; return the async generator of SSE events that relays it."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    handoff = _Handoff(asyncio.get_running_loop())
     cancelled = threading.Event()
     ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
 
     def sink(piece: str) -> bool:
-        loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+        handoff.put(("piece", piece))
         return not cancelled.is_set()
 
     def worker() -> None:
         try:
-            result = _run_locked(model, kind, body, sink)
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+            handoff.put(("done", _run_locked(model, kind, body, sink)))
         except ApiError as exc:
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            handoff.put(("error", exc))
         except Exception as exc:  # noqa: BLE001 - reported to the client as a stream error
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", ApiError(500, str(exc), "server_error")))
+            handoff.put(("error", ApiError(500, str(exc), "server_error")))
         finally:
             pool.release(model)
 
@@ -434,38 +472,40 @@ def _stream(request: Any, pool: ModelPool, model: Loaded, kind: str, body: dict[
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()
-    return _relay(request, model, kind, queue, cancelled, thread, chunk, started)
+    return _relay(request, model, kind, body, handoff, cancelled, thread, chunk, started)
 
 
-async def _relay(request: Any, model: Loaded, kind: str, queue: asyncio.Queue, cancelled: threading.Event, thread: threading.Thread, chunk: Any, started: float) -> Any:
+async def _relay(request: Any, model: Loaded, kind: str, body: dict[str, Any], handoff: _Handoff, cancelled: threading.Event, thread: threading.Thread, chunk: Any, started: float) -> Any:
     status = 200
     try:
         if kind == "chat":
             yield chunk({"role": "assistant", "content": ""}, None, None)
-        while True:
-            try:
-                what, value = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    cancelled.set()
-                    status = 499
-                    break
-                continue
-            if what == "piece":
-                if await request.is_disconnected():
-                    cancelled.set()
-                    status = 499
-                    break
-                yield chunk({"content": value}, value, None)
-            elif what == "done":
-                yield chunk({}, "", value.finish_reason)
-                yield "data: [DONE]\n\n"
-                _log_request(kind, model.name, value, started, 200)
+        finished = False
+        while not finished:
+            items = await handoff.take(0.5)
+            if not items and await request.is_disconnected():
+                status = 499
                 break
-            else:
-                status = value.status
-                yield f"data: {json.dumps(value.body())}\n\n"
-                break
+            text = "".join(value for what, value in items if what == "piece")
+            if text:
+                yield chunk({"content": text}, text, None)
+            for what, value in items:
+                if what == "done":
+                    yield chunk({}, "", value.finish_reason)
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        t = value.timings
+                        usage = {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.generated_tokens,
+                                 "total_tokens": t.prompt_tokens + t.generated_tokens}  # fmt: skip
+                        yield f"data: {json.dumps({'id': 'usage', 'object': 'chat.completion.chunk', 'created': int(time.time()), 'model': model.name, 'choices': [], 'usage': usage})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    _log_request(kind, model.name, value, started, 200)
+                    finished = True
+                elif what == "error":
+                    status = value.status
+                    yield f"data: {json.dumps(value.body())}\n\n"
+                    finished = True
+            if text and not finished:
+                await asyncio.sleep(PACE_S)
     finally:
         cancelled.set()
         await asyncio.to_thread(thread.join)
