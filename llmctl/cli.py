@@ -101,7 +101,10 @@ def _guarded(invoke: Callable[[], Any]) -> int:
 
     try:
         result = invoke()
-        return result if isinstance(result, int) else 0
+        code = result if isinstance(result, int) else 0
+        if code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C into exit 130 before we see it
+            output.error("interrupted")
+        return code
     except LlmctlError as exc:
         if debug_enabled():
             import traceback

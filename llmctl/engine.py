@@ -293,8 +293,9 @@ class Engine:
         first_at = last_at = None
         finish = "stop"
         pieces = []
-        stream = start_call()
+        stream = None
         try:
+            stream = start_call()  # the chat template is rendered here, in llama-cpp-python's sandbox
             for chunk in stream:
                 reason = chunk["choices"][0].get("finish_reason")
                 if reason:
@@ -314,8 +315,18 @@ class Engine:
             finish = "interrupted"
             _close(stream)
             raise
-        except ValueError as exc:  # e.g. "Requested tokens exceed context window"
-            raise EngineError(str(exc), hint="shorten the input or raise --ctx") from None
+        except ValueError as exc:
+            if "context" in str(exc).lower():  # "Requested tokens (N) exceed context window of M"
+                raise EngineError(str(exc), hint="shorten the input or raise --ctx") from None
+            raise EngineError(f"generation failed: {exc}", hint="the model's chat template may be at fault: try --chat-format or --raw") from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("jinja2"):
+                # Templates render in llama-cpp-python's Jinja sandbox; a blocked or broken one lands here.
+                raise EngineError(
+                    f"the model's chat template failed: {type(exc).__name__}: {exc}",
+                    hint="choose a known format with --chat-format, or use --raw",
+                ) from None
+            raise
         finally:
             end = time.perf_counter()
             perf = llama_cpp.llama_perf_context(self.llm._ctx.ctx)

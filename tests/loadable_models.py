@@ -1,9 +1,11 @@
-"""Small models of other shapes and architectures, with random weights, for checking the estimate.
+"""Models llama.cpp can load and run, with random weights: other shapes, architectures, templates.
 
-They borrow the demo model's tokenizer (so llama.cpp loads and runs them) and
-differ in everything the estimate depends on: width, head layout (GQA vs
-MHA), depth, feed-forward size, weight type, tied or separate output, and
-architecture (llama, qwen2 with attention biases).
+They borrow the demo model's tokenizer (so llama.cpp loads and runs them).
+The benchmark uses the larger ones to check the memory estimate on shapes and
+architectures other than the demo model's (width, GQA vs MHA, depth,
+feed-forward size, weight type, tied or separate output, llama vs qwen2 with
+attention biases); the tests use the tiny one, for example with a hostile
+chat template.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ SPECS = {
     # name: (arch, n_embd, n_head, n_head_kv, n_layer, n_ff, weight type, tied output)
     "llama-gqa-f16": ("llama", 1024, 16, 4, 6, 2816, "F16", False),
     "qwen2-mha-q8": ("qwen2", 768, 12, 12, 8, 2048, "Q8_0", True),
+    "tiny-llama": ("llama", 64, 4, 2, 2, 128, "F16", True),
 }
 
 
-def build(demo: Path, folder: Path, name: str) -> Path:
+def build(demo: Path, folder: Path, name: str, chat_template: str | None = None) -> Path:
     import gguf
 
     out = folder / f"{name}.gguf"
@@ -47,6 +50,8 @@ def build(demo: Path, folder: Path, name: str) -> Path:
     writer.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     rng = np.random.default_rng(0)
     head_dim = n_embd // n_head
     qtype = gguf.GGMLQuantizationType.Q8_0
