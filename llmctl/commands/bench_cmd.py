@@ -8,14 +8,18 @@ from typing import Annotated
 
 import typer
 
-from llmctl import benchreport, benchrun, gguf, output
-from llmctl.bench import parse_bools, parse_pairs, parse_sweep
+from typing import TYPE_CHECKING
+
+from llmctl import gguf, output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, UsageError
 from llmctl.fit import KV_TYPES
 from llmctl.hardware import _machine_key, get_hardware
 from llmctl.options import ModelsArg
+
+if TYPE_CHECKING:
+    from llmctl import benchrun
 
 OUTPUTS = ("table", "md", "csv", "json", "jsonl")
 
@@ -43,6 +47,8 @@ def bench(
     tune: Annotated[bool, typer.Option("--tune", help="Find the fastest threads / batch / GPU layers for MODEL and save them for run and chat.")] = False,
 ) -> None:
     """Benchmark models like llama-bench (pp/tg tokens per second), with roofline, load and first-token figures."""
+    from llmctl import benchreport, benchrun
+
     home = get_settings().home
     if output_format not in OUTPUTS:
         raise UsageError(f"--output {output_format!r} is not one of {', '.join(OUTPUTS)}")
@@ -90,6 +96,9 @@ def bench(
 
 
 def _sweep(args: dict, hw) -> benchrun.Sweep:
+    from llmctl import benchrun
+    from llmctl.bench import parse_bools, parse_pairs, parse_sweep
+
     for name, flag in (("cache_type_k", "--cache-type-k"), ("cache_type_v", "--cache-type-v")):
         for value in args[name].split(","):
             if value.strip().lower() not in KV_TYPES:
@@ -112,6 +121,8 @@ def _sweep(args: dict, hw) -> benchrun.Sweep:
 
 def _models(names: list[str], run: benchrun.BenchRun) -> list[benchrun.BenchModel]:
     """Resolve every model; with several, one that fails is reported and the others still run."""
+    from llmctl import benchrun
+
     store = open_store()
     found = []
     for name in names:
@@ -146,6 +157,8 @@ class _Progress:
         return self
 
     def row(self, row: benchrun.Row) -> None:
+        from llmctl import benchreport
+
         line = f"{row.model} t{row.n_threads} ngl{row.n_gpu_layers} {row.test}: {benchreport.ts_cell(row)}" + (
             f" t/s, {row.roofline_pct:.0f}% of the bandwidth bound" if row.roofline_pct is not None else (" t/s" if row.ok else "")
         )
@@ -161,6 +174,8 @@ class _Progress:
 
 
 def _render(run: benchrun.BenchRun, fmt: str) -> None:
+    from llmctl import benchreport
+
     if fmt == "md":
         output.emit_text(benchreport.to_markdown(run))
     elif fmt == "csv":
@@ -192,6 +207,8 @@ def _render(run: benchrun.BenchRun, fmt: str) -> None:
 
 
 def _history(home: Path) -> None:
+    from llmctl import benchrun
+
     runs = benchrun.list_runs(home)
     if not runs:
         output.info("No benchmark runs yet.")
@@ -206,6 +223,8 @@ def _history(home: Path) -> None:
 
 
 def _compare(home: Path, ids: tuple[str, str]) -> None:
+    from llmctl import benchreport, benchrun
+
     a, b = (benchrun.load_run(home, run_id) for run_id in ids)
     pairs = benchrun.compare(a, b)
     if not pairs:
@@ -219,7 +238,7 @@ def _compare(home: Path, ids: tuple[str, str]) -> None:
 
 
 def _tune(home: Path, name: str, hw) -> None:
-    from llmctl import tune
+    from llmctl import benchrun, tune
 
     resolved = open_store().resolve(name)
     _, info = gguf.read_model(resolved.paths)

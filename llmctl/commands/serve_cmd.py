@@ -5,8 +5,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import urllib.error
-import urllib.request
 from typing import Annotated, Any
 
 import typer
@@ -94,6 +92,9 @@ def _is_loopback(host: str) -> bool:
 
 
 def _call(server: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(server.rstrip("/") + path, method=method, data=json.dumps(body).encode() if body else None)
     request.add_header("Content-Type", "application/json")
     key = os.environ.get("LLMCTL_API_KEY")
