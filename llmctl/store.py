@@ -44,7 +44,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:+-]{0,127}$")
 QUANT_IN_NAME_RE = re.compile(
     r"[-._](?P<quant>(?:I?Q\d(?:_[0-9A-Z]+)*)|BF16|F16|F32|MXFP4(?:_MOE)?)$", re.IGNORECASE
 )
-_REPO_PREFIXES = ("https://huggingface.co/", "http://huggingface.co/", "huggingface.co/", "hf.co/")
 
 
 def now_iso() -> str:
@@ -484,17 +483,14 @@ class Store:
         return ResolvedModel(str(path), gguf.split_parts(path.resolve()), None, "path")
 
     def _match_repo(self, text: str, rows: list[Listing]) -> ResolvedModel | None:
-        ref = text
-        for prefix in _REPO_PREFIXES:
-            if ref.lower().startswith(prefix):
-                ref = ref[len(prefix) :]
-                break
-        repo, _, quant = ref.partition(":")
-        parts = repo.strip("/").split("/")
-        if len(parts) < 2 or not all(parts[:2]):
+        """``owner/repo[:QUANT]``, hf.co/ and URL forms, or a catalog name, among local models."""
+        from llmctl.catalog import parse_ref
+
+        ref = parse_ref(text)
+        if ref is None:
             return None
-        repo_id = "/".join(parts[:2]).lower()
-        filename = "/".join(p for p in parts[2:] if p not in ("resolve", "blob") and not _is_revision(p))
+        repo_id, quant = ref.repo_id.lower(), ref.quant
+        filename = ref.filename or ""
         matches = []
         for row in rows:
             row_repo = _row_repo(row)
@@ -502,7 +498,7 @@ class Store:
                 continue
             if filename and not _row_has_file(row, filename):
                 continue
-            if quant and not _row_quant_is(row, quant, self):
+            if quant and not _row_quant_is(row, quant):
                 continue
             matches.append(row)
         if not matches:
@@ -556,10 +552,6 @@ class Store:
         return removed
 
 
-def _is_revision(part: str) -> bool:
-    return part == "main" or bool(re.fullmatch(r"[0-9a-f]{40}", part))
-
-
 def _row_repo(row: Listing) -> str | None:
     if row.entry is not None and row.entry.source.get("type") == "hub":
         return str(row.entry.source.get("repo"))
@@ -571,7 +563,7 @@ def _row_has_file(row: Listing, filename: str) -> bool:
     return filename.split("/")[-1].lower() in names
 
 
-def _row_quant_is(row: Listing, quant: str, store: Store) -> bool:
+def _row_quant_is(row: Listing, quant: str) -> bool:
     quant = quant.lower()
     if row.name.lower().endswith(":" + quant):
         return True

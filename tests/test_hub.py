@@ -43,6 +43,10 @@ def test_pull_by_catalog_name_lands_in_the_hf_cache(cli, hub, tmp_path: Path) ->
 
     found = hf_hub_download(DEMO_REPO, "SmolLM2-135M-Instruct-Q4_1.gguf", cache_dir=tmp_path / "hf" / "hub", local_files_only=True)
     assert Path(found) == path
+    # the pulled model answers to its repo and catalog names too
+    for ref in (f"{DEMO_REPO}:Q4_1", f"hf.co/{DEMO_REPO}", "smollm2-135m-instruct"):
+        r = cli("show", ref, "--json")
+        assert r.exit_code == 0 and json.loads(r.stdout)["name"] == "smollm2-135m-instruct:q4_1", ref
     # the remote header was read in a handful of range requests before the download
     ranges = [rng for rng in hub.bytes_served() if rng and not rng.startswith("bytes=0-") or rng == "bytes=0-1048575"]
     assert 1 <= len(ranges) <= 4
