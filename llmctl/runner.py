@@ -20,28 +20,35 @@ class Loaded:
     info: gguf.ModelInfo
 
 
-def open_model(
-    store: Store,
-    name: str,
-    overrides: Overrides,
-    *,
-    force: bool = False,
-    chat_format: str | None = None,
-) -> Loaded:
+@dataclass
+class Planned:
+    plan: Plan
+    model: ResolvedModel
+    info: gguf.ModelInfo
+    threads: int | None
+
+
+def plan_model(store: Store, name: str, overrides: Overrides, *, force: bool = False) -> Planned:
+    """Resolve, read the header (llama.cpp never sees a file we reject) and plan; nothing is loaded."""
     resolved = store.resolve(name)
-    _, info = gguf.read_model(resolved.paths)  # validates before llama.cpp sees the file
+    _, info = gguf.read_model(resolved.paths)
     hw = get_hardware(get_settings())
     overrides = apply_tuned(overrides, resolved.paths)
     size = sum(p.stat().st_size for p in resolved.paths)
     plan = make_plan([Candidate(resolved.name, info, size, str(resolved.paths[0]))], hw, overrides, force=force)
-    for warning in plan.warnings:
+    return Planned(plan, resolved, info, overrides.threads)
+
+
+def load_planned(store: Store, planned: Planned, *, chat_format: str | None = None) -> Loaded:
+    for warning in planned.plan.warnings:
         output.warn(warning)
+    resolved = planned.model
     with output.status(f"Loading {resolved.name}…"):
         engine = Engine.load(
             resolved.name,
             resolved.paths,
-            plan,
-            threads=overrides.threads,
+            planned.plan,
+            threads=planned.threads,
             verbose=debug_enabled(),  # llama.cpp's own log; --verbose is the timing summary
             chat_format=chat_format,
         )
@@ -52,7 +59,18 @@ def open_model(
             store.touch(resolved.entry.name)
         except OSError:
             pass  # a read-only store still runs
-    return Loaded(engine, plan, resolved, info)
+    return Loaded(engine, planned.plan, resolved, planned.info)
+
+
+def open_model(
+    store: Store,
+    name: str,
+    overrides: Overrides,
+    *,
+    force: bool = False,
+    chat_format: str | None = None,
+) -> Loaded:
+    return load_planned(store, plan_model(store, name, overrides, force=force), chat_format=chat_format)
 
 
 def apply_tuned(overrides: Overrides, paths: list) -> Overrides:

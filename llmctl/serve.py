@@ -71,23 +71,27 @@ class ApiError(Exception):
 class ModelPool:
     """Loaded models: on demand, kept for keep-alive, least-recently-used out when full."""
 
-    def __init__(self, store: Any, settings: ServerSettings, loader: Any = None) -> None:
+    def __init__(self, store: Any, settings: ServerSettings) -> None:
         self.store = store
         self.settings = settings
         self.models: dict[str, Loaded] = {}
         self._guard = threading.Lock()  # the dict and load/unload decisions
         self._load_lock = threading.Lock()  # one load at a time
-        self._loader = loader or self._load_with_plan
 
     def names(self) -> list[str]:
         return [row.name for row in self.store.listing() if row.status == "ok"]
 
-    def _load_with_plan(self, name: str) -> tuple[Engine, int, str]:
-        from llmctl.fit import Overrides
-        from llmctl.runner import open_model
+    def _memory_budget(self) -> int:
+        """What loaded models may use: RAM available now plus what the loaded ones hold, minus the margin."""
+        from llmctl.config import get_settings
+        from llmctl.fit import RAM_MARGIN
+        from llmctl.hardware import get_hardware
 
-        loaded = open_model(self.store, name, Overrides(n_ctx=self.settings.ctx))
-        return loaded.engine, loaded.plan.chosen.estimate.total, loaded.model.name
+        hw = get_hardware(get_settings())
+        # A live probe's available RAM already excludes the loaded models; a profile's is what the
+        # described machine has free before anything is loaded.
+        held = sum(m.memory for m in self.models.values()) if hw.source == "live" else 0
+        return hw.ram_available + held - RAM_MARGIN
 
     def acquire(self, name: str) -> Loaded:
         """The loaded model, loading it (and making room) if needed; counts the request as busy."""
@@ -105,15 +109,23 @@ class ModelPool:
                 model.busy += 1
                 model.last_used = time.monotonic()
                 return model
+        from llmctl.fit import Overrides
+        from llmctl.runner import load_planned, plan_model
+
         with self._load_lock:
+            try:
+                planned = plan_model(self.store, canonical, Overrides(n_ctx=self.settings.ctx))
+            except LlmctlError as exc:
+                raise ApiError(500, f"model '{canonical}' cannot be loaded: {exc.message}", "server_error") from None
+            memory = planned.plan.chosen.estimate.total
             with self._guard:
                 model = self.models.get(canonical)
                 if model is not None:
                     model.busy += 1
                     return model
-                self._make_room(1)
+                self._make_room(memory)
             try:
-                engine, memory, _ = self._loader(canonical)
+                engine = load_planned(self.store, planned).engine
             except LlmctlError as exc:
                 raise ApiError(500, f"model '{canonical}' failed to load: {exc.message}", "server_error") from None
             now = time.monotonic()
@@ -127,14 +139,18 @@ class ModelPool:
             model.busy -= 1
             model.last_used = time.monotonic()
 
-    def _make_room(self, needed: int) -> None:
-        """Unload idle models, least recently used first, until ``needed`` more fit."""
-        while len(self.models) + needed > self.settings.max_loaded:
+    def _make_room(self, memory: int) -> None:
+        """Unload idle models, least recently used first, until one more model of ``memory`` bytes fits
+        both ``--max-loaded`` and the memory budget (per the planner's estimates)."""
+        budget = self._memory_budget()
+        while self.models and (
+            len(self.models) + 1 > self.settings.max_loaded or sum(m.memory for m in self.models.values()) + memory > budget
+        ):
             idle = [m for m in self.models.values() if m.busy == 0]
             if not idle:
                 raise ApiError(503, "every loaded model is busy; try again shortly", "server_error", headers={"Retry-After": "2"})
             victim = min(idle, key=lambda m: m.last_used)
-            self._unload(victim.name, "making room")
+            self._unload(victim.name, "making room" if len(self.models) >= self.settings.max_loaded else "making room in memory")
 
     def _unload(self, name: str, why: str) -> None:
         model = self.models.pop(name, None)

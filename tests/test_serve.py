@@ -26,10 +26,10 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "LLMCTL_HOME": str(home), "NO_COLOR": "1"}
+        env = {**os.environ, "LLMCTL_HOME": str(home), "NO_COLOR": "1", **(env or {})}
         env.pop("LLMCTL_API_KEY", None)
         exe = str(Path(sys.executable).with_name("llmctl"))
         self.log = open(home / "server.log", "w")
@@ -211,3 +211,55 @@ def test_keep_alive_expiry_and_api_key(tmp_path: Path, demo_model: Path) -> None
         log = server.stop()
     assert "keep-alive expired" in log
     assert "sekret-key-123" not in log
+
+
+def _import(home: Path, path: Path, name: str) -> None:
+    env = {**os.environ, "LLMCTL_HOME": str(home)}
+    exe = str(Path(sys.executable).with_name("llmctl"))
+    subprocess.run([exe, "import", str(path), "--name", name], env=env, check=True, capture_output=True)
+
+
+def test_memory_budget_unloads_lru_and_load_failures_are_500(tmp_path: Path, demo_model: Path) -> None:
+    from gguf_factory import RawGGUF
+
+    second = tmp_path / "second.Q4_1.gguf"
+    os.link(demo_model, second) if demo_model.stat().st_dev == tmp_path.stat().st_dev else shutil.copy(demo_model, second)
+    _import(tmp_path, demo_model, "demo")
+    _import(tmp_path, second, "other")
+    _import(tmp_path, RawGGUF.minimal().write(tmp_path / "hollow.gguf"), "hollow")  # a valid header llama.cpp cannot load
+    profile = tmp_path / "machine.json"
+    # room for one demo model at 8192 tokens of context (~470 MiB), not two
+    profile.write_text(json.dumps({"cpu": {"physical_cores": 2}, "ram": {"total_gb": 4, "available_gb": 1.2}}))
+    server = Server(tmp_path, "--max-loaded", "4", env={"LLMCTL_HW_PROFILE": str(profile)})
+    try:
+        client = server.client()
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert [m["name"] for m in server.raw("GET", "/api/ps")[1]["models"]] == ["other"]
+        status, body, _ = server.raw("POST", "/v1/chat/completions", json.dumps({"model": "hollow", "messages": [{"role": "user", "content": "x"}]}).encode())
+        assert status == 500 and "failed to load" in body["error"]["message"]
+        reply = client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.choices[0].message.content is not None  # the others keep being served
+    finally:
+        log = server.stop()
+    assert "making room in memory" in log
+
+
+def test_a_client_that_disconnects_stops_its_generation(served: Server) -> None:
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Write a very long story."}],
+                       "max_tokens": 4000, "stream": True}).encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", served.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        received = b""
+        while received.count(b"data: ") < 5:
+            received += sock.recv(4096)
+    started = time.time()
+    # The model is free again long before 4000 tokens could have been generated (~25 s here).
+    while time.time() - started < 10:
+        models = served.raw("GET", "/api/ps")[1]["models"]
+        if all(m["busy"] == 0 for m in models):
+            break
+        time.sleep(0.1)
+    assert all(m["busy"] == 0 for m in served.raw("GET", "/api/ps")[1]["models"])
+    assert time.time() - started < 10
