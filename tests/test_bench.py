@@ -164,3 +164,28 @@ def test_tune_saves_a_profile_that_run_uses(cli, demo_model: Path, isolated: Pat
     assert json.loads(r.stdout)["load"]["threads"] == profile["threads"]
     assert "tuned on this machine" in cli("fit", demo_model).stdout
     assert "threads, batch" in cli("show", demo_model).stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_results_so_far(demo_model: Path, isolated: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = str(Path(sys.executable).with_name("llmctl"))
+    proc = subprocess.Popen([exe, "bench", str(demo_model), "-p", "64", "-n", "16", "-r", "2", "-t", "1,2", "--no-extras", "-o", "json"],
+                            env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    first = proc.stderr.readline()  # the first finished result
+    assert "pp64" in first
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    doc = json.loads(out)
+    assert doc["interrupted"] and 1 <= len(doc["results"]) < 4
+    assert "interrupted" in err and "Traceback" not in err
+    (saved,) = benchrun.list_runs(isolated)
+    assert saved.interrupted
