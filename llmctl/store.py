@@ -32,7 +32,6 @@ from llmctl import gguf
 from llmctl.config import Settings
 from llmctl.errors import (
     AmbiguousNameError,
-    InvalidModelError,
     LlmctlError,
     NotFoundError,
     StoreError,
