@@ -548,5 +548,9 @@ def run_server(pool: ModelPool, host: str, port: int, preload: list[str]) -> Non
             pool.release(model)
             log(f"loaded {model.name}")
 
+    @app.on_event("shutdown")
+    async def _stop() -> None:
+        log("shutting down: in-flight requests were given 5 s to finish")
+
     log(f"serving on http://{host}:{port}/v1 (models: {', '.join(pool.names()) or 'none yet'})")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

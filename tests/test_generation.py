@@ -187,3 +187,14 @@ def test_chat_in_a_real_terminal(demo_model: Path, isolated: Path) -> None:
     assert child.exitstatus == 0
     history = (isolated / "chat_history").read_text()
     assert "Hello!" in history and "/stats" in history
+
+
+def test_a_model_without_chat_template_falls_back_with_a_warning(cli, demo_model: Path, tmp_path: Path) -> None:
+    from loadable_models import build
+
+    model = build(demo_model, tmp_path, "tiny-llama")  # no template in its metadata
+    r = cli("run", model, "hello", "--max-tokens", "3")
+    assert r.exit_code == 0, r.stderr
+    assert "no chat template" in r.stderr and "--chat-format" in r.stderr
+    r = cli("run", model, "hello", "--max-tokens", "3", "--chat-format", "chatml")
+    assert r.exit_code == 0 and "no chat template" not in r.stderr

@@ -263,3 +263,29 @@ def test_a_client_that_disconnects_stops_its_generation(served: Server) -> None:
         time.sleep(0.1)
     assert all(m["busy"] == 0 for m in served.raw("GET", "/api/ps")[1]["models"])
     assert time.time() - started < 10
+
+
+def test_sigterm_shuts_down_gracefully_mid_stream(tmp_path: Path, demo_model: Path) -> None:
+    import signal
+
+    _import(tmp_path, demo_model, "demo")
+    server = Server(tmp_path, "demo")
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Write a very long story."}],
+                       "max_tokens": 4000, "stream": True}).encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += sock.recv(4096)
+        started = time.time()
+        server.proc.send_signal(signal.SIGTERM)
+        while True:  # the stream ends (finished or cancelled) rather than hanging
+            data = sock.recv(65536)
+            if not data:
+                break
+        # uvicorn finishes its graceful shutdown, then re-raises the signal, as a server should
+        assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert time.time() - started < 20
+    server.log.close()
+    assert "shutting down" in (tmp_path / "server.log").read_text()
