@@ -75,7 +75,7 @@ def bench(
     run = benchrun.new_run(hw)
     bench_models = _models(models, run)
     try:
-        with _Progress(len(bench_models) * len(sweep.load_configs()) * len(sweep.tests())) as progress:
+        with _Progress(len(bench_models) * len(sweep.load_configs()) * len(sweep.tests()), run) as progress:
             for model in bench_models:
                 benchrun.run_model(run, model, sweep, hw, extras=not no_extras, on_row=progress.row)
     except KeyboardInterrupt:
@@ -141,36 +141,55 @@ def _models(names: list[str], run: benchrun.BenchRun) -> list[benchrun.BenchMode
 
 
 class _Progress:
-    """Progress on stderr: a Rich bar on a terminal, a plain line per result otherwise."""
+    """Progress on stderr: on a terminal, the results table filling in live above a progress bar;
+    otherwise one plain line per result."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, run: benchrun.BenchRun) -> None:
         self.total = total
-        self.bar = None
+        self.run = run
+        self.live = None
 
     def __enter__(self) -> _Progress:
         if output.interactive_stderr():
+            from rich.live import Live
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=output._make_console(stderr=True), transient=True)
-            self.bar.__enter__()
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
             self.task = self.bar.add_task("benchmarking", total=self.total)
+            self.live = Live(self._view(), console=output._make_console(stderr=True), transient=True, refresh_per_second=4)
+            self.live.__enter__()
         return self
+
+    def _view(self):
+        from rich import box
+        from rich.console import Group
+        from rich.table import Table
+
+        from llmctl import benchreport
+
+        columns, rows = benchreport.table_rows(self.run)
+        table = Table(box=box.SIMPLE_HEAD)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(output.safe(cell) for cell in row))
+        return Group(table, self.bar)
 
     def row(self, row: benchrun.Row) -> None:
         from llmctl import benchreport
 
+        if self.live is not None:
+            self.bar.update(self.task, advance=1, description=row.test)
+            self.live.update(self._view())
+            return
         line = f"{row.model} t{row.n_threads} ngl{row.n_gpu_layers} {row.test}: {benchreport.ts_cell(row)}" + (
             f" t/s, {row.roofline_pct:.0f}% of the bandwidth bound" if row.roofline_pct is not None else (" t/s" if row.ok else "")
         )
-        if self.bar is not None:
-            self.bar.console.print(line, markup=False, highlight=False)
-            self.bar.update(self.task, advance=1, description=row.test)
-        else:
-            output.info(line)
+        output.info(line)
 
     def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        if self.live is not None:
+            self.live.__exit__(*exc)
 
 
 def _render(run: benchrun.BenchRun, fmt: str) -> None:
