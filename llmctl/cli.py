@@ -64,7 +64,9 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"llmctl {__version__}")
+        from llmctl import output
+
+        output.emit_text(f"llmctl {__version__}")
         raise typer.Exit()
 
 

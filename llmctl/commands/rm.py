@@ -42,7 +42,7 @@ def rm(
             return
     if not models:
         raise UsageError("name at least one model to remove", hint="see `llmctl list`, or pass --partials")
-    plan = [_plan(store, store.resolve(name), delete_files) for name in dict.fromkeys(models)]
+    plan = [_plan(store.resolve(name), delete_files) for name in dict.fromkeys(models)]
     for removal in plan:
         what = ", ".join(str(p) for p in removal.delete) or "no files (they stay on disk)"
         output.info(f"{removal.resolved.name}: will delete {what}")
@@ -67,7 +67,7 @@ def _can_ask() -> bool:
     return sys.stdin.isatty()
 
 
-def _plan(store: Store, resolved: ResolvedModel, delete_files: bool) -> Removal:
+def _plan(resolved: ResolvedModel, delete_files: bool) -> Removal:
     if resolved.kind == "path":
         raise UsageError(
             f"{resolved.name} is not a registered model",

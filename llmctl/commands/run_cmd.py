@@ -98,10 +98,10 @@ def _read_prompt(prompt: str | None, file: Path | None) -> str:
         body = file.read_text(encoding="utf-8", errors="replace")
         return f"{prompt}\n\n{body}" if prompt else body
     piped = None
-    if prompt == "-" or (not sys.stdin.isatty() and prompt != "-"):
+    if prompt == "-" or not sys.stdin.isatty():
         try:
-            piped = sys.stdin.read() if prompt == "-" or not sys.stdin.isatty() else None
-        except OSError:
+            piped = sys.stdin.read()
+        except OSError:  # stdin closed or unreadable: as if nothing was piped
             piped = None
     if prompt == "-":
         prompt = None
