@@ -21,10 +21,16 @@ def parse_or_suggest(name: str) -> HubRef:
     ref = parse_ref(name)
     if ref is not None:
         return ref
-    close = suggest(name.split(":")[0])
+    base = name.split(":")[0]
+    close = suggest(base)
+    if not close:  # nothing near in the catalog: ask the Hub, if it can be reached
+        try:
+            close = [hit.repo_id for hit in hub.search_models(base, author=None, limit=3, sort="downloads")]
+        except hub.HubError:
+            close = []
     raise NotFoundError(
         f"'{name}' is neither a catalog name nor a Hub repo (owner/repo)",
-        hint=(f"did you mean {', '.join(close)}? " if close else "") + f"try `llmctl search {name.split(':')[0]}`",
+        hint=(f"did you mean {', '.join(close)}? " if close else "") + f"try `llmctl search {base}`",
     )
 
 

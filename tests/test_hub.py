@@ -158,6 +158,8 @@ def test_gated_repo_needs_a_token_that_is_never_printed(cli, hub, monkeypatch) -
 def test_unknown_names_and_repos(cli, hub) -> None:
     r = cli("pull", "llama-2-7b-chta")
     assert r.exit_code == EXIT_NOT_FOUND and "did you mean llama-2-7b-chat" in r.stderr
+    r = cli("pull", "tiny")  # not in the catalog: the Hub's search suggests repos
+    assert r.exit_code == EXIT_NOT_FOUND and "did you mean test/Tiny-GGUF" in r.stderr
     r = cli("pull", "nobody/Nothing-GGUF")
     assert r.exit_code == EXIT_NOT_FOUND and "no repository" in r.stderr
     r = cli("pull", "test/NoGGUF")
