@@ -166,8 +166,8 @@ def parse_pairs(text: str, flag: str) -> list[tuple[int, int]]:
     """``--prompt-gen 512,128`` (one pair) or ``512,128;1024,256``."""
     pairs = []
     for chunk in text.split(";"):
-        values = parse_sweep(chunk, flag, minimum=1)
-        if len(values) != 2:
+        values = [parse_sweep(part, flag, minimum=1)[0] if part.strip() else -1 for part in chunk.split(",")]
+        if len(values) != 2 or min(values) < 1:
             raise UsageError(f"{flag} {text!r}: needs PROMPT,GEN pairs", hint="e.g. --prompt-gen 512,128")
         pairs.append((values[0], values[1]))
     return pairs

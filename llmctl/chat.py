@@ -51,6 +51,7 @@ class ChatSession:
     messages: list[dict[str, str]] = field(default_factory=list)
     history: list[Timings] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # for the UI: turns dropped, etc.
+    failed_turn: bool = False  # set by the UI when the last line's command or message failed
 
     # --- the conversation ---
 
@@ -82,8 +83,13 @@ class ChatSession:
             )
         dropped = 0
         while self.context_used() > limit and len(self.messages) > 1:
+            # Drop a whole exchange (user, then its reply), so the conversation still starts with
+            # a user turn: some templates insist that roles alternate.
             self.messages.pop(0)
             dropped += 1
+            if len(self.messages) > 1 and self.messages[0]["role"] == "assistant":
+                self.messages.pop(0)
+                dropped += 1
         if dropped:
             self.notices.append(f"context nearly full: dropped the {dropped} oldest message(s)")
 
@@ -113,6 +119,11 @@ class ChatSession:
         except KeyboardInterrupt:
             # Keep what was shown, so the conversation matches the screen.
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            raise
+        except LlmctlError:
+            # The turn failed: forget its message, so the next one does not follow an unanswered turn.
+            if self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()
             raise
 
     # --- slash commands ---

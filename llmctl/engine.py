@@ -240,7 +240,7 @@ class Engine:
         """Stream a chat reply: text pieces, then one ``Result`` with the finish reason and timings."""
         kwargs = self._sampling_kwargs(sampling)
         if response_format is not None:
-            kwargs["response_format"] = response_format
+            kwargs["grammar"] = grammar_for(response_format)  # the schema itself, not just "some JSON"
         return self._stream(
             lambda: self.llm.create_chat_completion(messages, stream=True, **kwargs),
             lambda chunk: chunk["choices"][0]["delta"].get("content") or "",
@@ -364,7 +364,7 @@ def _ggml_type(name: str) -> int | None:
 
 
 def grammar_for(response_format: dict[str, Any] | None) -> Any:
-    """A llama.cpp grammar for raw completions constrained to JSON (optionally a schema)."""
+    """A llama.cpp grammar for output constrained to JSON (optionally a schema); UsageError if the schema is unusable."""
     if response_format is None:
         return None
     from llama_cpp import LlamaGrammar
@@ -373,7 +373,12 @@ def grammar_for(response_format: dict[str, Any] | None) -> Any:
     if schema is not None:
         import json
 
-        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        if not isinstance(schema, dict):
+            raise UsageError("the JSON schema must be an object", hint='e.g. {"type": "object", "properties": {…}}')
+        try:
+            return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        except Exception as exc:  # noqa: BLE001 - the converter raises assorted types for bad schemas
+            raise UsageError(f"the JSON schema cannot be turned into a grammar: {type(exc).__name__}: {exc}") from None
     from llama_cpp.llama_grammar import JSON_GBNF
 
     return LlamaGrammar.from_string(JSON_GBNF, verbose=False)

@@ -39,6 +39,7 @@ MAX_NESTING = 8
 MAX_DIMS = 4
 MAX_ALIGNMENT = 1 << 20
 MAX_ELEMENTS = 1 << 62
+MAX_BLOCKS = 100_000
 READ_CHUNK = 1 << 20
 # Bump when ModelInfo gains or changes fields, so cached summaries are re-read.
 SUMMARY_VERSION = 2
@@ -551,6 +552,8 @@ def _summarize(headers: list[GGUFHeader]) -> ModelInfo:
 
     tensors = [t for h in headers for t in h.tensors]
     block_count = _int(first, f"{arch}.block_count")
+    if block_count is not None and not 0 <= block_count <= MAX_BLOCKS:
+        raise _Problem(f"{arch}.block_count {block_count} is out of range (0 to {MAX_BLOCKS})")
     layer_bytes = [0] * (block_count or 0)
     embedding = output = other = experts = 0
     histogram: dict[str, dict[str, int]] = {}
@@ -564,7 +567,7 @@ def _summarize(headers: list[GGUFHeader]) -> ModelInfo:
         if match:
             index = int(match.group(1))
             if index >= len(layer_bytes):
-                if block_count is not None or index > 100_000:
+                if block_count is not None or index > MAX_BLOCKS:
                     raise _Problem(f"tensor '{tensor.name}' is outside the {block_count} blocks")
                 layer_bytes.extend([0] * (index + 1 - len(layer_bytes)))
             layer_bytes[index] += tensor.n_bytes
@@ -673,8 +676,16 @@ def read_model(paths: list[Path]) -> tuple[list[GGUFHeader], ModelInfo]:
 
 
 def metadata_for_json(header: GGUFHeader) -> dict[str, Any]:
-    """Metadata with long arrays shown as summaries, ready for json.dumps."""
-    return {
-        key: value.to_json() if isinstance(value, ArraySummary) else value
-        for key, value in header.metadata.items()
-    }
+    """Metadata ready for strict JSON: long arrays (at any depth) as summaries, NaN and infinities as null."""
+    import math
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, ArraySummary):
+            return value.to_json()
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return {key: clean(value) for key, value in header.metadata.items()}

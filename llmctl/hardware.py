@@ -443,8 +443,10 @@ def load_profile(path: str | os.PathLike[str]) -> HardwareInfo:
     try:
         data = json.loads(resolved.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        from llmctl.errors import NotFoundError
+
         shipped = ", ".join(sorted(p.stem for p in shipped_profiles_dir().glob("*.json")))
-        raise UsageError(f"hardware profile {name} not found", hint=f"shipped profiles: {shipped}") from None
+        raise NotFoundError(f"hardware profile {name} not found", hint=f"shipped profiles: {shipped}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(name, f"cannot be read: {exc}") from None
     except ValueError as exc:

@@ -58,17 +58,25 @@ def _token() -> str | None:
 
 
 def read_timeout() -> float:
+    import math
+
     try:
-        return float(os.environ.get("LLMCTL_HUB_TIMEOUT", "30"))
+        value = float(os.environ.get("LLMCTL_HUB_TIMEOUT", "30"))
     except ValueError:
-        raise UsageError("LLMCTL_HUB_TIMEOUT must be a number of seconds") from None
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError("LLMCTL_HUB_TIMEOUT must be a positive number of seconds")
+    return value
 
 
 def max_retries() -> int:
     try:
-        return int(os.environ.get("LLMCTL_HUB_RETRIES", "5"))
+        value = int(os.environ.get("LLMCTL_HUB_RETRIES", "5"))
     except ValueError:
-        raise UsageError("LLMCTL_HUB_RETRIES must be an integer") from None
+        value = -1
+    if value < 0:
+        raise UsageError("LLMCTL_HUB_RETRIES must be a whole number, 0 or more")
+    return value
 
 
 def _check_online() -> None:
@@ -105,6 +113,8 @@ def hub_errors(repo_id: str | None = None) -> Iterator[None]:
         yield
     except LlmctlError:
         raise
+    except hf.HFValidationError as exc:
+        raise UsageError(f"'{what}' is not a valid Hub repo id: {exc}", hint="repo ids look like owner/name") from None
     except hf.GatedRepoError:
         raise HubError(
             f"{what} is gated: its licence must be accepted on the Hub",
@@ -296,12 +306,19 @@ class HubSource:
         for attempt in range(max_retries() + 1):
             try:
                 self.requests += 1
-                response = get_session().get(self.url, headers=headers, follow_redirects=True, timeout=read_timeout())
-                if response.status_code in (200, 206):
-                    body = response.content
-                    return body if response.status_code == 206 else body[offset : end + 1]
-                if response.status_code < 500:
-                    _raise_for_status(response)
+                with get_session().stream("GET", self.url, headers=headers, follow_redirects=True, timeout=read_timeout()) as response:
+                    if response.status_code == 206:
+                        return response.read()
+                    if response.status_code == 200:  # a server that ignores Range: read only as far as needed
+                        body = b""
+                        for chunk in response.iter_raw():
+                            body += chunk
+                            if len(body) > end:
+                                break
+                        return body[offset : end + 1]
+                    if response.status_code < 500:
+                        response.read()
+                        _raise_for_status(response)
             except Exception as exc:  # noqa: BLE001
                 if not _is_network_error(exc) or attempt == max_retries():
                     with hub_errors(self.name):
@@ -541,7 +558,11 @@ def find_partials(cache: Path) -> list[Partial]:
         return found
     for path in sorted(cache.glob("models--*/blobs/*" + PARTIAL_SUFFIX)):
         repo = path.parent.parent.name[len("models--") :].replace("--", "/", 1)
-        found.append(Partial(path, repo, path.stat().st_size, _locked(path.with_name(path.name.replace(PARTIAL_SUFFIX, LOCK_SUFFIX)))))
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # finished (renamed) since the glob
+            continue
+        found.append(Partial(path, repo, size, _locked(path.with_name(path.name.replace(PARTIAL_SUFFIX, LOCK_SUFFIX)))))
     return found
 
 

@@ -9,8 +9,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from llmctl import fit, hub
-from llmctl.catalog import HubRef, parse_ref, suggest
-from llmctl.errors import NotFoundError, StoreError
+from llmctl.catalog import HubRef, parse_ref, quant_of_filename, suggest
+from llmctl.errors import NotFoundError, StoreError, UsageError
 from llmctl.hardware import HardwareInfo
 from llmctl.store import ModelEntry, Store, header_cache_entry, now_iso, validate_name
 
@@ -97,6 +97,12 @@ def plan_pull(
     plan = fit.make_plan(candidates, hw, overrides, force=force)
     model = next(m for m in models if m.label == plan.chosen.candidate.label)
     final_name = validate_name(name) if name else default_pull_name(ref, model)
+    taken = store.get(final_name)
+    if taken is not None and not (taken.source.get("type") == "hub" and str(taken.source.get("repo", "")).lower() == ref.repo_id.lower()):
+        raise UsageError(
+            f"a model named '{final_name}' already exists (from {taken.source_label})",
+            hint="pull under another name with --name, or remove it with `llmctl rm`",
+        )
     cache = store.settings.hf_hub_cache
     missing = sum(f.size - _present_bytes(cache, ref.repo_id, f) for f in model.files)
     return PullPlan(ref, listing, plan, model, final_name, missing)
@@ -193,7 +199,7 @@ def already_pulled(store: Store, ref: HubRef, commit: str, label: str | None) ->
         files = [str(f) for f in source.get("files", [])]
         if ref.filename and ref.filename not in files:
             continue
-        if label and not any(label.lower() in PurePosixPath(f).name.lower() for f in files):
+        if label and not any((quant_of_filename(f) or PurePosixPath(f).name).lower() == label.lower() for f in files):
             continue
         return entry
     return None

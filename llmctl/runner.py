@@ -39,6 +39,19 @@ def plan_model(store: Store, name: str, overrides: Overrides, *, force: bool = F
     return Planned(plan, resolved, info, overrides.threads)
 
 
+def check_chat_format(name: str | None) -> None:
+    """An unknown --chat-format is a usage error before anything loads."""
+    if name is None:
+        return
+    from llama_cpp import llama_chat_format
+
+    known = sorted(llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers)
+    if name not in known:
+        from llmctl.errors import UsageError
+
+        raise UsageError(f"--chat-format {name!r} is not a known chat format", hint="one of: " + ", ".join(known))
+
+
 def load_planned(store: Store, planned: Planned, *, chat_format: str | None = None) -> Loaded:
     for warning in planned.plan.warnings:
         output.warn(warning)
@@ -70,6 +83,7 @@ def open_model(
     force: bool = False,
     chat_format: str | None = None,
 ) -> Loaded:
+    check_chat_format(chat_format)
     return load_planned(store, plan_model(store, name, overrides, force=force), chat_format=chat_format)
 
 

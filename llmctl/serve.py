@@ -96,7 +96,10 @@ class ModelPool:
     def acquire(self, name: str) -> Loaded:
         """The loaded model, loading it (and making room) if needed; counts the request as busy."""
         try:
-            canonical = self.store.resolve(name).name
+            resolved = self.store.resolve(name)
+            if resolved.kind == "path":  # a client may name models, not files on this machine
+                raise NotFoundError(name)
+            canonical = resolved.name
         except NotFoundError:
             raise ApiError(404, f"model '{name}' not found; available: {', '.join(self.names()) or '(none)'}", "invalid_request_error", "model") from None
         except LlmctlError as exc:
@@ -161,10 +164,18 @@ class ModelPool:
             log(f"unloaded {name} ({why})")
 
     def unload(self, name: str) -> bool:
+        """Unload a loaded model by its name (or another name of it); refuse while it is generating."""
+        try:
+            canonical = self.store.resolve(name).name if name else ""
+        except LlmctlError:
+            canonical = name
         with self._guard:
-            model = self.models.get(name) or next((m for m in self.models.values() if m.name.startswith(name)), None)
+            model = self.models.get(canonical)
             if model is None:
                 return False
+            if model.busy:
+                # llama.cpp's memory cannot be freed under a running generation.
+                raise ApiError(409, f"model '{model.name}' is busy ({model.busy} request(s)); try again when it is idle", "invalid_request_error", "model")
             self._unload(model.name, "stopped")
             return True
 
@@ -241,8 +252,14 @@ def response_format_from(body: dict[str, Any]) -> dict[str, Any] | None:
         schema = (fmt.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
             raise ApiError(400, "'response_format.json_schema.schema' must be an object", param="response_format")
-        return {"type": "json_object", "schema": schema}
-    return {"type": "json_object", **({"schema": fmt["schema"]} if isinstance(fmt.get("schema"), dict) else {})}
+        result = {"type": "json_object", "schema": schema}
+    else:
+        result = {"type": "json_object", **({"schema": fmt["schema"]} if isinstance(fmt.get("schema"), dict) else {})}
+    try:
+        grammar_for(result)
+    except LlmctlError as exc:
+        raise ApiError(400, exc.message, param="response_format") from None
+    return result
 
 
 def messages_from(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -536,21 +553,37 @@ async def reaper(pool: ModelPool) -> None:
 
 
 def run_server(pool: ModelPool, host: str, port: int, preload: list[str]) -> None:
+    """Check the port, load the named models, then serve until Ctrl-C / SIGTERM."""
+    import socket
+
     import uvicorn
 
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise LlmctlError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="choose another --port, or stop what uses it") from None
+    for name in preload:
+        try:
+            model = pool.acquire(name)
+        except ApiError as exc:
+            raise LlmctlError(f"cannot serve '{name}': {exc.message}") from None
+        pool.release(model)
+        log(f"loaded {model.name}")
     app = create_app(pool)
 
     @app.on_event("startup")
     async def _start() -> None:
         asyncio.get_running_loop().create_task(reaper(pool))
-        for name in preload:
-            model = await asyncio.to_thread(pool.acquire, name)
-            pool.release(model)
-            log(f"loaded {model.name}")
 
     @app.on_event("shutdown")
     async def _stop() -> None:
         log("shutting down: in-flight requests were given 5 s to finish")
 
     log(f"serving on http://{host}:{port}/v1 (models: {', '.join(pool.names()) or 'none yet'})")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    except SystemExit as exc:  # uvicorn exits on start-up failures it has already logged
+        if exc.code not in (0, None):
+            raise LlmctlError(f"the server could not start on {host}:{port}") from None

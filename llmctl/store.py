@@ -32,7 +32,6 @@ from llmctl import gguf
 from llmctl.config import Settings
 from llmctl.errors import (
     AmbiguousNameError,
-    LlmctlError,
     NotFoundError,
     StoreError,
     UsageError,
@@ -208,7 +207,10 @@ class Store:
                 f"model index {self.index_path} is corrupt ({exc})",
                 hint="move it aside and re-import your models; model files are untouched",
             ) from None
-        if data.get("version", 0) > INDEX_VERSION:
+        version = data.get("version", 0)
+        if not isinstance(version, int):
+            raise StoreError(f"model index {self.index_path} is corrupt (bad version)", hint="move it aside and re-import your models; model files are untouched")
+        if version > INDEX_VERSION:
             raise StoreError(
                 f"model index {self.index_path} was written by a newer llmctl",
                 hint="upgrade llmctl",
@@ -246,7 +248,17 @@ class Store:
             self._write_index(data)
 
     def entries(self) -> list[ModelEntry]:
-        return [ModelEntry(**m) for m in self._read_index()["models"]]
+        fields = ModelEntry.__dataclass_fields__
+        out = []
+        for record in self._read_index()["models"]:
+            try:
+                out.append(ModelEntry(**{k: v for k, v in record.items() if k in fields}))
+            except TypeError:
+                raise StoreError(
+                    f"model index {self.index_path} is corrupt (an entry lacks required fields)",
+                    hint="move it aside and re-import your models; model files are untouched",
+                ) from None
+        return out
 
     def get(self, name: str) -> ModelEntry | None:
         for entry in self.entries():
@@ -279,7 +291,7 @@ class Store:
                     data["models"][index] = asdict(entry)
                     return
                 raise UsageError(
-                    f"a model named '{entry.name}' already exists (from {ModelEntry(**existing).source_label})",
+                    f"a model named '{entry.name}' already exists (from {existing.get('source', {}).get('type', 'import')})",
                     hint="pull under another name with --name, or remove it with `llmctl rm`",
                 )
             data["models"].append(asdict(entry))
@@ -363,8 +375,8 @@ class Store:
         else:
             try:
                 info = self.info(entry)
-            except LlmctlError as exc:
-                status = f"invalid: {getattr(exc, 'problem', exc.message)}"
+            except Exception as exc:  # noqa: BLE001 - one bad file must never break the listing
+                status = f"invalid: {getattr(exc, 'problem', None) or getattr(exc, 'message', None) or exc}"
         return Listing(
             name=entry.name,
             paths=entry.paths,
@@ -394,8 +406,8 @@ class Store:
                 if info is None:
                     _, info = gguf.read_model(parts)
                 fresh[str(parts[0])] = header_cache_entry(parts, info)
-            except (OSError, LlmctlError) as exc:
-                status = f"invalid: {getattr(exc, 'problem', None) or getattr(exc, 'message', exc)}"
+            except Exception as exc:  # noqa: BLE001 - one bad file must never break the listing
+                status = f"invalid: {getattr(exc, 'problem', None) or getattr(exc, 'message', None) or exc}"
             name = f"{repo}:{info.quant}" if info else f"{repo}/{filename}"
             if name.lower() in taken:
                 name = f"{repo}/{filename}"
@@ -508,11 +520,11 @@ class Store:
 
     # removal
 
-    def delete_hub_files(self, entry: ModelEntry) -> list[Path]:
-        """Delete a pulled model's snapshot links, and each blob no other snapshot still uses."""
+    def delete_hub_files(self, links: list[Path]) -> list[Path]:
+        """Delete snapshot links in the HF cache, and each blob no other snapshot still uses."""
         cache = Path(os.path.realpath(self.settings.hf_hub_cache))
         removed = []
-        for link in entry.paths:
+        for link in links:
             repo_dir = next((p for p in link.parents if p.name.startswith("models--")), None)
             if repo_dir is None or not Path(os.path.realpath(repo_dir)).is_relative_to(cache):
                 raise StoreError(f"refusing to delete {link}: it is not inside the Hugging Face cache {cache}")
@@ -563,10 +575,12 @@ def _row_has_file(row: Listing, filename: str) -> bool:
 
 
 def _row_quant_is(row: Listing, quant: str) -> bool:
+    from llmctl.catalog import quant_of_filename
+
     quant = quant.lower()
     if row.name.lower().endswith(":" + quant):
         return True
-    return any(quant in p.name.lower() for p in row.paths)
+    return any((quant_of_filename(p.name) or "").lower() == quant for p in row.paths)
 
 
 # --- import --------------------------------------------------------------------
@@ -601,7 +615,8 @@ def import_model(
     existing = store.find_by_path(parts[0])
     if existing is not None:
         raise UsageError(f"{path} is already registered as '{existing.name}'", hint="use that name")
-    final_name = validate_name(name) if name else default_name(parts[0], info.quant)
+    # Named after the path the user gave (a symlink's own name, not its hashed target).
+    final_name = validate_name(name) if name else default_name(gguf.split_parts(path)[0], info.quant)
     if store.get(final_name) is not None:
         raise UsageError(
             f"a model named '{final_name}' already exists",

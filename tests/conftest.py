@@ -119,6 +119,7 @@ def hub_server(hub_files: dict[str, Path]):
     hub.add_repo("test/Gated-GGUF", {"Gated-Q8_0.gguf": hub_files["q8"]}, gated=True)
     hub.add_repo("test/NoGGUF", {}, extra_siblings=["README.md", "model.safetensors"])
     hub.add_repo("test/Hostile-GGUF", {"../../escape-Q8_0.gguf": hub_files["q8"]})
+    hub.add_repo("test/Quants-GGUF", {"Tiny-Q8_0.gguf": hub_files["q8"], "Tiny-Q8_0_L.gguf": hub_files["f16"]})
     hub.start()
     yield hub
     hub.stop()

@@ -34,6 +34,7 @@ def test_sweep_syntax() -> None:
     assert parse_sweep("2,1-3", "--threads") == [2, 1, 3]  # order kept, duplicates dropped
     assert parse_bools("0,1", "--flash-attn") == [False, True]
     assert parse_pairs("512,128;64,16", "--prompt-gen") == [(512, 128), (64, 16)]
+    assert parse_pairs("128,128", "--prompt-gen") == [(128, 128)]
     for bad in ("", "a", "4-1", "1-8*1", "1,,2", "3-x"):
         with pytest.raises(UsageError):
             parse_sweep(bad, "--threads", minimum=1)

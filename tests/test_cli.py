@@ -134,3 +134,9 @@ def test_docs_command_reference_is_current() -> None:
     from gen_commands import render
 
     assert (root / "docs" / "commands.md").read_text() == render(), "run `make docs`"
+
+
+def test_ps_without_a_server_is_one_clean_line(cli) -> None:
+    for server in ("foo", "http://127.0.0.1:9"):
+        r = cli("ps", "--server", server)
+        assert r.exit_code == 1 and r.stderr.startswith("error: no llmctl server") and "Traceback" not in r.stderr

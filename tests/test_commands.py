@@ -305,3 +305,21 @@ def test_raw_minimal_file_imports(cli, tmp_path: Path) -> None:
     r = cli("import", path)
     assert r.exit_code == 0, r.stderr
     assert "raw:f32" in r.stderr
+
+
+def test_rm_of_one_model_under_two_names_and_import_through_a_symlink(cli, make_gguf, tmp_path: Path) -> None:
+    target = make_gguf("0123abcd.bin.gguf")
+    link = tmp_path / "Nice-Model-Q8_0.gguf"
+    link.symlink_to(target)
+    r = cli("import", link, "--copy", "--json")
+    assert json.loads(r.stdout)["name"] == "nice-model:q8_0"  # named after the link, not its target
+    r = cli("rm", "nice-model", "nice-model:q8_0", "-y", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert len(json.loads(r.stdout)["removed"]) == 1
+
+
+def test_bad_index_entries_are_a_clear_error(cli, isolated: Path) -> None:
+    isolated.mkdir(parents=True, exist_ok=True)
+    (isolated / "index.json").write_text(json.dumps({"version": 1, "models": [{"name": "x"}]}))
+    r = cli("list")
+    assert r.exit_code == 1 and "corrupt" in r.stderr and "Traceback" not in r.stderr

@@ -198,3 +198,14 @@ def test_a_model_without_chat_template_falls_back_with_a_warning(cli, demo_model
     assert "no chat template" in r.stderr and "--chat-format" in r.stderr
     r = cli("run", model, "hello", "--max-tokens", "3", "--chat-format", "chatml")
     assert r.exit_code == 0 and "no chat template" not in r.stderr
+
+
+def test_bad_generation_options_fail_before_loading(cli, demo_model: Path, tmp_path: Path) -> None:
+    r = cli("run", demo_model, "hi", "--chat-format", "bogus")
+    assert r.exit_code == EXIT_USAGE and "chat format" in r.stderr
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "foo"}')
+    r = cli("run", demo_model, "hi", "--json-schema", schema)
+    assert r.exit_code == EXIT_USAGE and "JSON schema" in r.stderr
+    r = cli("run", demo_model, "--file", tmp_path / "missing.txt")
+    assert r.exit_code == 3

@@ -6,7 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from gguf_factory import T_ARRAY, T_STRING, T_UINT32, T_UINT8, RawGGUF, RawTensor, gstr
+from gguf_factory import T_ARRAY, T_STRING, T_UINT8, T_UINT32, T_UINT64, RawGGUF, RawTensor, gstr
 
 from llmctl import gguf
 from llmctl.errors import InvalidModelError
@@ -241,6 +241,7 @@ def _variants() -> dict[str, tuple[bytes, str]]:
     raw = RawGGUF.minimal()
     raw.tensors.append(RawTensor("blk.5.attn_q.weight", [32]))
     v["block outside block_count"] = (raw.build(), "outside")
+    v["huge block count"] = (_kv_replace(RawGGUF.minimal(), "llama.block_count", T_UINT64, 2**63).build(), "out of range")
     return v
 
 

@@ -295,3 +295,23 @@ def test_rm_partials(cli, hub, tmp_path: Path) -> None:
     r = cli("rm", "--partials")
     assert r.exit_code == 0 and "Removed 1 partial" in r.stderr
     assert json.loads(cli("list", "--json").stdout)["partial_downloads"] == []
+
+
+def test_quant_names_match_exactly_and_name_clashes_are_caught_early(cli, hub, make_gguf) -> None:
+    assert cli("pull", "test/Quants-GGUF:Q8_0_L").exit_code == 0
+    r = cli("pull", "test/Quants-GGUF:Q8_0")  # not "already pulled" because Q8_0 is inside Q8_0_L
+    assert r.exit_code == 0 and "already pulled" not in r.stderr and r.stdout.strip() == "quants:q8_0"
+    assert json.loads(cli("show", "test/Quants-GGUF:Q8_0", "--json").stdout)["name"] == "quants:q8_0"
+    cli("import", make_gguf(), "--name", "taken")
+    hub.log.clear()
+    r = cli("pull", "test/Tiny-GGUF:Q8_0", "--name", "taken")
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    assert None not in hub.bytes_served()  # refused before downloading
+
+
+def test_invalid_repo_ids_and_hub_settings(cli, hub, monkeypatch) -> None:
+    r = cli("pull", "foo--x/bar")
+    assert r.exit_code == 2 and "not a valid Hub repo id" in r.stderr
+    monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "-1")
+    r = cli("pull", "test/Tiny-GGUF")
+    assert r.exit_code == 2 and "LLMCTL_HUB_TIMEOUT" in r.stderr

@@ -289,3 +289,25 @@ def test_sigterm_shuts_down_gracefully_mid_stream(tmp_path: Path, demo_model: Pa
     assert time.time() - started < 20
     server.log.close()
     assert "shutting down" in (tmp_path / "server.log").read_text()
+
+
+def test_stop_and_model_names_are_strict(served: Server) -> None:
+    client = served.client()
+    client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert served.raw("POST", "/api/stop", json.dumps({"model": ""}).encode())[0] == 404  # no prefix games
+    assert served.raw("POST", "/v1/chat/completions", json.dumps({"model": "/etc/passwd", "messages": [{"role": "user", "content": "x"}]}).encode())[0] == 404
+    status, body, _ = served.raw("POST", "/v1/chat/completions", json.dumps({
+        "model": "demo", "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}}).encode())  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "response_format"
+    # stopping a model while it generates is refused, and the server lives on
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 400, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += sock.recv(4096)
+        status, body409, _ = served.raw("POST", "/api/stop", json.dumps({"model": "demo"}).encode())
+        assert status == 409 and "busy" in body409["error"]["message"]
+    assert served.proc.poll() is None

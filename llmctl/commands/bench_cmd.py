@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -53,7 +54,7 @@ def bench(
     if output_format not in OUTPUTS:
         raise UsageError(f"--output {output_format!r} is not one of {', '.join(OUTPUTS)}")
     if history:
-        _history(home)
+        _history(home, output_format)
         return
     if compare:
         _compare(home, compare)
@@ -225,10 +226,15 @@ def _render(run: benchrun.BenchRun, fmt: str) -> None:
             )
 
 
-def _history(home: Path) -> None:
+def _history(home: Path, fmt: str = "table") -> None:
     from llmctl import benchrun
 
     runs = benchrun.list_runs(home)
+    if fmt in ("json", "jsonl"):
+        docs = [{"run_id": r.run_id, "created": r.created, "models": sorted({row.model for row in r.rows}),
+                 "tests": len(r.rows), "interrupted": r.interrupted, "cpu_info": r.fingerprint.get("cpu_info")} for r in runs]  # fmt: skip
+        output.emit_json({"runs": docs}) if fmt == "json" else output.emit_text("".join(json.dumps(d) + "\n" for d in docs) or "\n")
+        return
     if not runs:
         output.info("No benchmark runs yet.")
         return

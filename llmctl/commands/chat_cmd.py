@@ -69,12 +69,17 @@ def chat(
 
 
 def _piped(session: ChatSession) -> None:
+    failed = 0
     for raw in sys.stdin:
         line = raw.rstrip("\n")
         if not line.strip():
             continue
-        if not _turn(session, line, markdown=False, interactive=False):
-            return
+        keep_going = _turn(session, line, markdown=False, interactive=False)
+        failed += session.failed_turn
+        if not keep_going:
+            break
+    if failed:
+        raise typer.Exit(1)  # scripts learn that a turn failed (each error was already reported)
 
 
 # --- interactive ------------------------------------------------------------------------
@@ -119,7 +124,16 @@ def _prompt_session():
     def _newline(event) -> None:  # Alt-Enter / Esc Enter: a new line without sending
         event.current_buffer.insert_text("\n")
 
-    return PromptSession(history=FileHistory(str(history_file)), key_bindings=bindings, multiline=False)
+    from prompt_toolkit.output import create_output
+
+    # The prompt and the echo of what is typed go to the terminal through stderr: stdout carries
+    # only the replies, so `llmctl chat m > transcript.txt` records the model's words.
+    return PromptSession(
+        history=FileHistory(str(history_file)),
+        key_bindings=bindings,
+        multiline=False,
+        output=create_output(stdout=sys.stderr),
+    )
 
 
 def _read_block(prompt) -> str | None:
@@ -136,6 +150,7 @@ def _read_block(prompt) -> str | None:
 
 def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool) -> bool:
     """One line of input: a slash command or a message. False when the session should end."""
+    session.failed_turn = False
     try:
         if line.startswith("/"):
             command: Command = session.command(line)
@@ -152,6 +167,7 @@ def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool)
         sys.stdout.write("\n")
         output.info("[reply stopped]")
     except LlmctlError as exc:
+        session.failed_turn = True
         output.error(exc.message, exc.hint)
     for notice in session.notices:
         output.warn(notice)

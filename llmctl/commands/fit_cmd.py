@@ -73,7 +73,7 @@ def _local_or_remote(model: str) -> list[fit.Candidate]:
         from llmctl.catalog import parse_ref
 
         ref = parse_ref(model)
-        if ref is None:
+        if ref is None or model.startswith((".", "/", "~")) or model.lower().endswith(".gguf") and ref.filename is None:
             raise
         listing = hub.list_repo(ref.repo_id, ref.revision)
         with output.status(f"Reading GGUF headers of {ref.repo_id} on the Hub…"):

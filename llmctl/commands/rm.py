@@ -37,12 +37,17 @@ def rm(
     """Remove models: their index entry, and the files llmctl owns (others only with --delete-files)."""
     store = open_store()
     if partials:
+        if models:
+            raise UsageError("--partials removes unfinished downloads only", hint="run it without model names")
         _remove_partials(store, json_output)
-        if not models:
-            return
+        return
     if not models:
         raise UsageError("name at least one model to remove", hint="see `llmctl list`, or pass --partials")
-    plan = [_plan(store.resolve(name), delete_files) for name in dict.fromkeys(models)]
+    resolved = {}
+    for name in models:  # several names of one model remove it once
+        model = store.resolve(name)
+        resolved.setdefault(model.name, model)
+    plan = [_plan(model, delete_files) for model in resolved.values()]
     for removal in plan:
         what = ", ".join(str(p) for p in removal.delete) or "no files (they stay on disk)"
         output.info(f"{removal.resolved.name}: will delete {what}")
@@ -91,8 +96,8 @@ def _apply(store: Store, removal: Removal) -> None:
         store.remove_entry(entry.name)
     if not removal.delete:
         return
-    if entry is not None and entry.source.get("type") == "hub":
-        store.delete_hub_files(entry)
+    if (entry is not None and entry.source.get("type") == "hub") or removal.resolved.kind == "discovered":
+        store.delete_hub_files(removal.delete)  # the snapshot links and the blobs behind them
         return
     # Files llmctl owns must lie inside its own folder; never follow a link out of it.
     inside = store.settings.models_dir if entry is not None and entry.owned else None
@@ -107,9 +112,7 @@ def _remove_partials(store: Store, json_output: bool) -> None:
         if partial.in_use:
             output.info(f"skipping {partial.path}: a pull is downloading it now")
             continue
-        partial.path.unlink(missing_ok=True)
-        lock = partial.path.with_name(partial.path.name.replace(hub.PARTIAL_SUFFIX, hub.LOCK_SUFFIX))
-        lock.unlink(missing_ok=True)
+        partial.path.unlink(missing_ok=True)  # its tiny lock file stays: deleting it could split a lock
         removed.append(partial)
     if json_output:
         output.emit_json({"removed_partials": [{"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size} for p in removed]})

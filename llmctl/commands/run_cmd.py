@@ -13,7 +13,7 @@ from llmctl import output
 from llmctl.commands import open_store
 from llmctl.commands.generation import overrides_from_flags, print_summary, sampling_from_flags
 from llmctl.engine import Result, grammar_for
-from llmctl.errors import UsageError
+from llmctl.errors import NotFoundError, UsageError
 from llmctl.options import (
     ChatFormatOpt,
     CtxOpt,
@@ -38,7 +38,7 @@ from llmctl.runner import open_model
 def run(
     model: ModelArg,
     prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin. Piped stdin is appended to it as content.", show_default=False)] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.", exists=True, dir_okay=False)] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion of the prompt text, without the chat template.")] = False,
     temperature: TemperatureOpt = None,
@@ -54,7 +54,7 @@ def run(
     threads: ThreadsOpt = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text only when it is complete.")] = False,
     format_: Annotated[str | None, typer.Option("--format", help="'json': constrain the output to valid JSON.")] = None,
-    json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Constrain the output to JSON matching this schema file.", exists=True, dir_okay=False)] = None,
+    json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Constrain the output to JSON matching this schema file.")] = None,
     chat_format: ChatFormatOpt = None,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
@@ -64,6 +64,7 @@ def run(
     sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
     text = _read_prompt(prompt, file)
     response_format = _response_format(format_, json_schema)
+    grammar_for(response_format)  # a bad schema is a usage error before anything loads
     loaded = open_model(open_store(), model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
     engine = loaded.engine
     if raw:
@@ -95,8 +96,10 @@ def run(
 
 def _read_prompt(prompt: str | None, file: Path | None) -> str:
     if file is not None:
+        if not file.is_file():
+            raise NotFoundError(f"{file}: no such file", hint="check the path given to --file")
         body = file.read_text(encoding="utf-8", errors="replace")
-        return f"{prompt}\n\n{body}" if prompt else body
+        return f"{prompt}\n\n{body}" if prompt and prompt != "-" else body
     piped = None
     if prompt == "-" or not sys.stdin.isatty():
         try:
@@ -115,6 +118,8 @@ def _read_prompt(prompt: str | None, file: Path | None) -> str:
 
 def _response_format(format_: str | None, schema_file: Path | None) -> dict[str, Any] | None:
     if schema_file is not None:
+        if not schema_file.is_file():
+            raise NotFoundError(f"{schema_file}: no such file", hint="check the path given to --json-schema")
         try:
             schema = json.loads(schema_file.read_text(encoding="utf-8"))
         except ValueError as exc:

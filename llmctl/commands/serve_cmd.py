@@ -38,13 +38,16 @@ def serve(
     settings = ServerSettings(keep_alive=parse_duration(keep_alive), max_loaded=max_loaded, max_queue=max_queue, ctx=ctx, api_key=api_key)
     store = open_store()
     for name in models or []:
-        store.resolve(name)  # unknown names fail now, not at the first request
+        if store.resolve(name).kind == "path":  # unknown names fail now, not at the first request
+            raise UsageError(f"{name} is a file, not a model in the store", hint=f"register it first: llmctl import {name}")
     run_server(ModelPool(store, settings), host, port, list(models or []))
 
 
 def ps(server: ServerOpt = f"http://127.0.0.1:{DEFAULT_PORT}", json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the models a running `llmctl serve` has loaded."""
     data = _call(server, "GET", "/api/ps")
+    if not isinstance(data.get("models"), list):
+        raise LlmctlError(f"{server} is not an llmctl server", hint="check --server / LLMCTL_SERVER")
     if json_output:
         output.emit_json(data)
         return
@@ -95,14 +98,17 @@ def _call(server: str, method: str, path: str, body: dict[str, Any] | None = Non
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(server.rstrip("/") + path, method=method, data=json.dumps(body).encode() if body else None)
-    request.add_header("Content-Type", "application/json")
-    key = os.environ.get("LLMCTL_API_KEY")
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
     try:
+        request = urllib.request.Request(server.rstrip("/") + path, method=method, data=json.dumps(body).encode() if body else None)
+        request.add_header("Content-Type", "application/json")
+        key = os.environ.get("LLMCTL_API_KEY")
+        if key:
+            request.add_header("Authorization", f"Bearer {key}")
         with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
+            data = json.loads(response.read())
+        if not isinstance(data, dict):
+            raise ValueError("not an llmctl answer")
+        return data
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -110,6 +116,10 @@ def _call(server: str, method: str, path: str, body: dict[str, Any] | None = Non
             message = f"HTTP {exc.code}"
         if exc.code == 404:
             raise NotFoundError(message) from None
+        if exc.code == 409:
+            raise UsageError(message, hint="wait for its requests to finish") from None
         raise LlmctlError(f"the server answered: {message}") from None
+    except ValueError as exc:  # a malformed address, or something that is not an llmctl server answering
+        raise LlmctlError(f"no llmctl server at {server} ({exc})", hint="check --server / LLMCTL_SERVER") from None
     except (urllib.error.URLError, OSError) as exc:
         raise LlmctlError(f"no llmctl server at {server} ({getattr(exc, 'reason', exc)})", hint="start one with `llmctl serve`, or set --server / LLMCTL_SERVER") from None

@@ -27,7 +27,10 @@ def show(
                 f"model '{resolved.name}' has no chat template",
                 hint="use `llmctl run --raw` for plain completion",
             )
-        output.emit_text(output.safe(info.chat_template, keep_layout=True))
+        if json_output:
+            output.emit_json({"name": resolved.name, "chat_template": info.chat_template})
+        else:
+            output.emit_text(output.safe(info.chat_template, keep_layout=True))
         return
     if json_output:
         output.emit_json(show_json(resolved, headers, info))
