@@ -355,11 +355,13 @@ def create_app(pool: ModelPool) -> Any:
         return {"stopped": name}
 
     async def _json_body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a chunked upload has no Content-Length
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         try:
-            body = json.loads(raw or b"{}")
+            body = json.loads(bytes(raw) or b"{}")
         except ValueError as exc:
             raise ApiError(400, f"malformed JSON: {exc}") from None
         if not isinstance(body, dict):
