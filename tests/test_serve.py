@@ -71,6 +71,21 @@ class Server:
         return (Path(self.log.name)).read_text()
 
 
+def _start_stream(port: int, payload: dict, events: int = 3) -> socket.socket:
+    """Open a raw streaming request and read until ``events`` SSE events have arrived."""
+    body = json.dumps({"stream": True, **payload}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+    received = b""
+    while received.count(b"data: ") < events:
+        received += sock.recv(4096)
+    return sock
+
+
+LONG_STORY = {"model": "demo", "messages": [{"role": "user", "content": "Write a very long story."}]}
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, demo_model: Path):
     home = tmp_path_factory.mktemp("serve-home")
@@ -246,14 +261,8 @@ def test_memory_budget_unloads_lru_and_load_failures_are_500(tmp_path: Path, dem
 
 
 def test_a_client_that_disconnects_stops_its_generation(served: Server) -> None:
-    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Write a very long story."}],
-                       "max_tokens": 4000, "stream": True}).encode()  # fmt: skip
-    with socket.create_connection(("127.0.0.1", served.port), timeout=60) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-        received = b""
-        while received.count(b"data: ") < 5:
-            received += sock.recv(4096)
+    with _start_stream(served.port, {**LONG_STORY, "max_tokens": 4000}, events=5):
+        pass  # the client goes away mid-stream
     started = time.time()
     # The model is free again long before 4000 tokens could have been generated (~25 s here).
     while time.time() - started < 10:
@@ -270,14 +279,7 @@ def test_sigterm_shuts_down_gracefully_mid_stream(tmp_path: Path, demo_model: Pa
 
     _import(tmp_path, demo_model, "demo")
     server = Server(tmp_path, "demo")
-    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Write a very long story."}],
-                       "max_tokens": 4000, "stream": True}).encode()  # fmt: skip
-    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-        received = b""
-        while received.count(b"data: ") < 3:
-            received += sock.recv(4096)
+    with _start_stream(server.port, {**LONG_STORY, "max_tokens": 4000}) as sock:
         started = time.time()
         server.proc.send_signal(signal.SIGTERM)
         while True:  # the stream ends (finished or cancelled) rather than hanging
@@ -301,13 +303,7 @@ def test_stop_and_model_names_are_strict(served: Server) -> None:
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}}).encode())  # fmt: skip
     assert status == 400 and body["error"]["param"] == "response_format"
     # stopping a model while it generates is refused, and the server lives on
-    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 400, "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", served.port), timeout=60) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-        received = b""
-        while received.count(b"data: ") < 3:
-            received += sock.recv(4096)
+    with _start_stream(served.port, {**LONG_STORY, "max_tokens": 400}):
         status, body409, _ = served.raw("POST", "/api/stop", json.dumps({"model": "demo"}).encode())
         assert status == 409 and "busy" in body409["error"]["message"]
     assert served.proc.poll() is None
