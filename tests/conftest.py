@@ -132,9 +132,13 @@ def hub(hub_server, monkeypatch: pytest.MonkeyPatch):
 
     hub_server.faults = Faults()
     hub_server.log.clear()
+    hub_server.server_errors.clear()
     monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
     monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "5")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr("llmctl.hub._backoff", lambda attempt: None)
-    return hub_server
+    yield hub_server
+    # A bug in the fake Hub itself must not pass silently (clients hanging up
+    # are expected and are not recorded).
+    assert not hub_server.server_errors, hub_server.server_errors

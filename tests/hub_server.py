@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.faults = Faults()
         self.log: list[tuple[str, str, str | None]] = []
+        self.server_errors: list[str] = []
         self._sha_cache: dict[tuple[str, int, int], str] = {}
         self._server: ThreadingHTTPServer | None = None
         self._lock = threading.Lock()
@@ -108,7 +110,8 @@ class FakeHub:
             pass
 
         Handler.hub = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
+        self._server.hub = hub
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self.url
@@ -130,6 +133,23 @@ class FakeHub:
                 self.faults.errors_500 -= 1
                 return True
         return False
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Never writes to stderr: the CLI under test shares it with this thread.
+
+    A client that hangs up (the retry path closes sockets mid-request) is
+    normal here; anything else is kept in ``hub.server_errors`` for a test
+    to look at instead of being printed into the output being asserted on.
+    """
+
+    hub: "FakeHub"
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        self.hub.server_errors.append(repr(exc))
 
 
 class _Handler(BaseHTTPRequestHandler):
