@@ -10,9 +10,12 @@ export LLMCTL_DEMO_MODEL := $(DEMO_MODEL)
 
 .PHONY: setup demo test bench bench-compare docs clean
 
-# Reinstalls only when pyproject.toml changes; pip reuses its cached llama-cpp-python wheel.
-$(STAMP): pyproject.toml
+# Reinstalls only when pyproject.toml changes. llama-cpp-python is compiled once per
+# machine and CMAKE_ARGS into $(DEMO_DIR)/wheels (see tests/llama_wheel.py), not
+# taken from pip's cache, which would hand one CPU's native build to another.
+$(STAMP): pyproject.toml tests/llama_wheel.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) tests/llama_wheel.py --cache $(DEMO_DIR) --venv-python $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 

@@ -4,7 +4,11 @@
 # llama.cpp. Cached outside git; prints the binary's path.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-CACHE="${LLMCTL_DEV_CACHE:-$HOME/.cache/llmctl-dev}/llama-bench-$VERSION"
+# Same CPU options as the llama-cpp-python wheel `make setup` builds
+# (tests/llama_wheel.py): native, without the AMX kernels on x86-64.
+NO_AMX=""
+case "$(uname -m)" in x86_64|amd64) NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;; esac
+CACHE="${LLMCTL_DEV_CACHE:-$HOME/.cache/llmctl-dev}/llama-bench-$VERSION${NO_AMX:+-noamx}"
 BIN="$CACHE/build/bin/llama-bench"
 PY="${PYTHON:-python3}"
 if [ -x "$BIN" ]; then echo "$BIN"; exit 0; fi
@@ -15,6 +19,7 @@ if [ ! -d "$CACHE/src" ]; then
   tar -xzf "$CACHE"/sdist/llama_cpp_python-"$VERSION".tar.gz -C "$CACHE/src" --strip-components=1
 fi
 cmake -S "$CACHE/src/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF \
+  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" >&2
 cmake --build "$CACHE/build" --target llama-bench -j "$(nproc)" >&2
 echo "$BIN"
