@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml tests/llama_wheel.py
 $(DEMO_MODEL): | $(STAMP)
 	$(PY) tests/demo_model.py --dest $(DEMO_DIR)
 
+# Run every time (a no-op when the wheel for this machine and CMAKE_ARGS is installed),
+# so that `CMAKE_ARGS=... make setup` switches the build.
 setup: $(STAMP) $(DEMO_MODEL)
+	@$(PY) tests/llama_wheel.py --cache $(DEMO_DIR) --venv-python $(PY) >/dev/null
 
 # The main job on the demo model, in a demo store of its own (your models are untouched).
 demo: setup

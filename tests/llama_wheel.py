@@ -10,7 +10,8 @@ x86-64 builds leave out llama.cpp's AMX kernels (``-mno-amx-*``): on Xeons
 with AMX running under some hypervisors the AMX tile instructions raise
 SIGILL in ``ggml_backend_amx_mul_mat`` although the CPU and the kernel report
 AMX as usable, and Ollama leaves AMX out of its builds for speed reasons too.
-Set ``CMAKE_ARGS`` (e.g. ``-DGGML_CUDA=on``) to add your own options.
+Set ``CMAKE_ARGS`` (e.g. ``-DGGML_CUDA=on``) to add your own options; when
+they set ``CMAKE_C_FLAGS`` themselves, the AMX flags are not added.
 
 Usage: python tests/llama_wheel.py --cache DIR [--venv-python PY]
 Prints the installed wheel's path.
@@ -22,11 +23,21 @@ import argparse
 import hashlib
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-VERSION = "0.3.36"
+def _pinned_version() -> str:
+    """The llama-cpp-python version pyproject.toml pins (one place to change it)."""
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    match = re.search(r"llama-cpp-python==([0-9][0-9A-Za-z.]*)", text)
+    if match is None:
+        raise SystemExit("pyproject.toml does not pin llama-cpp-python==X.Y.Z")
+    return match.group(1)
+
+
+VERSION = _pinned_version()
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
