@@ -408,6 +408,29 @@ def reinstall_hint(hw: HardwareInfo) -> str | None:
     )
 
 
+def build_warnings(hw: HardwareInfo) -> list[str]:
+    """Known ways the installed llama.cpp build can fail on this machine."""
+    warnings = []
+    if hw.source == "live" and "AMX_INT8 = 1" in (hw.build.system_info or "") and _in_virtual_machine():
+        warnings.append(
+            "this llama.cpp build has AMX kernels and this is a virtual machine, where they can die with "
+            "'Illegal instruction'; if generation crashes, rebuild llama-cpp-python without AMX (see docs/gpu.md)"
+        )
+    return warnings
+
+
+def _in_virtual_machine() -> bool:
+    """The CPU's 'hypervisor' flag (Linux); elsewhere we cannot tell cheaply, so no."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "hypervisor" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 # --- profiles -------------------------------------------------------------------
 
 

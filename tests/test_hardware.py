@@ -130,6 +130,33 @@ def test_gpu_without_gpu_build_prints_reinstall_command(cli, monkeypatch: pytest
     assert "-DGGML_METAL=on" in hardware.reinstall_hint(hw)
 
 
+def test_amx_build_in_a_virtual_machine_is_warned_about(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmctl.commands import hwinfo as hwinfo_cmd
+
+    hw = hardware.load_profile("laptop-8gb")
+    hw.build = hardware.BuildInfo(installed=True, version="0.3.36", gpu_offload=False, backend="cpu",
+                                  system_info="CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 |")  # fmt: skip
+    monkeypatch.setattr(hwinfo_cmd, "get_hardware", lambda *a, **k: hw)
+    monkeypatch.setattr(hardware, "_in_virtual_machine", lambda: True)
+    assert cli("hwinfo", "--json").stdout.count('"warnings": []') == 1  # a described machine: not this build
+    hw.source = "live"
+    r = cli("hwinfo")
+    assert r.exit_code == 0 and "AMX kernels" in r.stderr and "docs/gpu.md" in r.stderr
+    (warning,) = json.loads(cli("hwinfo", "--json").stdout)["warnings"]
+    assert "Illegal instruction" in warning
+    monkeypatch.setattr(hardware, "_in_virtual_machine", lambda: False)  # bare metal: AMX is fine
+    assert json.loads(cli("hwinfo", "--json").stdout)["warnings"] == []
+    hw.build.system_info = "CPU : AVX512 = 1 | REPACK = 1 |"  # a build without AMX, as make setup makes
+    monkeypatch.setattr(hardware, "_in_virtual_machine", lambda: True)
+    assert json.loads(cli("hwinfo", "--json").stdout)["warnings"] == []
+
+
+def test_in_virtual_machine_reads_the_hypervisor_flag() -> None:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split() for line in text.splitlines() if line.startswith("flags")), [])
+    assert hardware._in_virtual_machine() == ("hypervisor" in flags)
+
+
 def test_fit_command_on_the_demo_model(cli, demo_model: Path) -> None:
     r = cli("fit", demo_model, "--json")
     assert r.exit_code == 0, r.stderr

@@ -8,7 +8,7 @@ import typer
 
 from llmctl import output
 from llmctl.config import get_settings
-from llmctl.hardware import HardwareInfo, get_hardware, probe, reinstall_hint
+from llmctl.hardware import HardwareInfo, build_warnings, get_hardware, probe, reinstall_hint
 from llmctl.options import HwProfileOpt, JsonOpt
 
 
@@ -25,8 +25,9 @@ def hwinfo(
     else:
         hw = get_hardware(settings, hw_profile, with_bandwidth=bandwidth)
     hint = reinstall_hint(hw)
+    warnings = build_warnings(hw)
     if json_output:
-        output.emit_json({**hw.to_dict(), "reinstall_command": hint})
+        output.emit_json({**hw.to_dict(), "reinstall_command": hint, "warnings": warnings})
         return
     output.emit_fields(_fields(hw))
     if hw.gpus:
@@ -49,6 +50,8 @@ def hwinfo(
     if hint:
         output.warn("a GPU is present but the installed llama.cpp cannot use it; reinstall it with:")
         output.info(hint)
+    for warning in warnings:
+        output.warn(warning)
 
 
 def _fields(hw: HardwareInfo) -> list[tuple[str, object]]:
