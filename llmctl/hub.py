@@ -372,15 +372,60 @@ def _backoff(attempt: int) -> None:
     time.sleep(min(0.25 * 2**attempt, 8.0))
 
 
-def _hash_existing(path: Path) -> tuple[Any, int]:
-    digest = hashlib.sha256()
-    done = 0
-    if path.exists():
-        with open(path, "rb") as fh:
-            while chunk := fh.read(4 * CHUNK):
-                digest.update(chunk)
-                done += len(chunk)
-    return digest, done
+class _Hasher:
+    """sha256 of the partial file, computed on a second thread as the bytes arrive.
+
+    It first hashes the bytes the file already holds (a resumed download, maybe
+    written by an earlier process), then every chunk the transfer loop writes,
+    in order, so the digest covers exactly what is in the file. The queue is
+    bounded (64 chunks of at most 1 MiB): when hashing is slower than the
+    network the transfer waits for it instead of memory growing. hashlib
+    releases the GIL on large buffers, so with a second core the check adds
+    little beyond the transfer itself, where a pass after it would add
+    ~0.5-1 s per GB.
+    """
+
+    def __init__(self, path: Path, prefix: int) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, prefix), name="llmctl-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path, prefix: int) -> None:
+        try:
+            if prefix:
+                with open(path, "rb") as fh:
+                    while self.size < prefix and (chunk := fh.read(min(4 * CHUNK, prefix - self.size))):
+                        self._digest.update(chunk)
+                        self.size += len(chunk)
+            while (chunk := self._queue.get()) is not None:
+                self._digest.update(chunk)
+                self.size += len(chunk)
+        except BaseException as exc:  # noqa: BLE001 - handed to finish(); keep draining so feed() never blocks
+            self._error = exc
+            while self._queue.get() is not None:
+                pass
+
+    def feed(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def finish(self) -> tuple[str, int]:
+        """Wait for the hashing to catch up: (hex digest, bytes hashed)."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest(), self.size
+
+    def abandon(self) -> None:
+        """Stop without waiting (an error, or a restart from byte 0)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
 
 
 def download_file(
@@ -420,11 +465,11 @@ def download_file(
 
 
 def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: Callable[[int], None] | None) -> None:
-    """Grow ``partial`` to the full file with Range requests, then verify it in one pass.
+    """Grow ``partial`` to the full file with Range requests, verifying its sha256 as it grows.
 
-    Hashing after the transfer (from the page cache, ~0.5 s per GB) rather
-    than while streaming keeps the transfer loop as fast as the socket, and
-    covers resumed bytes written by an earlier process the same way.
+    The hash runs on a second thread (``_Hasher``), over the bytes already in
+    the file and then over each chunk as it is written, so resumed bytes are
+    covered the same way and no second pass over the file is needed.
     """
     from huggingface_hub.utils import build_hf_headers, get_session
 
@@ -436,56 +481,70 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
         have = 0
     if progress and have:
         progress(have)
+    hasher = _Hasher(partial, have)
+    hashed = have  # bytes the hasher has been given: what the file holds
     attempt = 0
-    while have < remote.size:
-        before = have
-        headers = build_hf_headers(token=_token())
-        headers["Accept-Encoding"] = "identity"
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        try:
-            with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=read_timeout()) as response:
-                if response.status_code == 200 and have:
-                    have = 0  # the server ignored Range: start over
-                    mode = "wb"
-                elif response.status_code in (200, 206):
-                    mode = "ab" if have else "wb"
-                elif response.status_code >= 500 or response.status_code == 429:
-                    raise _Retryable(f"HTTP {response.status_code}")
-                else:
-                    with hub_errors(remote.path):
-                        response.read()
-                        _raise_for_status(response)
-                    raise HubError(f"unexpected HTTP {response.status_code} for {remote.path}")
-                with open(partial, mode) as out:
-                    for chunk in response.iter_raw():  # as received: no re-chunking copies
-                        out.write(chunk)
-                        have += len(chunk)
-                        if progress:
-                            progress(len(chunk))
-                        if have > remote.size:
-                            break
-            if have == before:
-                raise _Retryable("the connection closed without data")
-            attempt = 0  # progress was made: the retry budget is for consecutive failures
-        except (LlmctlError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - network trouble: resume after a pause
-            if not (isinstance(exc, _Retryable) or _is_network_error(exc)):
+    try:
+        while have < remote.size:
+            before = have
+            headers = build_hf_headers(token=_token())
+            headers["Accept-Encoding"] = "identity"
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            try:
+                with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=read_timeout()) as response:
+                    if response.status_code == 200 and have:
+                        have = before = 0  # the server ignored Range: start over
+                        mode = "wb"
+                    elif response.status_code in (200, 206):
+                        mode = "ab" if have else "wb"
+                    elif response.status_code >= 500 or response.status_code == 429:
+                        raise _Retryable(f"HTTP {response.status_code}")
+                    else:
+                        with hub_errors(remote.path):
+                            response.read()
+                            _raise_for_status(response)
+                        raise HubError(f"unexpected HTTP {response.status_code} for {remote.path}")
+                    if mode == "wb" and hashed:
+                        hasher.abandon()
+                        hasher, hashed = _Hasher(partial, 0), 0
+                    with open(partial, mode) as out:
+                        for chunk in response.iter_raw():  # as received: no re-chunking copies
+                            out.write(chunk)
+                            hasher.feed(chunk)
+                            hashed += len(chunk)
+                            have += len(chunk)
+                            if progress:
+                                progress(len(chunk))
+                            if have > remote.size:
+                                break
+                if have == before:
+                    raise _Retryable("the connection closed without data")
+                attempt = 0  # progress was made: the retry budget is for consecutive failures
+            except (LlmctlError, KeyboardInterrupt):
                 raise
-            attempt += 1
-            if attempt > max_retries():
-                raise HubError(
-                    f"download of {remote.path} kept failing ({_describe(exc)}) after {max_retries()} retries",
-                    hint="run the same `llmctl pull` again to resume from where it stopped",
-                ) from None
-            _backoff(attempt)
-            have = partial.stat().st_size if partial.exists() else 0
-    digest, _ = _hash_existing(partial)
-    if have != remote.size or digest.hexdigest() != sha:
+            except Exception as exc:  # noqa: BLE001 - network trouble: resume after a pause
+                if not (isinstance(exc, _Retryable) or _is_network_error(exc)):
+                    raise
+                attempt += 1
+                if attempt > max_retries():
+                    raise HubError(
+                        f"download of {remote.path} kept failing ({_describe(exc)}) after {max_retries()} retries",
+                        hint="run the same `llmctl pull` again to resume from where it stopped",
+                    ) from None
+                _backoff(attempt)
+                have = partial.stat().st_size if partial.exists() else 0
+                if have != hashed:  # the file is not what was hashed (cannot happen; never trust it)
+                    hasher.abandon()
+                    hasher, hashed = _Hasher(partial, have), have
+        digest, size = hasher.finish()
+    except BaseException:
+        hasher.abandon()
+        raise
+    if have != remote.size or size != remote.size or digest != sha:
         partial.unlink(missing_ok=True)
         raise ChecksumError(
-            f"{remote.path}: downloaded file does not match the Hub's checksum (sha256 {digest.hexdigest()[:16]}…, "
+            f"{remote.path}: downloaded file does not match the Hub's checksum (sha256 {digest[:16]}…, "
             f"expected {sha[:16]}…); it was deleted",
             hint="run `llmctl pull` again; if it keeps failing, the repo or a proxy is serving bad data",
         )

@@ -297,6 +297,53 @@ def test_rm_partials(cli, hub, tmp_path: Path) -> None:
     assert json.loads(cli("list", "--json").stdout)["partial_downloads"] == []
 
 
+def _leave_a_partial(cli, hub, tmp_path: Path, size: int) -> Path:
+    """A pull that stops for good after ``size`` bytes, leaving its partial file."""
+    hub.faults.drop_after = size
+    os.environ["LLMCTL_HUB_RETRIES"] = "0"
+    try:
+        assert cli("pull", DEMO_REPO).exit_code == EXIT_HUB
+    finally:
+        del os.environ["LLMCTL_HUB_RETRIES"]
+    hub.faults.drop_after = None
+    blobs = tmp_path / "hf" / "hub" / "models--bartowski--SmolLM2-135M-Instruct-GGUF" / "blobs"
+    partial = blobs / (DEMO_SHA + ".llmctl.partial")
+    assert 0 < partial.stat().st_size <= size
+    return partial
+
+
+def test_bad_bytes_already_in_a_partial_are_caught_on_resume(cli, hub, tmp_path: Path) -> None:
+    partial = _leave_a_partial(cli, hub, tmp_path, 20_000_000)
+    have = partial.stat().st_size
+    with open(partial, "r+b") as fh:  # damage left by something else: the resumed bytes are fine
+        fh.seek(have // 2)
+        byte = fh.read(1)
+        fh.seek(have // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    hub.log.clear()
+    r = cli("pull", DEMO_REPO)
+    assert r.exit_code == 1 and "does not match the Hub's checksum" in r.stderr
+    assert resumed_from(hub) == [have]  # it did resume, and still checked the old bytes
+    assert not partial.exists() and models(cli) == []
+    r = cli("pull", DEMO_REPO)  # and the next pull starts clean
+    assert r.exit_code == 0, r.stderr
+    (entry,) = models(cli)
+    assert hashlib.sha256(Path(entry["files"][0]).read_bytes()).hexdigest() == DEMO_SHA
+
+
+def test_a_server_that_ignores_range_makes_the_pull_start_over(cli, hub, tmp_path: Path) -> None:
+    partial = _leave_a_partial(cli, hub, tmp_path, 20_000_000)
+    have = partial.stat().st_size
+    hub.faults.ignore_range = True
+    hub.log.clear()
+    r = cli("pull", DEMO_REPO)
+    assert r.exit_code == 0, r.stderr
+    assert resumed_from(hub) == [have]  # asked for the rest, got the whole file from byte 0
+    (entry,) = models(cli)
+    assert hashlib.sha256(Path(entry["files"][0]).read_bytes()).hexdigest() == DEMO_SHA
+    assert not partial.exists()
+
+
 def test_quant_names_match_exactly_and_name_clashes_are_caught_early(cli, hub, make_gguf) -> None:
     assert cli("pull", "test/Quants-GGUF:Q8_0_L").exit_code == 0
     r = cli("pull", "test/Quants-GGUF:Q8_0")  # not "already pulled" because Q8_0 is inside Q8_0_L
