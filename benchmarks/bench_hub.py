@@ -1,11 +1,15 @@
 """Download speed and remote header reads, against the local Hub server (tests/hub_server.py).
 
-- Throughput: llmctl's transfer (``hub.download_file``: Range-capable stream,
-  sha256 computed while downloading, placed in the HF cache layout) of a
-  512 MiB file, against ``curl`` fetching the same URL from the same server.
-  Target: at least 90% of curl's rate. Best of 3 each.
-- Verification: llmctl hashes while it downloads, so verifying adds no pass
-  over the file; the table shows what a separate pass would cost (s per GB).
+- Throughput: llmctl's whole download (``hub.download_file``: a Range-capable
+  stream into the partial file, its sha256 computed on a second thread as the
+  bytes arrive, then placed in the HF cache layout) of a 512 MiB file, against
+  ``curl`` fetching the same URL from the same server and checking nothing.
+  Five rounds, alternating which goes first; the result is the median of the
+  per-round ratios, because a shared 2-core machine's speed swings by tens of
+  percent from one second to the next (curl alone ranged 500-1700 MB/s).
+  Target: at least 90% of curl's rate.
+- What a separate sha256 pass over the finished file would have added, in
+  seconds per GB (information: llmctl hashes while downloading instead).
 - Remote header read of the demo model: the number of range requests.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +31,7 @@ from demo_model import ensure_demo_model
 from llmctl import hub
 
 SIZE = 512 * 1024 * 1024
+ROUNDS = 5
 
 
 def run() -> list[Row]:
@@ -58,35 +64,43 @@ def _throughput(url: str, folder: Path, big: Path) -> list[Row]:
     commit = listing.commit
     sha = hashlib.sha256(big.read_bytes()).hexdigest()
     remote = hub.RemoteFile("big.bin", SIZE, sha)
-    ours, theirs, verify = [], [], []
-    real_hash = hub._hash_existing
+    ours, theirs = [], []
 
-    def timed_hash(path: Path):  # download_file = transfer + this verifying sha256 pass
+    def _ours(attempt: int) -> None:
+        cache = folder / f"cache{attempt}"
         start = time.perf_counter()
-        try:
-            return real_hash(path)
-        finally:
-            verify.append(time.perf_counter() - start)
+        hub.download_file("local/test-GGUF", commit, remote, cache)  # transfer + sha256 check + cache layout
+        ours.append(SIZE / (time.perf_counter() - start) / 1e6)
+        shutil.rmtree(cache)
 
-    hub._hash_existing = timed_hash
-    try:
-        for attempt in range(3):
-            cache = folder / f"cache{attempt}"
-            start = time.perf_counter()
-            hub.download_file("local/test-GGUF", commit, remote, cache)
-            total = time.perf_counter() - start
-            ours.append(SIZE / (total - verify[-1]) / 1e6)
-            shutil.rmtree(cache)
-            _curl(url, commit, folder, theirs)
-    finally:
-        hub._hash_existing = real_hash
-    verify_s_per_gb = min(verify) / (SIZE / 1e9)
-    best, curl = max(ours), max(theirs)
+    def _theirs(attempt: int) -> None:
+        _curl(url, commit, folder, theirs)
+
+    for attempt in range(ROUNDS):
+        for step in (_ours, _theirs) if attempt % 2 == 0 else (_theirs, _ours):
+            step(attempt)
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    ratio = statistics.median(ratios)
+    mine, curl = statistics.median(ours), statistics.median(theirs)
+    spread = f"rounds {min(ratios):.2f}-{max(ratios):.2f}"
+    hash_s_per_gb = _separate_hash_pass(big) / (SIZE / 1e9)
     return [
-        Row("download 512 MiB, transfer", best, "MB/s", curl, "curl, same server", ">= 90% of curl", best >= 0.9 * curl),
-        Row("sha256 verification pass", verify_s_per_gb, "s/GB", 1.0, "budget", "<= 1 s/GB", verify_s_per_gb <= 1.0),
-        Row("download + verify, end to end", 1 / (1 / best + verify_s_per_gb / 1000), "MB/s", curl, "curl (no verification)", "info", None),
+        Row(f"download 512 MiB, verified (median ratio {ratio:.3f}, {spread})", mine, "MB/s", curl, "curl, same server, no check", ">= 90% of curl", ratio >= 0.9),
+        Row("sha256 pass after a download (avoided)", hash_s_per_gb, "s/GB", None, "-", "info", None),
     ]
+
+
+def _separate_hash_pass(path: Path) -> float:
+    """What verifying a finished file in a second pass would cost (median of 3)."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(4 << 20):
+                digest.update(chunk)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _curl(url: str, commit: str, folder: Path, rates: list[float]) -> None:
