@@ -390,6 +390,7 @@ class _Hasher:
         import threading
 
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._stop = threading.Event()
         self._digest = hashlib.sha256()
         self.size = 0
         self._error: BaseException | None = None
@@ -400,18 +401,24 @@ class _Hasher:
         try:
             if prefix:
                 with open(path, "rb") as fh:
-                    while self.size < prefix and (chunk := fh.read(min(4 * CHUNK, prefix - self.size))):
+                    while self.size < prefix and not self._stop.is_set():
+                        chunk = fh.read(min(4 * CHUNK, prefix - self.size))
+                        if not chunk:
+                            break
                         self._digest.update(chunk)
                         self.size += len(chunk)
             while (chunk := self._queue.get()) is not None:
-                self._digest.update(chunk)
-                self.size += len(chunk)
-        except BaseException as exc:  # noqa: BLE001 - handed to finish(); keep draining so feed() never blocks
+                if not self._stop.is_set():
+                    self._digest.update(chunk)
+                    self.size += len(chunk)
+        except BaseException as exc:  # noqa: BLE001 - raised by feed()/finish(); keep draining so feed() never blocks
             self._error = exc
             while self._queue.get() is not None:
                 pass
 
     def feed(self, chunk: bytes) -> None:
+        if self._error is not None:  # fail now, not after the rest of the file
+            raise self._error
         self._queue.put(chunk)
 
     def finish(self) -> tuple[str, int]:
@@ -423,9 +430,23 @@ class _Hasher:
         return self._digest.hexdigest(), self.size
 
     def abandon(self) -> None:
-        """Stop without waiting (an error, or a restart from byte 0)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
+        """Stop at once (an error, Ctrl-C, or a restart from byte 0), without waiting for the thread.
+
+        Only the transfer loop feeds the queue, and it is the caller, so after
+        the queue is emptied the end marker always fits.
+        """
+        import queue
+
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:  # pragma: no cover - see above
+            pass
 
 
 def download_file(
@@ -481,6 +502,7 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
         have = 0
     if progress and have:
         progress(have)
+    partial.touch()  # exists even for a 0-byte file, which no chunk will create
     hasher = _Hasher(partial, have)
     hashed = have  # bytes the hasher has been given: what the file holds
     attempt = 0

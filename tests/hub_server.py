@@ -16,6 +16,7 @@ internet.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -147,7 +148,7 @@ class _QuietServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
+        if isinstance(exc, (ConnectionError, TimeoutError)) or getattr(exc, "errno", None) == errno.ENOTCONN:
             return
         self.hub.server_errors.append(repr(exc))
 
@@ -324,7 +325,10 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.write(chunk[:keep])
                     self.wfile.flush()
                     self.close_connection = True
-                    self.connection.shutdown(2)
+                    try:
+                        self.connection.shutdown(2)
+                    except OSError:  # the client hung up first
+                        pass
                     return
                 if faults.stall_after is not None and start + sent + len(chunk) > faults.stall_after:
                     faults.stall_after = None

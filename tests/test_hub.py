@@ -297,14 +297,25 @@ def test_rm_partials(cli, hub, tmp_path: Path) -> None:
     assert json.loads(cli("list", "--json").stdout)["partial_downloads"] == []
 
 
-def _leave_a_partial(cli, hub, tmp_path: Path, size: int) -> Path:
+def _no_hasher_threads() -> bool:
+    """No checksum thread outlives its pull (an abandoned one ends within moments)."""
+    import threading
+
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        if not [t for t in threading.enumerate() if t.name == "llmctl-sha256"]:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _leave_a_partial(cli, hub, tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A pull that stops for good after ``size`` bytes, leaving its partial file."""
     hub.faults.drop_after = size
-    os.environ["LLMCTL_HUB_RETRIES"] = "0"
-    try:
-        assert cli("pull", DEMO_REPO).exit_code == EXIT_HUB
-    finally:
-        del os.environ["LLMCTL_HUB_RETRIES"]
+    monkeypatch.setenv("LLMCTL_HUB_RETRIES", "0")
+    assert cli("pull", DEMO_REPO).exit_code == EXIT_HUB
+    monkeypatch.delenv("LLMCTL_HUB_RETRIES")
+    assert _no_hasher_threads()
     hub.faults.drop_after = None
     blobs = tmp_path / "hf" / "hub" / "models--bartowski--SmolLM2-135M-Instruct-GGUF" / "blobs"
     partial = blobs / (DEMO_SHA + ".llmctl.partial")
@@ -312,8 +323,8 @@ def _leave_a_partial(cli, hub, tmp_path: Path, size: int) -> Path:
     return partial
 
 
-def test_bad_bytes_already_in_a_partial_are_caught_on_resume(cli, hub, tmp_path: Path) -> None:
-    partial = _leave_a_partial(cli, hub, tmp_path, 20_000_000)
+def test_bad_bytes_already_in_a_partial_are_caught_on_resume(cli, hub, tmp_path: Path, monkeypatch) -> None:
+    partial = _leave_a_partial(cli, hub, tmp_path, 20_000_000, monkeypatch)
     have = partial.stat().st_size
     with open(partial, "r+b") as fh:  # damage left by something else: the resumed bytes are fine
         fh.seek(have // 2)
@@ -325,14 +336,15 @@ def test_bad_bytes_already_in_a_partial_are_caught_on_resume(cli, hub, tmp_path:
     assert r.exit_code == 1 and "does not match the Hub's checksum" in r.stderr
     assert resumed_from(hub) == [have]  # it did resume, and still checked the old bytes
     assert not partial.exists() and models(cli) == []
+    assert _no_hasher_threads()
     r = cli("pull", DEMO_REPO)  # and the next pull starts clean
     assert r.exit_code == 0, r.stderr
     (entry,) = models(cli)
     assert hashlib.sha256(Path(entry["files"][0]).read_bytes()).hexdigest() == DEMO_SHA
 
 
-def test_a_server_that_ignores_range_makes_the_pull_start_over(cli, hub, tmp_path: Path) -> None:
-    partial = _leave_a_partial(cli, hub, tmp_path, 20_000_000)
+def test_a_server_that_ignores_range_makes_the_pull_start_over(cli, hub, tmp_path: Path, monkeypatch) -> None:
+    partial = _leave_a_partial(cli, hub, tmp_path, 20_000_000, monkeypatch)
     have = partial.stat().st_size
     hub.faults.ignore_range = True
     hub.log.clear()
@@ -342,6 +354,38 @@ def test_a_server_that_ignores_range_makes_the_pull_start_over(cli, hub, tmp_pat
     (entry,) = models(cli)
     assert hashlib.sha256(Path(entry["files"][0]).read_bytes()).hexdigest() == DEMO_SHA
     assert not partial.exists()
+
+
+def test_hasher_covers_the_old_bytes_then_the_new_ones(tmp_path: Path) -> None:
+    from llmctl.hub import _Hasher
+
+    data = os.urandom(3 << 20)
+    partial = tmp_path / "f.partial"
+    partial.write_bytes(data[: 1 << 20])
+    hasher = _Hasher(partial, 1 << 20)
+    for i in range(1 << 20, len(data), 65536):
+        hasher.feed(data[i : i + 65536])
+    assert hasher.finish() == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_hasher_fails_early_and_stops_at_once(tmp_path: Path) -> None:
+    from llmctl.hub import _Hasher
+
+    hasher = _Hasher(tmp_path / "gone.partial", 1000)  # the old bytes cannot be read
+    deadline = time.time() + 5
+    while hasher._error is None and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(FileNotFoundError):
+        hasher.feed(b"x")  # the transfer stops now, not after the rest of the file
+    hasher.abandon()
+    big = tmp_path / "big.partial"
+    big.write_bytes(os.urandom(1 << 20) * 256)
+    slow = _Hasher(big, 256 << 20)
+    for _ in range(64):
+        slow.feed(b"x")  # the queue fills while the old bytes are still being hashed
+    slow.abandon()  # returns without waiting for the hashing (Ctrl-C during a large resume)
+    assert _no_hasher_threads()
+    assert slow.size < 256 << 20  # it stopped part-way through the old bytes
 
 
 def test_quant_names_match_exactly_and_name_clashes_are_caught_early(cli, hub, make_gguf) -> None:
