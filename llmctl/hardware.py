@@ -419,10 +419,10 @@ def build_warnings(hw: HardwareInfo) -> list[str]:
     return warnings
 
 
-def _in_virtual_machine() -> bool:
+def _in_virtual_machine(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """The CPU's 'hypervisor' flag (Linux); elsewhere we cannot tell cheaply, so no."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 if line.startswith("flags"):
                     return "hypervisor" in line.split()

@@ -151,10 +151,13 @@ def test_amx_build_in_a_virtual_machine_is_warned_about(cli, monkeypatch: pytest
     assert json.loads(cli("hwinfo", "--json").stdout)["warnings"] == []
 
 
-def test_in_virtual_machine_reads_the_hypervisor_flag() -> None:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((line.split() for line in text.splitlines() if line.startswith("flags")), [])
-    assert hardware._in_virtual_machine() == ("hypervisor" in flags)
+def test_in_virtual_machine_reads_the_hypervisor_flag(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu vme avx2 hypervisor amx_tile\n\nprocessor\t: 1\n")
+    assert hardware._in_virtual_machine(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu vme avx2 amx_tile\nbugs\t\t: hypervisor_like\n")
+    assert not hardware._in_virtual_machine(str(info))
+    assert not hardware._in_virtual_machine(str(tmp_path / "missing"))  # macOS, Windows
 
 
 def test_fit_command_on_the_demo_model(cli, demo_model: Path) -> None:
