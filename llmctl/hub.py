@@ -516,6 +516,8 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
             try:
                 with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=read_timeout()) as response:
                     if response.status_code == 200 and have:
+                        if progress:
+                            progress(-have)  # the bar goes back to 0 with the file
                         have = before = 0  # the server ignored Range: start over
                         mode = "wb"
                     elif response.status_code in (200, 206):

@@ -356,6 +356,21 @@ def test_a_server_that_ignores_range_makes_the_pull_start_over(cli, hub, tmp_pat
     assert not partial.exists()
 
 
+def test_progress_ends_at_the_file_size_after_a_restart(cli, hub, tmp_path: Path, monkeypatch) -> None:
+    import itertools
+
+    from llmctl import hub as hub_api
+
+    _leave_a_partial(cli, hub, tmp_path, 20_000_000, monkeypatch)
+    hub.faults.ignore_range = True
+    listing = hub_api.list_repo(DEMO_REPO)
+    (remote,) = listing.models[0].files
+    steps: list[int] = []
+    hub_api.download_file(DEMO_REPO, listing.commit, remote, tmp_path / "hf" / "hub", progress=steps.append)
+    shown = list(itertools.accumulate(steps))
+    assert shown[-1] == remote.size and min(shown) >= 0 and max(shown) <= remote.size
+
+
 def test_hasher_covers_the_old_bytes_then_the_new_ones(tmp_path: Path) -> None:
     from llmctl.hub import _Hasher
 
