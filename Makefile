@@ -8,24 +8,25 @@ DEMO_MODEL := $(DEMO_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_HOME := $(DEMO_DIR)/demo-home
 export LLMCTL_DEMO_MODEL := $(DEMO_MODEL)
 
-.PHONY: setup demo test bench bench-compare docs clean
+.PHONY: setup llama-cpp demo test bench bench-compare docs clean
 
-# Reinstalls only when pyproject.toml changes. llama-cpp-python is compiled once per
-# machine and CMAKE_ARGS into $(DEMO_DIR)/wheels (see tests/llama_wheel.py), not
-# taken from pip's cache, which would hand one CPU's native build to another.
-$(STAMP): pyproject.toml tests/llama_wheel.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) tests/llama_wheel.py --cache $(DEMO_DIR) --venv-python $(PY)
+# llama-cpp-python is compiled once per machine and CMAKE_ARGS into $(DEMO_DIR)/wheels
+# (see tests/llama_wheel.py), not taken from pip's cache, which would hand one CPU's
+# native build to another. Runs every time (a no-op when the right wheel is installed),
+# so `CMAKE_ARGS=... make setup` switches the build, and always before the install below.
+llama-cpp:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) tests/llama_wheel.py --cache $(DEMO_DIR) --venv-python $(PY) >/dev/null
+
+# Reinstalls only when pyproject.toml changes.
+$(STAMP): pyproject.toml | llama-cpp
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
 $(DEMO_MODEL): | $(STAMP)
 	$(PY) tests/demo_model.py --dest $(DEMO_DIR)
 
-# Run every time (a no-op when the wheel for this machine and CMAKE_ARGS is installed),
-# so that `CMAKE_ARGS=... make setup` switches the build.
-setup: $(STAMP) $(DEMO_MODEL)
-	@$(PY) tests/llama_wheel.py --cache $(DEMO_DIR) --venv-python $(PY) >/dev/null
+setup: llama-cpp $(STAMP) $(DEMO_MODEL)
 
 # The main job on the demo model, in a demo store of its own (your models are untouched).
 demo: setup

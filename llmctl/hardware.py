@@ -105,9 +105,10 @@ class HardwareInfo:
 # --- live probe -----------------------------------------------------------------
 
 
-def _proc_cpuinfo() -> tuple[str, list[str]] | None:
+def _read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, set[str]] | None:
+    """The first CPU's brand and raw flags from a cpuinfo file (Linux); None without one."""
     try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        text = Path(path).read_text(errors="replace")
     except OSError:
         return None
     brand, flags = "", set()
@@ -117,9 +118,16 @@ def _proc_cpuinfo() -> tuple[str, list[str]] | None:
         if key in ("model name", "hardware", "cpu model") and not brand:
             brand = value.strip()
         elif key in ("flags", "features") and not flags:
-            flags = {_FLAG_ALIASES.get(f, f) for f in value.split()}
-    if not flags:
+            flags = set(value.split())
+    return brand, flags
+
+
+def _proc_cpuinfo() -> tuple[str, list[str]] | None:
+    info = _read_cpuinfo()
+    if info is None or not info[1]:
         return None
+    brand, raw = info
+    flags = {_FLAG_ALIASES.get(f, f) for f in raw}
     return brand or platform.processor() or "unknown", sorted(f for f in CPU_FEATURES if f in flags)
 
 
@@ -421,14 +429,8 @@ def build_warnings(hw: HardwareInfo) -> list[str]:
 
 def _in_virtual_machine(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """The CPU's 'hypervisor' flag (Linux); elsewhere we cannot tell cheaply, so no."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return "hypervisor" in line.split()
-    except OSError:
-        pass
-    return False
+    info = _read_cpuinfo(cpuinfo)
+    return info is not None and "hypervisor" in info[1]
 
 
 # --- profiles -------------------------------------------------------------------

@@ -310,12 +310,12 @@ class HubSource:
                     if response.status_code == 206:
                         return response.read()
                     if response.status_code == 200:  # a server that ignores Range: read only as far as needed
-                        body = b""
+                        body = bytearray()
                         for chunk in response.iter_raw():
                             body += chunk
                             if len(body) > end:
                                 break
-                        return body[offset : end + 1]
+                        return bytes(body[offset : end + 1])
                     if response.status_code < 500:
                         response.read()
                         _raise_for_status(response)
@@ -503,8 +503,7 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
     if progress and have:
         progress(have)
     partial.touch()  # exists even for a 0-byte file, which no chunk will create
-    hasher = _Hasher(partial, have)
-    hashed = have  # bytes the hasher has been given: what the file holds
+    hasher = _Hasher(partial, have)  # from here on, given every byte the file gains
     attempt = 0
     try:
         while have < remote.size:
@@ -515,11 +514,13 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
                 headers["Range"] = f"bytes={have}-"
             try:
                 with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=read_timeout()) as response:
-                    if response.status_code == 200 and have:
+                    if response.status_code == 200 and have:  # the server ignored Range: start over
                         if progress:
                             progress(-have)  # the bar goes back to 0 with the file
-                        have = before = 0  # the server ignored Range: start over
+                        have = before = 0
                         mode = "wb"
+                        hasher.abandon()
+                        hasher = _Hasher(partial, 0)
                     elif response.status_code in (200, 206):
                         mode = "ab" if have else "wb"
                     elif response.status_code >= 500 or response.status_code == 429:
@@ -529,14 +530,10 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
                             response.read()
                             _raise_for_status(response)
                         raise HubError(f"unexpected HTTP {response.status_code} for {remote.path}")
-                    if mode == "wb" and hashed:
-                        hasher.abandon()
-                        hasher, hashed = _Hasher(partial, 0), 0
                     with open(partial, mode) as out:
                         for chunk in response.iter_raw():  # as received: no re-chunking copies
                             out.write(chunk)
                             hasher.feed(chunk)
-                            hashed += len(chunk)
                             have += len(chunk)
                             if progress:
                                 progress(len(chunk))
@@ -558,9 +555,6 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
                     ) from None
                 _backoff(attempt)
                 have = partial.stat().st_size if partial.exists() else 0
-                if have != hashed:  # the file is not what was hashed (cannot happen; never trust it)
-                    hasher.abandon()
-                    hasher, hashed = _Hasher(partial, have), have
         digest, size = hasher.finish()
     except BaseException:
         hasher.abandon()
