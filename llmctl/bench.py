@@ -87,7 +87,7 @@ def measure(llm: Any, *, n_prompt: int = 0, n_gen: int = 0, n_depth: int = 0, re
     if repetitions < 1:
         raise ValueError("repetitions must be at least 1")
     runner = LowLevel(llm)
-    name = "+".join(part for part in (f"pp{n_prompt}" if n_prompt else "", f"tg{n_gen}" if n_gen else "") if part)
+    name = test_name(n_prompt, n_gen, n_depth)
     # warm-up, as llama-bench does: a prompt run, and a one-token generation for tg tests
     runner.clear()
     if n_prompt:
@@ -114,22 +114,28 @@ def measure(llm: Any, *, n_prompt: int = 0, n_gen: int = 0, n_depth: int = 0, re
 from llmctl.errors import UsageError  # noqa: E402
 
 
-def parse_sweep(text: str, flag: str, *, kind: type = int, minimum: int = 0) -> list[Any]:
+def test_name(n_prompt: int, n_gen: int, depth: int = 0) -> str:
+    """llama-bench's name for a test: pp512, tg128, pp512+tg128, with " @ dN" at a depth."""
+    name = "+".join(p for p in (f"pp{n_prompt}" if n_prompt else "", f"tg{n_gen}" if n_gen else "") if p)
+    return f"{name} @ d{depth}" if depth else name
+
+
+def parse_sweep(text: str, flag: str, *, minimum: int = 0) -> list[int]:
     """llama-bench's list syntax: ``1,2,4``, ranges ``1-8``, ``1-8+2`` (step), ``1-64*2`` (multiply)."""
-    values: list[Any] = []
+    values: list[int] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             raise UsageError(f"{flag} {text!r}: empty value", hint="use a comma list like 1,2,4 or a range like 1-8")
-        if kind is int and "-" in part[1:]:
+        if "-" in part[1:]:
             values.extend(_range(part, flag))
             continue
         try:
-            values.append(kind(part))
+            values.append(int(part))
         except ValueError:
             raise UsageError(f"{flag} {text!r}: {part!r} is not a valid value", hint="use a comma list like 1,2,4") from None
     for value in values:
-        if kind is int and value < minimum:
+        if value < minimum:
             raise UsageError(f"{flag} {text!r}: {value} is below {minimum}")
     return list(dict.fromkeys(values))
 

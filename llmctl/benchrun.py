@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmctl import __version__, fit, gguf
-from llmctl.bench import Measurement, measure
+from llmctl.bench import Measurement, measure, test_name
 from llmctl.errors import LlmctlError, NotFoundError, UsageError
 from llmctl.hardware import HardwareInfo
+from llmctl.store import now_iso
 
 RUN_FORMAT = 1
 
@@ -169,11 +170,6 @@ def new_run(hw: HardwareInfo) -> BenchRun:
     return BenchRun(run_id, now.replace(microsecond=0).isoformat(), fingerprint(hw))
 
 
-def test_name(n_prompt: int, n_gen: int, depth: int) -> str:
-    name = "+".join(p for p in (f"pp{n_prompt}" if n_prompt else "", f"tg{n_gen}" if n_gen else "") if p)
-    return f"{name} @ d{depth}" if depth else name
-
-
 @dataclass
 class BenchModel:
     label: str
@@ -199,11 +195,14 @@ def run_model(
     """Every configuration × test of one model, appended to ``run`` as they finish."""
     import llama_cpp
 
+    from llmctl.engine import _ggml_type
+
     info = model.info
     size = sum(p.stat().st_size for p in model.paths)
     tests = sweep.tests()
     n_ctx = max((p + g + d for p, g, d in tests), default=512)
     peak = _rss()
+    peak_vram: int | None = None  # read while a model is loaded: after `del llm` it is gone
     first_load = True
     for config in sweep.load_configs():
         overrides = fit.Overrides(
@@ -236,8 +235,8 @@ def run_model(
                 n_threads=config["threads"],
                 n_threads_batch=config["threads"],
                 flash_attn=load.flash_attn,
-                type_k=_kv(load.type_k),
-                type_v=_kv(load.type_v),
+                type_k=_ggml_type(load.type_k),
+                type_v=_ggml_type(load.type_v),
                 verbose=False,
             )
             load_s = time.perf_counter() - start
@@ -258,12 +257,15 @@ def run_model(
                 continue
             _fill(row, result, info, load, hw)
             peak = max(peak, _rss())
+            vram = _vram_used(hw)
+            if vram is not None:
+                peak_vram = max(peak_vram or 0, vram)
             _emit(run, row, on_row)
         del llm
     for extra in run.extras:
         if extra.model == model.label:
             extra.peak_rss_bytes = peak
-            extra.peak_vram_bytes = _vram_used(hw)
+            extra.peak_vram_bytes = peak_vram
 
 
 def _emit(run: BenchRun, row: Row, on_row: Callable[[Row], None] | None) -> None:
@@ -291,7 +293,7 @@ def _row(model: BenchModel, info: gguf.ModelInfo, size: int, hw: HardwareInfo, c
         n_gen=g,
         n_depth=d,
         test=test_name(p, g, d),
-        test_time=datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        test_time=now_iso(),
     )
 
 
@@ -365,12 +367,6 @@ def _vram_used(hw: HardwareInfo) -> int | None:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - VRAM is a bonus figure
         return None
-
-
-def _kv(name: str) -> int | None:
-    from llmctl.engine import _ggml_type
-
-    return _ggml_type(name)
 
 
 # --- history --------------------------------------------------------------------------

@@ -89,12 +89,16 @@ def open_model(
 
 def apply_tuned(overrides: Overrides, paths: list) -> Overrides:
     """This machine's `bench --tune` result for the model, where the user did not say otherwise."""
-    from dataclasses import replace
-
     from llmctl.benchrun import load_tuned
     from llmctl.hardware import _machine_key
 
-    tuned = load_tuned(get_settings().home, _machine_key(), paths)
+    return merge_tuned(overrides, load_tuned(get_settings().home, _machine_key(), paths))
+
+
+def merge_tuned(overrides: Overrides, tuned: dict | None) -> Overrides:
+    """A tuned profile (from `load_tuned`) under the user's own overrides."""
+    from dataclasses import replace
+
     if not tuned:
         return overrides
     return replace(

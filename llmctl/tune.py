@@ -9,13 +9,13 @@ unless told otherwise.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from llmctl import fit
 from llmctl.bench import measure
 from llmctl.benchrun import BenchModel
 from llmctl.hardware import HardwareInfo
+from llmctl.store import now_iso
 
 TG, PP, REPS = 32, 256, 2
 
@@ -65,5 +65,5 @@ def tune(model: BenchModel, hw: HardwareInfo, on_step: Callable[[str], None] = l
         "n_gpu_layers": best_ngl,
         "tg_ts": round(best_tg, 2),
         "pp_ts": round(best_pp, 2),
-        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "created": now_iso(),
     }

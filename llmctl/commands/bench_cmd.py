@@ -15,7 +15,6 @@ from llmctl import gguf, output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, UsageError
-from llmctl.fit import KV_TYPES
 from llmctl.hardware import _machine_key, get_hardware
 from llmctl.options import ModelsArg
 
@@ -100,10 +99,11 @@ def _sweep(args: dict, hw) -> benchrun.Sweep:
     from llmctl import benchrun
     from llmctl.bench import parse_bools, parse_pairs, parse_sweep
 
+    from llmctl.commands.fit_cmd import _cache_type
+
     for name, flag in (("cache_type_k", "--cache-type-k"), ("cache_type_v", "--cache-type-v")):
         for value in args[name].split(","):
-            if value.strip().lower() not in KV_TYPES:
-                raise UsageError(f"{flag} {value!r} is not a KV cache type", hint="one of " + ", ".join(KV_TYPES))
+            _cache_type(value.strip(), flag)
     return benchrun.Sweep(
         threads=parse_sweep(args["threads"], "--threads", minimum=1) if args["threads"] else [hw.cpu.physical_cores],
         gpu_layers=parse_sweep(args["gpu_layers"], "--gpu-layers") if args["gpu_layers"] else [None],

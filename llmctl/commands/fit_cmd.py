@@ -12,7 +12,7 @@ from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import NotFoundError, UsageError
 from llmctl.hardware import get_hardware
-from llmctl.runner import apply_tuned
+from llmctl.runner import merge_tuned
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
 
 
@@ -40,7 +40,7 @@ def fit_command(
     candidates = _local_or_remote(model)
     tuned = _tuned_for(candidates) if hw_profile is None else None
     if tuned:
-        overrides = apply_tuned(overrides, [Path(candidates[0].location)])
+        overrides = merge_tuned(overrides, tuned)
     plan = fit.make_plan(candidates, hw, overrides, force=True)
     if tuned:
         plan.reasons.append(
