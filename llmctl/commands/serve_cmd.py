@@ -94,25 +94,45 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
 def _call(server: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One request to a running server. Redirects are not followed: the API key goes to ``server``
+    and nowhere else."""
     import urllib.error
     import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # urllib then raises HTTPError with the 3xx
 
     try:
         request = urllib.request.Request(server.rstrip("/") + path, method=method, data=json.dumps(body).encode() if body else None)
         request.add_header("Content-Type", "application/json")
         key = os.environ.get("LLMCTL_API_KEY")
         if key:
-            request.add_header("Authorization", f"Bearer {key}")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            data = json.loads(response.read())
+            request.add_unredirected_header("Authorization", f"Bearer {key}")
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as response:
+            raw = response.read(MAX_ANSWER_BYTES + 1)
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer larger than {MAX_ANSWER_BYTES} bytes")
+        data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("not an llmctl answer")
         return data
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            target = str(exc.headers.get("Location", "elsewhere") if exc.headers else "elsewhere")[:200]
+            raise LlmctlError(
+                f"{server} answered with a redirect (HTTP {exc.code}) to {target}; llmctl does not follow it, so the API key stays with {server}",
+                hint="point --server / LLMCTL_SERVER at the llmctl server itself",
+            ) from None
         try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
+            message = json.loads(exc.read(MAX_ANSWER_BYTES))["error"]["message"]
+            if not isinstance(message, str):
+                raise TypeError(message)
+        except (ValueError, KeyError, TypeError, OSError):
             message = f"HTTP {exc.code}"
         if exc.code == 404:
             raise NotFoundError(message) from None
