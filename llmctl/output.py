@@ -24,32 +24,118 @@ if TYPE_CHECKING:
 
 
 # --- escaping ---------------------------------------------------------------
+#
+# Text from model files and from models themselves is untrusted: a GGUF name or
+# a generated token can hold ESC sequences (colours, cursor moves, OSC 52
+# clipboard writes, window titles), C1 controls (U+0080-U+009F, which some
+# terminals obey like ESC sequences), bidi overrides (U+202A-U+202E,
+# U+2066-U+2069) that reorder what is shown, and U+2028/U+2029. What a terminal
+# shows, or a log records, passes through the functions below; data on a pipe
+# stays exact (docs/json.md, "Text from models").
 
-_KEEP_LAYOUT = {"\n", "\t"}
+# Control (C0, DEL, C1), format (bidi, zero-width), surrogate, private-use,
+# line and paragraph separator characters.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+_KEEP_LAYOUT = frozenset({"\n", "\t"})
+# Zero-width (non-)joiners build emoji and are part of several scripts; they
+# move no cursor and reorder nothing, so a model's reply keeps them.
+_KEEP_IN_REPLIES = _KEEP_LAYOUT | {"\u200c", "\u200d"}
 
 
 def _escape_char(ch: str) -> str:
     code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _escape(text: str, keep: frozenset[str]) -> str:
+    if text.isprintable():
+        return text
+    return "".join(
+        _escape_char(ch) if ch not in keep and unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in text
+    )
 
 
 def safe(text: str, keep_layout: bool = False) -> str:
-    """Escape control and format characters (ESC, BEL, bidi overrides, …).
+    """Show control and format characters escaped (ESC as ``\\x1b``, U+202E as ``\\u202e``): C0, DEL, C1,
+    bidi controls, zero-width characters, U+2028/U+2029, surrogates and private-use characters.
 
     With ``keep_layout`` newlines and tabs survive, for multi-line text such as
     chat templates.
     """
-    if text.isprintable() and not keep_layout:
-        return text
-    out = []
-    for ch in text:
-        if keep_layout and ch in _KEEP_LAYOUT:
-            out.append(ch)
-        elif unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co", "Zl", "Zp"}:
-            out.append(_escape_char(ch))
-        else:
-            out.append(ch)
-    return "".join(out)
+    return _escape(text, _KEEP_LAYOUT if keep_layout else frozenset())
+
+
+def safe_reply(text: str) -> str:
+    """A model's generated text for a terminal: like ``safe(text, keep_layout=True)``, and emoji joiners kept."""
+    return _escape(text, _KEEP_IN_REPLIES)
+
+
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """JSON text that a terminal cannot act on, and that decodes to exactly ``data``.
+
+    ``json.dumps(ensure_ascii=False)`` escapes only C0 controls; here every
+    character :func:`safe` would escape is written as a ``\\u`` escape too (DEL,
+    C1, bidi controls, U+2028/U+2029, …), while other non-ASCII text stays
+    readable.
+    """
+    text = json.dumps(data, indent=indent, ensure_ascii=False)
+    # Only string contents can hold such characters, and a raw "\n" is never inside one.
+    return "\n".join(line if line.isprintable() else _json_escape_line(line) for line in text.split("\n"))
+
+
+def _json_escape_line(line: str) -> str:
+    return "".join(
+        json.dumps(ch)[1:-1] if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in line
+    )
+
+
+class ReplyWriter:
+    """A model's reply on stdout, written piece by piece as it streams.
+
+    On a pipe or a file the text is written exactly as generated. On a
+    terminal each piece is neutralised with :func:`safe_reply` on its own:
+    every character is judged alone, so an ESC at the end of one piece is shown
+    as ``\\x1b`` whatever the next piece brings. A carriage return is held back
+    until the next piece shows whether it ends a line (``\\r\\n``, written as
+    ``\\n``) or would let the text overwrite what the line already shows
+    (escaped).
+    """
+
+    def __init__(self, terminal: bool | None = None) -> None:
+        self.terminal = _is_tty(sys.stdout) if terminal is None else terminal
+        self._held_cr = False
+        self._last = "\n"
+
+    def filter(self, piece: str) -> str:
+        """The text to write for ``piece`` (exact off a terminal)."""
+        if not self.terminal or not piece:
+            return piece
+        if self._held_cr:
+            piece = "\r" + piece
+            self._held_cr = False
+        if piece.endswith("\r"):
+            piece = piece[:-1]
+            self._held_cr = True
+        return safe_reply(piece.replace("\r\n", "\n"))
+
+    def write(self, piece: str) -> None:
+        text = self.filter(piece)
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self._last = text[-1]
+
+    def finish(self, *, newline: bool = True) -> None:
+        """End the reply: a held carriage return is shown escaped; a final newline always, or only if missing."""
+        tail = _escape_char("\r") if self._held_cr else ""
+        self._held_cr = False
+        if newline or not (tail or self._last).endswith("\n"):
+            tail += "\n"
+        sys.stdout.write(tail)
+        sys.stdout.flush()
+        self._last = "\n"
 
 
 # --- consoles ---------------------------------------------------------------
@@ -91,8 +177,8 @@ def interactive_stderr() -> bool:
 
 
 def emit_json(data: Any) -> None:
-    """Print one JSON document on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    """Print one JSON document on stdout (see :func:`json_text`)."""
+    sys.stdout.write(json_text(data) + "\n")
     sys.stdout.flush()
 
 

@@ -181,23 +181,23 @@ def _show_reply(stream: Iterator[str | Result], *, markdown: bool, interactive: 
         from rich.live import Live
         from rich.markdown import Markdown
 
+        rendered = output.ReplyWriter(terminal=True)  # Markdown is drawn for a terminal: always neutralised
         text = ""
         with Live(Markdown(""), console=output._make_console(stderr=False), refresh_per_second=8) as live:
             for piece in stream:
                 if isinstance(piece, Result):
                     result = piece
                 else:
-                    text += piece
+                    text += rendered.filter(piece)
                     live.update(Markdown(text))
     else:
+        reply = output.ReplyWriter()  # exact on a pipe; escape sequences neutralised on a terminal
         for piece in stream:
             if isinstance(piece, Result):
                 result = piece
             else:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+                reply.write(piece)
+        reply.finish()
     if result is not None and interactive:
         t = result.timings
         rate = t.generation_tokens_per_second

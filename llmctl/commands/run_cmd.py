@@ -75,21 +75,21 @@ def run(
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         stream = engine.chat(messages, sampling, response_format=response_format)
     live = not (no_stream or json_output)
+    reply = output.ReplyWriter()  # exact on a pipe; escape sequences neutralised on a terminal
     result: Result | None = None
     for piece in stream:
         if isinstance(piece, Result):
             result = piece
         elif live:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            reply.write(piece)
     assert result is not None
     if json_output:
         output.emit_json(_json(loaded, result))
     elif live:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        reply.finish()
     else:
-        output.emit_text(result.text)
+        reply.write(result.text)
+        reply.finish(newline=False)
     if verbose:
         print_summary(result.timings)
 
