@@ -3,6 +3,14 @@
 Field names follow llama-bench's JSON/CSV output where they exist, so tools
 that read llama-bench's files read these; llmctl's own fields are added
 after them (docs/benchmarks.md lists both).
+
+Text cells come from model files (``general.*`` metadata, file names) and are
+untrusted. JSON and JSONL escape every non-ASCII character and so stay exact.
+Markdown is read on terminals and in documents: control and bidi characters
+are shown escaped and ``|`` cannot split a cell. CSV is data but is often
+opened in a terminal or a spreadsheet: control and bidi characters are shown
+escaped, and a text cell that a spreadsheet would run as a formula (one that
+starts with ``=``, ``+``, ``-``, ``@``) gets a leading ``'``.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from html import escape
 from typing import Any
 
 from llmctl.benchrun import BenchRun, Row
+from llmctl.output import safe
 
 LLAMA_BENCH_FIELDS = [
     "build_commit", "build_number", "cpu_info", "gpu_info", "backends", "model_filename", "model_type",
@@ -63,8 +72,24 @@ def to_csv(run: BenchRun) -> str:
         rec = record(run, row)
         rec["samples_ns"] = ";".join(str(v) for v in rec["samples_ns"])
         rec["samples_ts"] = ";".join(str(v) for v in rec["samples_ts"])
-        writer.writerow(rec)
+        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
     return buffer.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell made harmless for terminals and spreadsheets; numbers and other values pass as they are."""
+    if not isinstance(value, str):
+        return value
+    text = safe(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def md_cell(text: str) -> str:
+    """A Markdown table cell: control and bidi characters escaped, ``|`` unable to end the cell."""
+    return safe(text).replace("|", "\\|")
 
 
 def human_size(n: int) -> str:
@@ -114,19 +139,19 @@ def to_markdown(run: BenchRun) -> str:
     right = {"size", "params", "threads", "t/s", "% of bw bound"}
     lines = ["| " + " | ".join(columns) + " |"]
     lines.append("| " + " | ".join("---:" if c in right else "---" for c in columns) + " |")
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     extras = [e for e in run.extras if e.status == "ok"]
     if extras:
         text += "\n| model | load cold | load warm | TTFT (run path) | generation (run path) | peak RSS |\n|---|---:|---:|---:|---:|---:|\n"
         for e in extras:
             text += (
-                f"| {e.model} | {_s(e.load_cold_s)} | {_s(e.load_warm_s)} | {_s(e.ttft_s)} | "
+                f"| {md_cell(e.model)} | {_s(e.load_cold_s)} | {_s(e.load_warm_s)} | {_s(e.ttft_s)} | "
                 f"{e.e2e_tokens_per_second or '-'} t/s | {human_size(e.peak_rss_bytes) if e.peak_rss_bytes else '-'} |\n"
             )
     bw = run.fingerprint.get("bandwidth_gbs")
     if bw:
-        text += f"\nMemory bandwidth (measured, one core reading): {bw} GB/s. build: {run.fingerprint.get('build_commit')}\n"
+        text += f"\nMemory bandwidth (measured, one core reading): {bw} GB/s. build: {md_cell(str(run.fingerprint.get('build_commit')))}\n"
     return text
 
 
@@ -169,12 +194,12 @@ def svg_chart(pairs: list[tuple[str, float]], title: str) -> str:
     top = max((v for _, v in pairs), default=1) or 1
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 90}" height="{height}" font-family="sans-serif" font-size="12">',
-        f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(title)}</text>',
+        f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(safe(title))}</text>',
     ]
     for i, (label, value) in enumerate(pairs):
         y = 34 + i * (bar_h + gap)
         w = max(int(value / top * width), 1)
-        parts.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{escape(label)}</text>')
+        parts.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{escape(safe(label))}</text>')
         parts.append(f'<rect x="{left}" y="{y}" width="{w}" height="{bar_h}" fill="#4a7bd0"/>')
         parts.append(f'<text x="{left + w + 6}" y="{y + 15}">{value:.1f} t/s</text>')
     parts.append("</svg>")

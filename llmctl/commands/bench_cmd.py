@@ -81,10 +81,17 @@ def bench(
     except KeyboardInterrupt:
         run.interrupted = True
         output.warn("interrupted: showing the results so far")
-    if run.rows:
+    failed = [r for r in run.rows if r.status.startswith("failed")]
+    all_failed = bool(failed) and not any(r.ok for r in run.rows)
+    if run.rows and not all_failed:  # a run that measured nothing would only clutter --history and --compare
         saved = benchrun.save_run(home, run)
         output.info(f"saved as run {run.run_id} ({saved})")
     _render(run, output_format)
+    if all_failed and not run.interrupted:
+        raise LlmctlError(  # exit 1
+            f"every test failed, nothing was measured or saved (first failure: {failed[0].status.removeprefix('failed: ')})",
+            hint="check that llama.cpp can load the model: `llmctl run MODEL hello`; LLMCTL_DEBUG=1 shows its log",
+        )
     if chart or chart_file:
         pairs = benchreport.chart_pairs(run)
         if chart:
