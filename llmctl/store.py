@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -584,6 +585,133 @@ def _row_quant_is(row: Listing, quant: str) -> bool:
 
 
 # --- import --------------------------------------------------------------------
+#
+# ``import --copy`` writes each part to ``<part>.llmctl.partial`` inside
+# ``$LLMCTL_HOME/models/<name>/`` and renames it when complete. The whole copy
+# and the registration run under ``models/<name>.llmctl.lock``: a second import
+# into the same folder waits for the first and then finds the name taken, and
+# ``list`` / ``rm --partials`` can tell a partial that a running import is
+# writing from one a killed import left behind.
+
+IMPORT_PARTIAL_SUFFIX = ".llmctl.partial"
+IMPORT_LOCK_SUFFIX = ".llmctl.lock"
+COPY_CHUNK = 4 * 1024 * 1024
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse anything but a regular file before anything opens it: opening a FIFO blocks for ever."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file", hint="check the path") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{path} is a directory", hint="give the path of a .gguf file")
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise UsageError(f"{path} is {kind}, not a model file", hint="give the path of a .gguf file")
+
+
+def _open_regular(path: Path) -> Any:
+    """Open for reading without blocking on a FIFO swapped in since the check, and check again."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{path} is not a regular file any more", hint="give the path of a .gguf file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextmanager
+def _folder_lock(folder: Path, *, wait: bool, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Lock ``<folder>.llmctl.lock``; yields False (holding nothing) when busy and not waiting."""
+    lock_path = folder.with_name(folder.name + IMPORT_LOCK_SUFFIX)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no cross-process lock
+            yield True
+            return
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if on_wait:
+                on_wait()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    # The lock file stays: deleting it while another process opens it would split the lock.
+
+
+@dataclass
+class ImportPartial:
+    """A part that ``import --copy`` began to copy and did not finish."""
+
+    path: Path
+    size: int
+    in_use: bool  # a running import is writing it now
+
+
+def find_import_partials(models_dir: Path) -> list[ImportPartial]:
+    found: list[ImportPartial] = []
+    if not models_dir.is_dir():
+        return found
+    for path in sorted(models_dir.glob("*/*" + IMPORT_PARTIAL_SUFFIX)):
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # finished (renamed) since the glob
+            continue
+        found.append(ImportPartial(path, size, in_use=_folder_busy(path.parent)))
+    return found
+
+
+def _folder_busy(folder: Path) -> bool:
+    """Whether an import holds the folder's lock; never creates the lock file (``list`` only looks)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return False
+    try:
+        handle = open(folder.with_name(folder.name + IMPORT_LOCK_SUFFIX), "rb")
+    except OSError:  # no lock file: no import ever held it
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
+
+
+def remove_import_partial(partial: ImportPartial) -> bool:
+    """Delete a partial copy unless an import is writing it; False when one is."""
+    folder = partial.path.parent
+    with _folder_lock(folder, wait=False) as free:
+        if not free:
+            return False
+        partial.path.unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return True
 
 
 def import_model(
@@ -593,17 +721,17 @@ def import_model(
     name: str | None,
     copy: bool,
     progress: Callable[[str, int], Any] | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> tuple[ModelEntry, gguf.ModelInfo]:
     """Validate a GGUF (all parts of a split one) and register it.
 
     Nothing is registered unless every part reads cleanly; a copy is written to
-    a temporary name and renamed into place only when complete.
+    a temporary name and renamed into place only when complete. ``on_wait`` is
+    called when another import is copying into the same folder and this one
+    waits for it.
     """
     path = path.expanduser()
-    if not path.exists():
-        raise NotFoundError(f"{path}: no such file", hint="check the path")
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory", hint="give the path of a .gguf file")
+    require_regular_file(path)
     parts = [p.resolve() for p in gguf.split_parts(path)]
     missing = [p for p in parts if not p.exists()]
     if missing:
@@ -611,44 +739,57 @@ def import_model(
             f"{missing[0]}: part {parts.index(missing[0]) + 1} of {len(parts)} of this split model is missing",
             hint="download every part into the same folder",
         )
+    for part in parts:
+        require_regular_file(part)
     _, info = gguf.read_model(parts)
     existing = store.find_by_path(parts[0])
     if existing is not None:
         raise UsageError(f"{path} is already registered as '{existing.name}'", hint="use that name")
     # Named after the path the user gave (a symlink's own name, not its hashed target).
     final_name = validate_name(name) if name else default_name(gguf.split_parts(path)[0], info.quant)
-    if store.get(final_name) is not None:
+    _check_name_free(store, final_name)
+
+    size = sum(p.stat().st_size for p in parts)
+    if not copy:
+        hashes = [sha256_file(p, _progress_for(progress, p)) for p in parts]
+        source = {"type": "import", "path": str(parts[0])}
+        entry = _new_entry(final_name, parts, source, False, size, hashes, info)
+        store.add(entry)
+        return entry, info
+    dest_dir = store.settings.models_dir / final_name.replace(":", "-")
+    with _folder_lock(dest_dir, wait=True, on_wait=on_wait):
+        _check_name_free(store, final_name)  # a concurrent import may have taken it while this one waited
+        files, hashes = _copy_parts(store, parts, dest_dir, progress)
+        entry = _new_entry(final_name, files, {"type": "copy", "path": str(parts[0])}, True, size, hashes, info)
+        try:
+            store.add(entry)
+        except BaseException:
+            store.delete_files(list(files), inside=store.settings.models_dir)
+            raise
+    return entry, info
+
+
+def _check_name_free(store: Store, name: str) -> None:
+    if store.get(name) is not None:
         raise UsageError(
-            f"a model named '{final_name}' already exists",
+            f"a model named '{name}' already exists",
             hint="choose another with --name, or remove it with `llmctl rm`",
         )
 
-    size = sum(p.stat().st_size for p in parts)
-    if copy:
-        dest_dir = store.settings.models_dir / final_name.replace(":", "-")
-        files, hashes = _copy_parts(parts, dest_dir, progress)
-        source = {"type": "copy", "path": str(parts[0])}
-    else:
-        files = parts
-        hashes = [sha256_file(p, _progress_for(progress, p)) for p in parts]
-        source = {"type": "import", "path": str(parts[0])}
-    entry = ModelEntry(
-        name=final_name,
+
+def _new_entry(
+    name: str, files: list[Path], source: dict[str, Any], owned: bool, size: int, hashes: list[str | None], info: gguf.ModelInfo
+) -> ModelEntry:
+    return ModelEntry(
+        name=name,
         files=[str(f) for f in files],
         source=source,
-        owned=copy,
+        owned=owned,
         size=size,
         sha256=hashes,
         added=now_iso(),
         header=header_cache_entry(files, info),
     )
-    try:
-        store.add(entry)
-    except BaseException:
-        if copy:
-            store.delete_files(list(files), inside=store.settings.models_dir)
-        raise
-    return entry, info
 
 
 def _progress_for(progress: Callable[[str, int], Any] | None, path: Path) -> Callable[[int], None] | None:
@@ -658,8 +799,9 @@ def _progress_for(progress: Callable[[str, int], Any] | None, path: Path) -> Cal
 
 
 def _copy_parts(
-    parts: list[Path], dest_dir: Path, progress: Callable[[str, int], Any] | None
+    store: Store, parts: list[Path], dest_dir: Path, progress: Callable[[str, int], Any] | None
 ) -> tuple[list[Path], list[str | None]]:
+    """Copy under the folder's lock (held by the caller), hashing as the bytes pass."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     needed = sum(p.stat().st_size for p in parts)
     free = shutil.disk_usage(dest_dir).free
@@ -674,11 +816,14 @@ def _copy_parts(
         for part in parts:
             dest = dest_dir / part.name
             if dest.exists():
-                raise UsageError(f"{dest} already exists", hint="remove it or choose another --name")
-            tmp = dest.with_name(dest.name + ".partial")
+                owner = store.find_by_path(dest)
+                if owner is not None:
+                    raise UsageError(f"{dest} already belongs to model '{owner.name}'", hint="choose another --name")
+                # Otherwise an import killed between its rename and its registration left it: copied afresh.
+            tmp = dest.with_name(dest.name + IMPORT_PARTIAL_SUFFIX)
             digest = hashlib.sha256()
-            with open(part, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(4 * 1024 * 1024):
+            with _open_regular(part) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(COPY_CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
                     if progress:
@@ -689,9 +834,10 @@ def _copy_parts(
             files.append(dest)
             hashes.append(digest.hexdigest())
     except BaseException:
-        for leftover in list(dest_dir.glob("*.partial")) + files:
+        for leftover in list(dest_dir.glob("*" + IMPORT_PARTIAL_SUFFIX)) + files:
             leftover.unlink(missing_ok=True)
         if dest_dir.is_dir() and not any(dest_dir.iterdir()):
             dest_dir.rmdir()
         raise
     return files, hashes
+

@@ -25,7 +25,14 @@ def import_(
     total = sum(p.stat().st_size for p in parts if p.is_file())
     verb = "Copying" if copy else "Hashing"
     with output.ByteProgress(f"{verb} {path.name}", total) as progress:
-        entry, info = import_model(store, path, name=name, copy=copy, progress=lambda _f, n: progress.advance(n))
+        entry, info = import_model(
+            store,
+            path,
+            name=name,
+            copy=copy,
+            progress=lambda _f, n: progress.advance(n),
+            on_wait=lambda: output.info("another import is copying into the same folder; waiting for it to finish"),
+        )
     if json_output:
         output.emit_json({"name": entry.name, "files": entry.files, "sha256": entry.sha256, "owned": entry.owned})
         return

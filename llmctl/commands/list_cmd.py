@@ -7,7 +7,7 @@ from typing import Any
 from llmctl import output
 from llmctl.commands import open_store
 from llmctl.options import JsonOpt
-from llmctl.store import Listing
+from llmctl.store import Listing, find_import_partials
 
 
 def list_models(json_output: JsonOpt = False) -> None:
@@ -17,6 +17,7 @@ def list_models(json_output: JsonOpt = False) -> None:
     store = open_store()
     rows = store.listing()
     partials = hub.find_partials(store.settings.hf_hub_cache)
+    copies = find_import_partials(store.settings.models_dir)
     if json_output:
         output.emit_json(
             {
@@ -24,6 +25,7 @@ def list_models(json_output: JsonOpt = False) -> None:
                 "partial_downloads": [
                     {"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size, "in_use": p.in_use} for p in partials
                 ],
+                "partial_imports": [{"path": str(p.path), "size_bytes": p.size, "in_use": p.in_use} for p in copies],
             }
         )
         return
@@ -32,6 +34,13 @@ def list_models(json_output: JsonOpt = False) -> None:
         output.info(
             f"{len(partials)} unfinished download(s) ({output.human_bytes(total)}): resume with `llmctl pull`, "
             "or remove with `llmctl rm --partials`"
+        )
+    stale = [p for p in copies if not p.in_use]
+    if stale:
+        total = sum(p.size for p in stale)
+        output.info(
+            f"{len(stale)} unfinished `import --copy` file(s) ({output.human_bytes(total)}): "
+            "remove with `llmctl rm --partials`"
         )
     if not rows:
         output.info("No models yet. Try `llmctl pull smollm2-135m-instruct` or `llmctl import FILE.gguf`.")

@@ -13,7 +13,7 @@ from llmctl import output
 from llmctl.commands import open_store
 from llmctl.errors import UsageError
 from llmctl.options import JsonOpt, ModelsArg, YesOpt
-from llmctl.store import ResolvedModel, Store
+from llmctl.store import ResolvedModel, Store, find_import_partials, remove_import_partial
 
 
 @dataclass
@@ -30,7 +30,7 @@ def rm(
         typer.Option("--delete-files", help="Also delete files llmctl does not own (imported in place, or found in the HF cache)."),
     ] = False,
     partials: Annotated[
-        bool, typer.Option("--partials", help="Remove unfinished downloads (ones no running pull is using).")
+        bool, typer.Option("--partials", help="Remove unfinished downloads and import copies (none in use).")
     ] = False,
     json_output: JsonOpt = False,
 ) -> None:
@@ -107,15 +107,20 @@ def _apply(store: Store, removal: Removal) -> None:
 def _remove_partials(store: Store, json_output: bool) -> None:
     from llmctl import hub
 
-    removed = []
+    removed: list[tuple[Path, str | None, int]] = []  # path, repo (None: an import's copy), size
     for partial in hub.find_partials(store.settings.hf_hub_cache):
         if partial.in_use:
             output.info(f"skipping {partial.path}: a pull is downloading it now")
             continue
         partial.path.unlink(missing_ok=True)  # its tiny lock file stays: deleting it could split a lock
-        removed.append(partial)
+        removed.append((partial.path, partial.repo_id, partial.size))
+    for copy in find_import_partials(store.settings.models_dir):
+        if not remove_import_partial(copy):  # checked and deleted under the import's lock
+            output.info(f"skipping {copy.path}: an import is copying it now")
+            continue
+        removed.append((copy.path, None, copy.size))
     if json_output:
-        output.emit_json({"removed_partials": [{"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size} for p in removed]})
+        output.emit_json({"removed_partials": [{"path": str(path), "repo": repo, "size_bytes": size} for path, repo, size in removed]})
     else:
-        total = sum(p.size for p in removed)
-        output.info(f"Removed {len(removed)} partial download(s), {output.human_bytes(total)}")
+        total = sum(size for _, _, size in removed)
+        output.info(f"Removed {len(removed)} partial file(s) of unfinished pulls and imports, {output.human_bytes(total)}")
