@@ -1,7 +1,8 @@
 """The engine: llama.cpp through llama-cpp-python, loaded with a fit plan, streaming with timings.
 
 Generation uses the high-level ``Llama`` API: chat templates come from the
-GGUF (rendered by llama-cpp-python in a Jinja sandbox), JSON output is
+GGUF (rendered in a Jinja sandbox within time, memory and size budgets, in a
+worker process: see llmctl/chat_template.py), JSON output is
 constrained with its grammar support, and the KV cache prefix is reused
 between calls automatically (a follow-up chat turn only evaluates the new
 tokens). llama.cpp's own C logging is silenced unless ``verbose``.
@@ -14,8 +15,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from llmctl import chat_template
+from llmctl.chat_template import ChatTemplateError, TemplateWorker
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.fit import LoadConfig, Plan
+
+# Every llama_cpp.Llama built in this process (here, in bench and in tune) renders GGUF chat
+# templates within budgets; this does not import llama_cpp.
+chat_template.install()
 
 
 class EngineError(LlmctlError):
@@ -132,7 +139,15 @@ def _is_memory_error(message: str) -> bool:
 class Engine:
     """One loaded model. Use ``Engine.load``; then ``chat`` or ``complete`` stream text."""
 
-    def __init__(self, llm: Any, name: str, config: LoadConfig, load_s: float, notes: list[str]) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        name: str,
+        config: LoadConfig,
+        load_s: float,
+        notes: list[str],
+        template_worker: TemplateWorker | None = None,
+    ) -> None:
         self.llm = llm
         self.name = name
         self.config = config
@@ -141,6 +156,16 @@ class Engine:
         self._first = True
         self._counts = {"prompt": 0, "sampled": 0}
         self._count_tokens_of(llm)
+        # The renderer process of the model's chat template (None without one), warm from now on.
+        self.template_worker = chat_template.attach(llm, template_worker)
+
+    def close(self) -> None:
+        """Free llama.cpp's memory and stop the template renderer now, not at garbage collection."""
+        if self.template_worker is not None:
+            self.template_worker.close()
+        close = getattr(self.llm, "close", None)
+        if close is not None:
+            close()
 
     def _count_tokens_of(self, llm: Any) -> None:
         """Count prompt and sampled tokens exactly, at no per-token cost.
@@ -173,6 +198,9 @@ class Engine:
         chat_format: str | None = None,
     ) -> Engine:
         """Load with the plan; on a memory failure retry with fewer GPU layers, then a smaller context."""
+        worker = TemplateWorker()
+        if chat_format is None:
+            worker.start()  # warms up while the model loads; closed by attach() if the model has no template
         import llama_cpp  # heavy: only here
 
         config = plan.config
@@ -212,7 +240,8 @@ class Engine:
                     f"loaded with {attempt.n_gpu_layers} GPU layers and context {attempt.n_ctx} "
                     f"(the plan's {config.n_gpu_layers} / {config.n_ctx} did not load: {errors[0]})"
                 )
-            return cls(llm, name, attempt, time.perf_counter() - start, notes)
+            return cls(llm, name, attempt, time.perf_counter() - start, notes, worker)
+        worker.close()
         raise EngineError(
             f"llama.cpp could not load {name}: " + "; ".join(errors[-2:]),
             hint="try a smaller quantisation, a shorter --ctx, or fewer --gpu-layers; LLMCTL_DEBUG=1 shows llama.cpp's log",
@@ -295,7 +324,7 @@ class Engine:
         pieces = []
         stream = None
         try:
-            stream = start_call()  # the chat template is rendered here, in llama-cpp-python's sandbox
+            stream = start_call()  # the chat template is rendered here (llmctl.chat_template)
             for chunk in stream:
                 reason = chunk["choices"][0].get("finish_reason")
                 if reason:
@@ -315,6 +344,8 @@ class Engine:
             finish = "interrupted"
             _close(stream)
             raise
+        except ChatTemplateError as exc:
+            raise EngineError(exc.message, hint=exc.hint) from None
         except ValueError as exc:
             if "context" in str(exc).lower():  # "Requested tokens (N) exceed context window of M"
                 raise EngineError(str(exc), hint="shorten the input or raise --ctx") from None
