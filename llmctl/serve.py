@@ -162,7 +162,7 @@ class ModelPool:
         if looks_like_path(name):
             raise self.missing(name)
         try:
-            resolved = self.store.resolve(name)
+            resolved = self.store.resolve(name, paths=False)
         except AmbiguousNameError as exc:
             raise ApiError(400, exc.message, param="model") from None
         except (NotFoundError, UsageError, OSError, ValueError, RuntimeError):

@@ -435,12 +435,14 @@ class Store:
 
     # name resolution
 
-    def resolve(self, name: str) -> ResolvedModel:
+    def resolve(self, name: str, *, paths: bool = True) -> ResolvedModel:
         """Turn what the user typed into model files.
 
         Order: exact registered name; an existing file path; ``owner/repo[:QUANT]``
         (also ``hf.co/…`` and huggingface.co URLs) among registered and discovered
         models; a unique prefix of a name. Unknown names suggest the nearest ones.
+        With ``paths=False`` (names from a server's clients) the file system is never
+        consulted: a name is only ever a model's name.
         """
         text = name.strip()
         if not text:
@@ -451,11 +453,12 @@ class Store:
             if entry.name == lowered:
                 return ResolvedModel(entry.name, entry.paths, entry)
 
-        path = Path(text).expanduser()
-        if path.is_file():
-            return self._resolve_path(path)
-        if path.is_dir():
-            raise UsageError(f"{text} is a directory", hint="give the path of a .gguf file")
+        if paths:
+            path = Path(text).expanduser()
+            if path.is_file():
+                return self._resolve_path(path)
+            if path.is_dir():
+                raise UsageError(f"{text} is a directory", hint="give the path of a .gguf file")
 
         rows = self.listing_for_resolution(entries)
         repo_match = self._match_repo(text, rows)

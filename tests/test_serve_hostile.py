@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import pytest
 
 from llmctl.engine import EngineError, Result, Timings
+from llmctl.errors import NotFoundError
 
 KEY = "sekret-key-123"
 
@@ -323,6 +324,23 @@ def test_path_like_names_answer_exactly_like_a_missing_model(models, log_check, 
             status, body = client.call("POST", "/api/stop", {"model": name})
             assert status == 404 and body["error"]["message"] == f"model '{name}' is not loaded", name
         assert client.ps() == []
+
+
+def test_client_names_never_touch_the_file_system(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer is the same, and the store is not even asked about paths (no timing side channel)."""
+    from llmctl.commands import open_store
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "repo").mkdir(parents=True)
+    probed: list[str] = []
+    for method in ("is_file", "is_dir", "exists"):
+        original = getattr(Path, method)
+        monkeypatch.setattr(Path, method, lambda self, _o=original: probed.append(str(self)) or _o(self))
+    store = open_store()
+    with pytest.raises(NotFoundError):
+        store.resolve("owner/repo", paths=False)
+    assert not [p for p in probed if p.endswith("owner/repo")]
+    assert store.resolve("a", paths=False).name == "a"  # registered names still resolve
 
 
 def test_health_lists_loaded_models_only_to_key_holders(models, log_check) -> None:
