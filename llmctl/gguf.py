@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,11 +30,32 @@ MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 
-# Limits. Real files stay far below them; crafted files hit them quickly.
+# Limits. Real files stay far below every one of them (the largest real figures
+# are in the comments; docs/architecture.md explains them); crafted files hit
+# them quickly. Together they bound what reading one header can cost, whatever
+# the file holds: about 1 s of work, under 100 MB of memory and at most
+# MAX_HEADER_BYTES read (~64 range requests for a remote file).
 MAX_KEY_BYTES = 65_536
-MAX_STRING_BYTES = 16 * 1024 * 1024  # one materialised string value (a chat template)
-MAX_TENSOR_NAME_BYTES = 1024
-MAX_MATERIALISED_BYTES = 64 * 1024 * 1024  # all materialised values of one header together
+MAX_STRING_BYTES = 16 * 1024 * 1024  # one materialised string value (a chat template: real ones are < 100 KB)
+MAX_TENSOR_NAME_BYTES = 1024  # llama.cpp itself refuses names of 64 bytes or more
+# Everything a header keeps (metadata keys and values, tensor infos) is charged
+# at its estimated size as Python objects, not only its string bytes: 65,536
+# tensor infos alone take ~34 MB.
+MAX_MATERIALISED_BYTES = 48 * 1024 * 1024
+# Metadata and tensor infos end within this many bytes from the start of the
+# file. Real headers are 1-20 MB: the vocabulary and merges of 256k-token
+# models (Gemma 3: 262,144 tokens) are the bulk of them.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_METADATA_KEYS = 65_536  # real files have 20-100 keys, a few hundred at most
+MAX_TENSORS = 65_536  # per file; the largest real models have 1,000-2,000 (DeepSeek-V3: 1,025)
+MAX_ARRAY_LENGTH = 1 << 22  # 4,194,304 entries: 16x the largest vocabulary, 8x the most merges (~500k)
+# Strings the reader walks one by one without keeping them (those of arrays
+# longer than MAX_ARRAY_MATERIALISE: vocabulary and merges), over the whole
+# header. Real files: under 1 M (~0.2 s); the limit bounds the walk to ~1 s.
+MAX_SKIPPED_STRINGS = 1 << 22
+# Values inside arrays of arrays (each inner array and each of its entries).
+# llama.cpp refuses arrays of arrays, so no loadable model has any.
+MAX_NESTED_VALUES = 65_536
 MAX_ARRAY_MATERIALISE = 4096  # longer arrays are summarised as ArraySummary
 MAX_NESTING = 8
 MAX_DIMS = 4
@@ -41,6 +63,12 @@ MAX_ALIGNMENT = 1 << 20
 MAX_ELEMENTS = 1 << 62
 MAX_BLOCKS = 100_000
 READ_CHUNK = 1 << 20
+# Estimated bytes of the Python objects behind each kept value (measured with
+# tracemalloc on CPython 3.11; strings are charged at their real size).
+_LIST_BYTES = 56  # an empty list; each entry adds a pointer (8)
+_NUMBER_BYTES = 32  # an int or float object (not for u8 and bool: see _SMALL_NUMBERS)
+_KEY_BYTES = 128  # a slot in each of two dicts (metadata, value types)
+_TENSOR_BYTES = 448  # TensorInfo, its shape tuple and ints, a list slot, the duplicate-name set entry
 # Bump when ModelInfo gains or changes fields, so cached summaries are re-read.
 SUMMARY_VERSION = 2
 
@@ -66,10 +94,12 @@ VALUE_TYPE_NAMES = {
     T_INT32: "i32", T_FLOAT32: "f32", T_BOOL: "bool", T_STRING: "string",
     T_ARRAY: "array", T_UINT64: "u64", T_INT64: "i64", T_FLOAT64: "f64",
 }  # fmt: skip
+_SMALL_NUMBERS = {T_UINT8, T_BOOL}  # values Python keeps as shared, cached objects: no memory per value
 _INTEGER_TYPES = {T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_UINT64, T_INT64}
 
 _U32 = struct.Struct("<I").unpack_from
 _U64 = struct.Struct("<Q").unpack_from
+_TENSOR_TAILS = {n: struct.Struct(f"<{n}QIQ") for n in range(1, MAX_DIMS + 1)}
 
 # ggml tensor types: id -> (name, elements per block, bytes per block).
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -149,7 +179,7 @@ class ArraySummary:
         return {"type": "array", "item_type": self.item_type, "count": self.count}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     name: str
     shape: tuple[int, ...]
@@ -179,16 +209,29 @@ class _Problem(Exception):
     """Raised inside the reader; converted to InvalidModelError with the file name."""
 
 
-class _Cursor:
-    """Sequential reads over a ByteSource through a chunked buffer."""
+class HeaderBudget:
+    """What reading headers may still cost: memory kept, strings walked, values in nested arrays.
 
-    def __init__(self, source: ByteSource) -> None:
+    One budget is shared by all parts of a split model (see :func:`read_model`),
+    so a model of many parts costs no more than one file at the limits.
+    """
+
+    def __init__(self) -> None:
+        self.memory = MAX_MATERIALISED_BYTES
+        self.skipped_strings = MAX_SKIPPED_STRINGS
+        self.nested_values = MAX_NESTED_VALUES
+
+
+class _Cursor:
+    """Sequential reads over a ByteSource through a chunked buffer, with the header's budgets."""
+
+    def __init__(self, source: ByteSource, budget: HeaderBudget) -> None:
         self.source = source
         self.size = source.size
         self.pos = 0
         self.buf = b""
         self.base = 0  # file offset of buf[0]
-        self.budget = MAX_MATERIALISED_BYTES
+        self.left = budget
 
     def _need(self, n: int) -> int:
         """Make [pos, pos+n) available; return its index in buf."""
@@ -197,7 +240,9 @@ class _Cursor:
         rel = self.pos - self.base
         if rel >= 0 and rel + n <= len(self.buf):
             return rel
-        length = min(max(n, READ_CHUNK), self.size - self.pos)
+        if self.pos + n > MAX_HEADER_BYTES:
+            raise _header_too_large()
+        length = min(max(n, READ_CHUNK), self.size - self.pos, MAX_HEADER_BYTES - self.pos)
         data = self.source.read_at(self.pos, length)
         if len(data) < n:
             raise _Problem(f"truncated: short read at offset {self.pos}")
@@ -229,70 +274,153 @@ class _Cursor:
         return self.size - self.pos
 
     def string(self, limit: int, what: str) -> str:
+        """Read one string and charge what it costs in memory."""
         start = self.pos
         length = self.u64()
         if length > limit:
             raise _Problem(f"{what} at offset {start} is {length} bytes long (limit {limit})")
         if length > self.remaining():
             raise _Problem(f"truncated: {what} at offset {start} runs past the end of the file")
-        self._charge(length)
+        self._check_room(length)  # before reading it
         rel = self._need(length)
-        raw = self.buf[rel : rel + length]
+        raw = self.buf[rel : rel + length]  # the whole buffer, not a copy, when it was read for this string
+        if length > READ_CHUNK and not raw.isascii():
+            # Python may store a decoded string at up to 4 bytes per character:
+            # make sure that fits before decoding it.
+            self._check_room(4 * length)
         self.pos += length
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise _Problem(f"{what} at offset {start} is not valid UTF-8") from None
+        self.charge(sys.getsizeof(text))
+        return text
+
+    def strings(self, count: int, limit: int, what: str) -> list[str]:
+        """Read and keep ``count`` strings (a short array), charging each like :meth:`string`."""
+        out: list[str] = []
+        unpack, sizeof = _U64, sys.getsizeof
+        fast_max = min(limit, READ_CHUNK)  # longer ones take the careful path
+        while len(out) < count:
+            # Fast path: the strings that lie whole in the buffer, with no call per string.
+            buf, rel, cost = self.buf, self.pos - self.base, 0
+            end = len(buf)
+            for _ in range(count - len(out)):
+                if rel < 0 or rel + 8 > end:
+                    break
+                length = unpack(buf, rel)[0]
+                stop = rel + 8 + length
+                if stop > end or length > fast_max:
+                    break
+                try:
+                    text = buf[rel + 8 : stop].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _Problem(f"{what} at offset {self.base + rel} is not valid UTF-8") from None
+                cost += sizeof(text)
+                if cost > self.left.memory:
+                    raise _too_much_memory()
+                out.append(text)
+                rel = stop
+            self.pos = self.base + rel
+            self.charge(cost)
+            if len(out) < count:  # the next string is not in the buffer: the careful path reads it
+                out.append(self.string(limit, what))
+        return out
 
     def skip_strings(self, count: int) -> None:
         """Skip ``count`` strings, reading only their lengths (the vocabulary path)."""
+        self.left.skipped_strings -= count
+        if self.left.skipped_strings < 0:
+            raise _Problem(f"more than {MAX_SKIPPED_STRINGS} strings in long arrays (the limit)")
+        unpack = _U64
         done = 0
         while done < count:
             rel = self._need(8)
-            buf, end = self.buf, len(self.buf)
-            # Walk as many strings as the buffer holds, in a tight loop.
-            while done < count and rel + 8 <= end:
-                rel += 8 + _U64(buf, rel)[0]
-                done += 1
+            buf = self.buf
+            # Walk as many strings as the buffer holds. This loop is the reader's
+            # hot path (a vocabulary is 30k-260k strings): no bounds check per
+            # string; unpack_from raises when the next length is not in the buffer.
+            todo, walked = count - done, 0
+            try:
+                for walked in range(todo):  # noqa: B007 - read after the loop
+                    rel += 8 + unpack(buf, rel)[0]
+                walked = todo
+            except struct.error:
+                pass  # string number `walked` starts past the buffer, or its length does
+            done += walked
             self.pos = self.base + rel
             if self.pos > self.size:
                 raise _Problem("truncated: string array runs past the end of the file")
+            if self.pos > MAX_HEADER_BYTES:
+                raise _header_too_large()
 
     def skip(self, n: int) -> None:
         if n > self.remaining():
             raise _Problem(f"truncated: needs {n} bytes at offset {self.pos}")
         self.pos += n
+        if self.pos > MAX_HEADER_BYTES:
+            raise _header_too_large()
 
-    def _charge(self, n: int) -> None:
-        self.budget -= n
-        if self.budget < 0:
-            raise _Problem(f"metadata larger than {MAX_MATERIALISED_BYTES} bytes")
+    def charge(self, n: int) -> None:
+        """Charge ``n`` bytes of kept Python objects to the header's memory budget."""
+        self.left.memory -= n
+        if self.left.memory < 0:
+            raise _too_much_memory()
+
+    def _check_room(self, n: int) -> None:
+        if n > self.left.memory:
+            raise _too_much_memory()
+
+    def nested(self, n: int) -> None:
+        self.left.nested_values -= n
+        if self.left.nested_values < 0:
+            raise _Problem(f"more than {MAX_NESTED_VALUES} values inside arrays of arrays (the limit)")
+
+
+def _header_too_large() -> _Problem:
+    return _Problem(f"metadata and tensor infos run past {MAX_HEADER_BYTES} bytes (the limit for a header)")
+
+
+def _too_much_memory() -> _Problem:
+    return _Problem(f"metadata and tensor infos need more than {MAX_MATERIALISED_BYTES} bytes of memory (the limit)")
 
 
 def _read_value(cur: _Cursor, kind: int, depth: int) -> Any:
     if kind in _SCALARS:
+        cur.charge(_NUMBER_BYTES if kind not in _SMALL_NUMBERS else 0)
         return cur.scalar(kind)
     if kind == T_STRING:
         return cur.string(MAX_STRING_BYTES, "string value")
     if kind == T_ARRAY:
-        return _read_array(cur, depth + 1)
+        return _read_array(cur, depth + 1, keep=True)
     raise _Problem(f"unknown value type {kind} at offset {cur.pos - 4}")
 
 
-def _read_array(cur: _Cursor, depth: int) -> Any:
+def _read_array(cur: _Cursor, depth: int, keep: bool) -> Any:
+    """One array; kept as a list when short and ``keep``, otherwise skipped and summarised."""
     if depth > MAX_NESTING:
         raise _Problem(f"arrays nested deeper than {MAX_NESTING}")
     start = cur.pos
     item = cur.u32()
     count = cur.u64()
+    # The smallest an entry can be: its bytes must fit in what is left of the file.
+    width = _SCALARS[item].size if item in _SCALARS else 8 if item == T_STRING else 12 if item == T_ARRAY else 0
+    if not width:
+        raise _Problem(f"array at offset {start} has unknown element type {item}")
+    if count * width > cur.remaining():
+        what = "strings" if item == T_STRING else "arrays" if item == T_ARRAY else "elements"
+        raise _Problem(f"array at offset {start}: {count} {what} run past the end of the file")
+    if count > MAX_ARRAY_LENGTH:
+        raise _Problem(f"array at offset {start} has {count} entries (limit {MAX_ARRAY_LENGTH})")
+    if depth > 1 or item == T_ARRAY:
+        cur.nested(count)
+    wanted, keep = keep, keep and count <= MAX_ARRAY_MATERIALISE
+    cur.charge(_LIST_BYTES + 8 * count if keep else _LIST_BYTES if wanted else 0)  # the list, or the summary
     if item in _SCALARS:
-        width = _SCALARS[item].size
-        if count * width > cur.remaining():
-            raise _Problem(f"array at offset {start}: {count} elements run past the end of the file")
-        if count > MAX_ARRAY_MATERIALISE:
+        if not keep:
             cur.skip(count * width)
             return ArraySummary(VALUE_TYPE_NAMES[item], count)
-        cur._charge(count * width)
+        cur.charge(count * _NUMBER_BYTES if item not in _SMALL_NUMBERS else 0)
         rel = cur._need(count * width)
         values = struct.unpack_from(f"<{count}{_SCALARS[item].format[-1]}", cur.buf, rel)
         cur.pos += count * width
@@ -302,32 +430,32 @@ def _read_array(cur: _Cursor, depth: int) -> Any:
             return [bool(v) for v in values]
         return list(values)
     if item == T_STRING:
-        if count * 8 > cur.remaining():
-            raise _Problem(f"array at offset {start}: {count} strings run past the end of the file")
-        if count > MAX_ARRAY_MATERIALISE:
+        if not keep:
             cur.skip_strings(count)
             return ArraySummary("string", count)
-        return [cur.string(MAX_STRING_BYTES, "string in array") for _ in range(count)]
-    if item == T_ARRAY:
-        if count * 12 > cur.remaining():
-            raise _Problem(f"array at offset {start}: {count} arrays run past the end of the file")
-        values = [_read_array(cur, depth + 1) for _ in range(count)]
-        return values if count <= MAX_ARRAY_MATERIALISE else ArraySummary("array", count)
-    raise _Problem(f"array at offset {start} has unknown element type {item}")
+        return cur.strings(count, MAX_STRING_BYTES, "string in array")
+    if not keep:
+        for _ in range(count):
+            _read_array(cur, depth + 1, keep=False)
+        return ArraySummary("array", count)
+    return [_read_array(cur, depth + 1, keep=True) for _ in range(count)]
 
 
-def read_header(source: ByteSource) -> GGUFHeader:
-    """Read and validate one GGUF file's header. Raises InvalidModelError."""
+def read_header(source: ByteSource, budget: HeaderBudget | None = None) -> GGUFHeader:
+    """Read and validate one GGUF file's header. Raises InvalidModelError.
+
+    Pass one ``budget`` to every part of a split model: the parts share it.
+    """
     try:
-        return _read_header(source)
+        return _read_header(source, budget or HeaderBudget())
     except _Problem as problem:
         raise InvalidModelError(source.name, str(problem)) from None
     except OSError as exc:
         raise InvalidModelError(source.name, f"read failed: {exc.strerror or exc}") from None
 
 
-def _read_header(source: ByteSource) -> GGUFHeader:
-    cur = _Cursor(source)
+def _read_header(source: ByteSource, budget: HeaderBudget) -> GGUFHeader:
+    cur = _Cursor(source, budget)
     if source.size < 4:
         raise _Problem("file is too small to be GGUF")
     rel = cur._need(4)
@@ -346,11 +474,17 @@ def _read_header(source: ByteSource) -> GGUFHeader:
         raise _Problem(f"truncated or corrupt: {kv_count} metadata entries cannot fit in {source.size} bytes")
     if tensor_count * 33 > cur.remaining():
         raise _Problem(f"truncated or corrupt: {tensor_count} tensors cannot fit in {source.size} bytes")
+    # The limits on counts come after the size checks: those name the likelier problem.
+    if kv_count > MAX_METADATA_KEYS:
+        raise _Problem(f"{kv_count} metadata keys (limit {MAX_METADATA_KEYS})")
+    if tensor_count > MAX_TENSORS:
+        raise _Problem(f"{tensor_count} tensors (limit {MAX_TENSORS})")
 
     metadata: dict[str, Any] = {}
     value_types: dict[str, int] = {}
     for _ in range(kv_count):
         key = cur.string(MAX_KEY_BYTES, "metadata key")
+        cur.charge(_KEY_BYTES)
         if key in metadata:
             raise _Problem(f"duplicate metadata key '{key}'")
         kind = cur.u32()
@@ -395,25 +529,28 @@ def _read_header(source: ByteSource) -> GGUFHeader:
 
 def _read_tensor_info(cur: _Cursor, alignment: int, names: set[str]) -> TensorInfo:
     name = cur.string(MAX_TENSOR_NAME_BYTES, "tensor name")
+    cur.charge(_TENSOR_BYTES)
     if name in names:
         raise _Problem(f"duplicate tensor name '{name}'")
     names.add(name)
     n_dims = cur.u32()
     if not 1 <= n_dims <= MAX_DIMS:
         raise _Problem(f"tensor '{name}' has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-    shape = tuple(cur.u64() for _ in range(n_dims))
+    tail = _TENSOR_TAILS[n_dims]  # the dims, the ggml type and the offset in one read
+    rel = cur._need(tail.size)
+    *dims, type_id, offset = tail.unpack_from(cur.buf, rel)
+    cur.pos += tail.size
+    shape = tuple(dims)
     n_elements = 1
     for dim in shape:
         n_elements *= dim
         if dim >= MAX_ELEMENTS or n_elements >= MAX_ELEMENTS:
             raise _Problem(f"tensor '{name}' shape {list(shape)} overflows")
-    type_id = cur.u32()
     if type_id not in GGML_TYPES:
         raise _Problem(f"tensor '{name}' has unknown ggml type {type_id}")
     type_name, block, block_bytes = GGML_TYPES[type_id]
     if shape[0] % block:
         raise _Problem(f"tensor '{name}' row of {shape[0]} is not a multiple of the {type_name} block ({block})")
-    offset = cur.u64()
     if offset % alignment:
         raise _Problem(f"tensor '{name}' data offset {offset} is not aligned to {alignment}")
     n_bytes = n_elements // block * block_bytes
@@ -668,10 +805,10 @@ def _check_split(headers: list[GGUFHeader]) -> None:
 
 def read_model(paths: list[Path]) -> tuple[list[GGUFHeader], ModelInfo]:
     """Read every part of a model from disk and summarise it."""
-    headers = []
+    headers, budget = [], HeaderBudget()
     for path in paths:
         with FileSource(path) as source:
-            headers.append(read_header(source))
+            headers.append(read_header(source, budget))
     return headers, summarize(headers)
 
 

@@ -252,3 +252,119 @@ def write_shape_model(path: Path, shape: str, type_id: int = Q4_K) -> Path:
         fh.write(out)
         fh.truncate(len(out) + offset)
     return path
+
+
+# --- huge but well-formed headers ---------------------------------------------------
+#
+# Files of ~100 MB that break no rule of the format, only every plausible size:
+# written in chunks (never held in memory whole), with holes for long runs of
+# zeros, so tests can generate them on the fly in tmp_path.
+
+_BATCH = 1 << 16
+
+
+def _kv_head(key: str, kind: int) -> bytes:
+    return gstr(key) + struct.pack("<I", kind)
+
+
+def write_huge(path: Path, *, kvs: tuple[int, Any] = (0, ()), tensors: int = 0) -> Path:
+    """``RawGGUF.minimal()`` plus ``kvs = (count, chunks)`` extra encoded kv entries
+    and ``tensors`` extra small F32 tensors.
+
+    ``chunks`` yields bytes, or an int: a hole of that many zero bytes (sparse on
+    disk). The result is a valid model: the header is merely huge.
+    """
+    base = RawGGUF.minimal()
+    n_kvs, chunks = kvs
+    # The three base tensors are 1 KiB, 4 KiB and 1 KiB of F32 data, packed in order.
+    base_tensors = [(t.name, t.dims, t.nbytes()) for t in base.tensors]
+    with open(path, "wb") as fh:
+        fh.write(b"GGUF" + struct.pack("<IQQ", 3, len(base_tensors) + tensors, len(base.kvs) + n_kvs))
+        for key, kind, value in base.kvs:
+            fh.write(gstr(key) + struct.pack("<I", kind) + value_bytes(kind, value))
+        for chunk in chunks:
+            if isinstance(chunk, int):
+                fh.seek(chunk, 1)
+            else:
+                fh.write(chunk)
+        offset = 0
+        for name, dims, nbytes in base_tensors:
+            fh.write(gstr(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims))
+            fh.write(struct.pack("<IQ", 0, offset))
+            offset += nbytes
+        # Named x.00000000, x.00000001, ...: 1-D F32 tensors of 32 elements, 128 bytes each.
+        info = struct.Struct("<Q10sIQIQ")
+        for start in range(0, tensors, _BATCH):
+            fh.write(
+                b"".join(
+                    info.pack(10, b"x.%08d" % i, 1, 32, 0, offset + 128 * i)
+                    for i in range(start, min(start + _BATCH, tensors))
+                )
+            )
+        offset += 128 * tensors
+        pos = fh.seek(0, 1)
+        fh.seek(-pos % 32, 1)
+        fh.truncate(fh.tell() + offset)
+    return path
+
+
+def nested_arrays(count: int, inner: int = 0) -> tuple[int, Any]:
+    """One key holding an array of ``count`` arrays of ``inner`` u32 each."""
+    element = struct.pack("<IQ", T_UINT32, inner) + struct.pack("<I", 300) * inner
+
+    def chunks():
+        yield _kv_head("x.nested", T_ARRAY) + struct.pack("<IQ", T_ARRAY, count)
+        for start in range(0, count, _BATCH):
+            yield element * min(_BATCH, count - start)
+
+    return 1, chunks()
+
+
+def many_keys(count: int) -> tuple[int, Any]:
+    """``count`` extra u8 keys."""
+
+    entry = struct.Struct("<Q10sIB")  # key x.00000000, x.00000001, ...; type u8; value 1
+
+    def chunks():
+        for start in range(0, count, _BATCH):
+            yield b"".join(entry.pack(10, b"x.%08d" % i, T_UINT8, 1) for i in range(start, min(start + _BATCH, count)))
+
+    return count, chunks()
+
+
+def string_array(
+    count: int, length: int = 0, key: str = "tokenizer.ggml.tokens", declared: int | None = None
+) -> tuple[int, Any]:
+    """One key holding ``count`` strings of ``length`` bytes (zeros: holes when long).
+
+    ``declared``: the count the array's header claims, if not ``count`` (a lie
+    that only a source claiming a larger size than the file's can keep up).
+    """
+
+    def chunks():
+        yield _kv_head(key, T_ARRAY) + struct.pack("<IQ", T_STRING, count if declared is None else declared)
+        if length >= 4096:
+            prefix = struct.pack("<Q", length)
+            for _ in range(count):
+                yield prefix
+                yield length
+            return
+        item = struct.pack("<Q", length) + b"a" * length
+        for start in range(0, count, _BATCH):
+            yield item * min(_BATCH, count - start)
+
+    return 1, chunks()
+
+
+def many_arrays(keys: int, count: int = 4096, kind: int = T_UINT32) -> tuple[int, Any]:
+    """``keys`` extra keys, each an array of ``count`` numbers (or distinct five-character strings)."""
+    if kind == T_STRING:
+        body = struct.pack("<IQ", kind, count) + b"".join(gstr(b"%05d" % i) for i in range(count))
+    else:
+        body = struct.pack("<IQ", kind, count) + struct.pack(_FMT[kind], 300 if kind != T_UINT8 else 3) * count
+
+    def chunks():
+        for i in range(keys):
+            yield _kv_head(f"x.a{i:08d}", T_ARRAY) + body
+
+    return keys, chunks()

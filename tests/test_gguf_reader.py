@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from gguf_factory import T_ARRAY, T_STRING, T_UINT8, T_UINT32, T_UINT64, RawGGUF, RawTensor, gstr
 
 from llmctl import gguf
@@ -313,3 +316,114 @@ def test_metadata_for_json_is_serialisable(demo_model: Path) -> None:
     assert doc["tokenizer.ggml.tokens"] == {"type": "array", "item_type": "string", "count": 49152}
     assert doc["general.architecture"] == "llama"
 
+
+
+# --- huge headers, scaled down: every limit, property-tested --------------------------
+
+# The reader's limits shrunk ~1000x, drawn per example so that small generated files
+# cross each of them in turn, and a 64-byte read chunk, so that strings straddle chunk
+# boundaries everywhere.
+_SMALL_RANGES = {
+    "MAX_METADATA_KEYS": (36, 90),
+    "MAX_TENSORS": (20, 40),
+    "MAX_ARRAY_LENGTH": (100, 300),
+    "MAX_SKIPPED_STRINGS": (100, 800),
+    "MAX_NESTED_VALUES": (50, 800),
+    "MAX_HEADER_BYTES": (2_000, 40_000),
+    "MAX_MATERIALISED_BYTES": (5_000, 60_000),
+}
+_SMALL_READS = {"MAX_ARRAY_MATERIALISE": 16, "READ_CHUNK": 64}
+SMALL_LIMITS = st.fixed_dictionaries({name: st.integers(*bounds) for name, bounds in _SMALL_RANGES.items()}).map(
+    lambda limits: limits | _SMALL_READS
+)
+# Half the examples read under the real limits: then only the exact read-back is tested.
+LIMITS = st.one_of(SMALL_LIMITS, st.just(_SMALL_READS))
+_NUMBER_KINDS = [T_UINT8, T_UINT32, T_UINT64, 5, 7]  # u8, u32, u64, i32, bool
+
+
+@st.composite
+def _huge_shapes(draw) -> tuple[list, int]:
+    """Extra metadata entries (key, kind, value) and a number of extra tensors."""
+    kvs = []
+    sizes = st.one_of(st.integers(0, 20), st.integers(0, 260))  # short (kept) and long (summarised) arrays
+    for i in range(draw(st.integers(0, 40))):
+        shape = draw(st.sampled_from(["number", "string", "numbers", "strings", "nested"]))
+        if shape == "number":
+            kvs.append((f"x.{i}", T_UINT32, draw(st.integers(0, 2**32 - 1))))
+        elif shape == "string":
+            kvs.append((f"x.{i}", T_STRING, draw(st.text(max_size=300))))
+        elif shape == "numbers":
+            kind = draw(st.sampled_from(_NUMBER_KINDS))
+            top = 1 if kind == 7 else 255 if kind == T_UINT8 else 2**31 - 1
+            n = draw(sizes)
+            kvs.append((f"x.{i}", T_ARRAY, (kind, draw(st.lists(st.integers(0, top), min_size=n, max_size=n)))))
+        elif shape == "strings":
+            n = draw(sizes)
+            kvs.append((f"x.{i}", T_ARRAY, (T_STRING, draw(st.lists(st.text(max_size=90), min_size=n, max_size=n)))))
+        else:
+            inner = st.lists(st.integers(0, 2**31 - 1), max_size=30).map(lambda v: (T_UINT32, v))
+            kvs.append((f"x.{i}", T_ARRAY, (T_ARRAY, draw(st.lists(inner, max_size=40)))))
+    return kvs, draw(st.integers(0, 24))
+
+
+def _expected(kind: int, value, materialise: int):
+    """What the reader keeps for a generated value: short arrays as lists, long ones summarised."""
+    if kind != T_ARRAY:
+        return value
+    item, items = value
+    if len(items) > materialise:
+        return gguf.ArraySummary(gguf.VALUE_TYPE_NAMES[item], len(items))
+    if item == 7:
+        return [bool(v) for v in items]
+    return [_expected(item, v, materialise) for v in items] if item == T_ARRAY else list(items)
+
+
+class _RecordingSource:
+    def __init__(self, data: bytes) -> None:
+        self.name, self.size, self._data, self.read = "generated.gguf", len(data), data, 0
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        self.read += length
+        return self._data[offset : offset + length]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(shape=_huge_shapes(), patched=LIMITS)
+def test_huge_header_shapes_are_read_exactly_or_refused_by_a_limit(shape, patched: dict[str, int]) -> None:
+    """Within every limit a header reads back exactly (fast paths included); past a count limit it is
+    refused, naming that limit; either way the bytes read stay under the header limit."""
+    limits = {name: getattr(gguf, name) for name in _SMALL_RANGES} | patched
+    extra, n_tensors = shape
+    raw = RawGGUF.minimal()
+    raw.kvs += extra
+    raw.tensors += [RawTensor(f"x.{i}", [32]) for i in range(n_tensors)]
+    data = raw.build()
+    long_arrays = [v[1] for _, k, v in extra if k == T_ARRAY and len(v[1]) > limits["MAX_ARRAY_MATERIALISE"]]
+    counts = {
+        "metadata keys (limit": len(raw.kvs) > limits["MAX_METADATA_KEYS"],
+        "tensors (limit": len(raw.tensors) > limits["MAX_TENSORS"],
+        "entries (limit": any(len(v[1]) > limits["MAX_ARRAY_LENGTH"] for _, k, v in extra if k == T_ARRAY),
+        "values inside arrays of arrays": sum(
+            len(v[1]) + sum(len(inner[1]) for inner in v[1]) for _, k, v in extra if k == T_ARRAY and v[0] == T_ARRAY
+        )
+        > limits["MAX_NESTED_VALUES"],
+        "strings in long arrays": sum(len(items) for items in long_arrays if items and isinstance(items[0], str))
+        > limits["MAX_SKIPPED_STRINGS"],
+    }
+    source = _RecordingSource(data)
+    with mock.patch.multiple(gguf, **patched):
+        try:
+            header = gguf.read_header(source)
+        except InvalidModelError as exc:
+            assert "limit" in exc.problem, exc.problem
+            named = [fragment for fragment in counts if fragment in exc.problem]
+            assert all(counts[fragment] for fragment in named), (exc.problem, counts)
+            if not named:  # the two budgets without a simple count: bytes of header, bytes of memory
+                assert "run past" in exc.problem or "bytes of memory" in exc.problem, exc.problem
+            assert source.read <= limits["MAX_HEADER_BYTES"]
+            return
+    assert not any(counts.values()), counts
+    assert source.read <= limits["MAX_HEADER_BYTES"]
+    for key, kind, value in extra:
+        assert header.metadata[key] == _expected(kind, value, limits["MAX_ARRAY_MATERIALISE"]), key
+    assert len(header.tensors) == len(raw.tensors)
