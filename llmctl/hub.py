@@ -331,11 +331,11 @@ def remote_model_info(repo_id: str, commit: str, model: RemoteModel) -> Any:
     """Read the GGUF header(s) of a remote model with range requests; returns a ModelInfo."""
     from llmctl import gguf
 
-    headers = []
+    headers, budget = [], gguf.HeaderBudget()  # the parts share one budget, as for local files
     for part in model.files:
         check_safe_filename(part.path)
         with hub_errors(repo_id):
-            headers.append(gguf.read_header(HubSource(repo_id, part.path, commit, part.size)))
+            headers.append(gguf.read_header(HubSource(repo_id, part.path, commit, part.size), budget))
     return gguf.summarize(headers)
 
 
