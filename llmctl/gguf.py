@@ -32,11 +32,11 @@ DEFAULT_ALIGNMENT = 32
 
 # Limits. Real files stay far below every one of them (the largest real figures
 # are in the comments; docs/architecture.md explains them); crafted files hit
-# them quickly. Together they bound what reading one header can cost, whatever
-# the file holds: about 1 s of work, under 100 MB of memory and at most
-# MAX_HEADER_BYTES read (~64 range requests for a remote file).
+# them quickly. Together they bound what reading a model's header(s) can cost,
+# whatever the files hold: a second or two of work, under 100 MB of memory and
+# at most MAX_HEADER_BYTES read per file (~64 range requests for a remote one).
 MAX_KEY_BYTES = 65_536
-MAX_STRING_BYTES = 16 * 1024 * 1024  # one materialised string value (a chat template: real ones are < 100 KB)
+MAX_STRING_BYTES = 16 * 1024 * 1024  # one materialised string value (a chat template: real ones are tens of KB)
 MAX_TENSOR_NAME_BYTES = 1024  # llama.cpp itself refuses names of 64 bytes or more
 # Everything a header keeps (metadata keys and values, tensor infos) is charged
 # at its estimated size as Python objects, not only its string bytes: 65,536
@@ -47,8 +47,8 @@ MAX_MATERIALISED_BYTES = 48 * 1024 * 1024
 # models (Gemma 3: 262,144 tokens) are the bulk of them.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_METADATA_KEYS = 65_536  # real files have 20-100 keys, a few hundred at most
-MAX_TENSORS = 65_536  # per file; the largest real models have 1,000-2,000 (DeepSeek-V3: 1,025)
-MAX_ARRAY_LENGTH = 1 << 22  # 4,194,304 entries: 16x the largest vocabulary, 8x the most merges (~500k)
+MAX_TENSORS = 65_536  # per file; the largest real models have 1,000-2,000 (DeepSeek-V3: 1,025; ~45k unmerged)
+MAX_ARRAY_LENGTH = 1 << 22  # 4,194,304 entries: 16x the largest vocabulary (Gemma 3: 262,144), 14x Llama 3's merges
 # Strings the reader walks one by one without keeping them (those of arrays
 # longer than MAX_ARRAY_MATERIALISE: vocabulary and merges), over the whole
 # header. Real files: under 1 M (~0.2 s); the limit bounds the walk to ~1 s.
