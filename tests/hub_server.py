@@ -8,8 +8,14 @@ Endpoints: model search (``/api/models``), model info with file metadata
 header so huggingface_hub raises its real exception types.
 
 ``Faults`` injects what real networks do: a connection dropped mid-file,
-HTTP 500s, slow or stalled responses, corrupted bytes. Every request is
-logged (method, path, Range) so tests can check what was fetched.
+HTTP 500s, slow or stalled responses, corrupted bytes. Its hostile switches
+(off by default) play a Hub that attacks its client: a crafted commit id, a
+listing that lies about sizes, range answers that never end, answers
+trickled one byte at a time, and API answers that are not JSON. Every
+hostile answer is bounded on the server side too (it stops when the client
+hangs up, and after ``HOSTILE_LIMIT_S`` seconds or ``ENDLESS_LIMIT`` bytes
+at most), so a test always ends on its own. Every request is logged
+(method, path, Range) so tests can check what was fetched.
 Run by the test fixtures on 127.0.0.1 and by ``make bench``; never reaches the
 internet.
 """
@@ -57,6 +63,21 @@ class Faults:
     stall_seconds: float = 0.0
     corrupt: bool = False  # flip the last byte of every file served
     ignore_range: bool = False  # answer Range requests with the whole file
+    # hostile answers (off by default)
+    commit: str | None = None  # repo-info answers carry this as the commit id ("sha")
+    claimed_size: int | None = None  # repo-info claims this size for every file; the CDN pads with zeros
+    endless: bool = False  # CDN GETs answer with a body that never ends (no Content-Length)
+    # requests matching this regex (searched in "METHOD /path Range", e.g. "GET /cdn/<sha> bytes=0-99"
+    # or "GET /api/models None") get their answer one byte at a time, headers included
+    trickle: str | None = None
+    trickle_seconds: float = 0.5  # the pause between two trickled bytes
+    trickle_from: int = 0  # bytes of the answer (headers first) sent at full speed before trickling
+    api_body: bytes | None = None  # every /api/ request gets 200 with this body (HTML, garbage)
+    retry_after: str | None = None  # every /api/ request gets 429 with this Retry-After
+
+
+HOSTILE_LIMIT_S = 60.0  # no hostile answer keeps a server thread longer than this
+ENDLESS_LIMIT = 1 << 30  # nor sends more than this many bytes (an unbounded client shows as 1 GB RSS)
 
 
 class FakeHub:
@@ -173,6 +194,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def _raw(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
     def _error(self, status: int, code: str, message: str) -> None:
         self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
 
@@ -195,6 +224,14 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(url.path)
         self.hub.log.append((self.command, path, self.headers.get("Range")))
         query = parse_qs(url.query)
+        faults = self.hub.faults
+        if faults.trickle is not None and re.search(faults.trickle, f"{self.command} {path} {self.headers.get('Range')}"):
+            self.wfile = _Trickle(self.wfile, faults.trickle_seconds, faults.trickle_from)  # type: ignore[assignment]
+            self.close_connection = True
+        if faults.api_body is not None and path.startswith("/api/"):
+            return self._raw(200, faults.api_body, "text/html; charset=utf-8")
+        if faults.retry_after is not None and path.startswith("/api/"):
+            return self._json(429, {"error": "slow down"}, {"Retry-After": faults.retry_after})
         if path == "/api/models":
             return self._search(query)
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?", path)
@@ -239,15 +276,21 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if revision not in (None, "main", repo.commit):
             return self._error(404, "RevisionNotFound", f"Revision {revision} not found")
+        claimed = self.hub.faults.claimed_size
         siblings = [
-            {"rfilename": f.path, "size": f.size, "blobId": f.sha256[:40], "lfs": {"sha256": f.sha256, "size": f.size, "pointerSize": 134}}
+            {
+                "rfilename": f.path,
+                "size": claimed or f.size,
+                "blobId": f.sha256[:40],
+                "lfs": {"sha256": f.sha256, "size": claimed or f.size, "pointerSize": 134},
+            }
             for f in repo.files.values()
         ] + [{"rfilename": name, "size": 10} for name in repo.extra_siblings]
         self._json(
             200,
             {
                 "id": repo.repo_id,
-                "sha": repo.commit,
+                "sha": self.hub.faults.commit if self.hub.faults.commit is not None else repo.commit,
                 "private": False,
                 "gated": "manual" if repo.gated else False,
                 "downloads": repo.downloads,
@@ -285,28 +328,31 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "GET" and self.hub.take_500():
             return self._error(500, "InternalError", "injected failure")
         faults = self.hub.faults
-        start, end = 0, hosted.size - 1
+        size = faults.claimed_size or hosted.size
+        start, end = 0, size - 1
         rng = self.headers.get("Range")
         partial = False
         if rng and not faults.ignore_range:
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if match:
                 start = int(match.group(1))
-                end = min(int(match.group(2)), hosted.size - 1) if match.group(2) else hosted.size - 1
+                end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
                 partial = True
-                if start >= hosted.size:
+                if start >= size:
                     self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{hosted.size}")
+                    self.send_header("Content-Range", f"bytes */{size}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+        if faults.endless and self.command == "GET":
+            return self._endless(hosted, start, end, size, partial)
         length = end - start + 1
         self.send_response(206 if partial else 200)
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", f'"{sha}"')
         if partial:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{hosted.size}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
         if self.command == "HEAD":
             return
@@ -315,6 +361,8 @@ class _Handler(BaseHTTPRequestHandler):
             fh.seek(start)
             while sent < length:
                 chunk = fh.read(min(65536, length - sent))
+                if not chunk and faults.claimed_size:  # past the real file: zeros up to the claimed size
+                    chunk = bytes(min(65536, length - sent))
                 if not chunk:
                     break
                 if faults.corrupt and start + sent + len(chunk) == hosted.size:
@@ -342,6 +390,67 @@ class _Handler(BaseHTTPRequestHandler):
                 sent += len(chunk)
                 if faults.delay_per_chunk:
                     time.sleep(faults.delay_per_chunk)
+
+    def _endless(self, hosted: HostedFile, start: int, end: int, size: int, partial: bool) -> None:
+        """The file's bytes from ``start``, then zeros, for ever: no Content-Length, ended by closing.
+
+        It stops when the client hangs up (the write fails), or at the
+        server's own bounds.
+        """
+        self.send_response(206 if partial else 200)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        until = time.monotonic() + HOSTILE_LIMIT_S
+        sent = 0
+        with open(hosted.source, "rb") as fh:
+            fh.seek(start)
+            while sent < ENDLESS_LIMIT and time.monotonic() < until:
+                chunk = fh.read(65536) or bytes(65536)
+                try:
+                    self.wfile.write(chunk)
+                except OSError:  # the client hung up: the end of the attack
+                    return
+                sent += len(chunk)
+
+
+class _Trickle:
+    """A socket writer that sends one byte at a time, pausing between them (headers included).
+
+    Raises ConnectionAbortedError (an OSError: the server ignores it) once it
+    has run for ``HOSTILE_LIMIT_S``, so no server thread trickles for ever.
+    """
+
+    def __init__(self, raw, seconds: float, fast: int = 0) -> None:
+        self._raw = raw
+        self._seconds = seconds
+        self._fast = fast  # bytes still to send at full speed
+        self._until = time.monotonic() + HOSTILE_LIMIT_S
+
+    def write(self, data: bytes) -> int:
+        rest = data
+        if self._fast:
+            head, rest = data[: self._fast], data[self._fast :]
+            self._raw.write(head)
+            self._fast -= len(head)
+        for i in range(len(rest)):
+            if time.monotonic() > self._until:
+                raise ConnectionAbortedError("trickled long enough")
+            self._raw.write(rest[i : i + 1])
+            self._raw.flush()
+            time.sleep(self._seconds)
+        return len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+    def close(self) -> None:
+        self._raw.close()
 
 
 def main() -> None:
