@@ -399,3 +399,11 @@ def test_every_hub_failure_is_an_llmctl_error(hub, monkeypatch) -> None:
         hub_api.list_repo(TINY)
     with pytest.raises(LlmctlError):
         hub_api.search_models("tiny", author=None, limit=3, sort="downloads")
+
+
+def test_the_deadline_setting_is_checked(cli, hub, monkeypatch) -> None:
+    for value in ("0", "-3", "soon", "nan", "inf"):
+        monkeypatch.setenv("LLMCTL_HUB_DEADLINE", value)
+        r = cli("pull", f"{TINY}:Q8_0")
+        assert r.exit_code == EXIT_USAGE, (value, r.stderr)
+        one_error(r.stderr, "LLMCTL_HUB_DEADLINE")
