@@ -33,8 +33,9 @@ DEFAULT_ALIGNMENT = 32
 # Limits. Real files stay far below every one of them (the largest real figures
 # are in the comments; docs/architecture.md explains them); crafted files hit
 # them quickly. Together they bound what reading a model's header(s) can cost,
-# whatever the files hold: a second or two of work, under 100 MB of memory and
-# at most MAX_HEADER_BYTES read per file (~64 range requests for a remote one).
+# whatever the files hold: a second or two of work, under 100 MB of memory, and
+# nothing read past MAX_HEADER_BYTES of a file (for a remote one, at most ~130
+# range requests of READ_CHUNK; a value straddling two chunks is read twice).
 MAX_KEY_BYTES = 65_536
 MAX_STRING_BYTES = 16 * 1024 * 1024  # one materialised string value (a chat template: real ones are tens of KB)
 MAX_TENSOR_NAME_BYTES = 1024  # llama.cpp itself refuses names of 64 bytes or more

@@ -15,8 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,22 +250,36 @@ class Run:
     peak_rss_mb: float
 
 
+# Runs ``llmctl`` from a small, freshly started Python and reports the child's wall time and
+# peak RSS. Linux starts a child's peak RSS at its parent's size at fork (the high-water mark
+# of the copied address space is kept across exec), so a child of a large pytest process
+# would report the parent's size instead of its own.
+_MEASURE = """
+import os, subprocess, sys, time
+start = time.monotonic()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{os.waitstatus_to_exitcode(status)} {time.monotonic() - start} {usage.ru_maxrss}")
+"""
+
+
 def run_llmctl(*args: str, timeout: float = 120) -> Run:
-    """``llmctl ARGS`` in its own process; the peak RSS is wait4()'s for this one child."""
-    start = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([EXE, *args], stdout=out, stderr=err)
-        killer = threading.Timer(timeout, proc.kill)
-        killer.start()
+    """``llmctl ARGS`` in its own process: exit code, output, wall time and peak RSS (wait4's, for that process)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _MEASURE, str(report), EXE, *args], stdout=out, stderr=err, start_new_session=True
+        )
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.monotonic() - start
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
         out.seek(0)
         err.seek(0)
-        return Run(proc.returncode, out.read().decode(), err.read().decode(), seconds, usage.ru_maxrss / 1024)
+        code, seconds, peak_kb = report.read_text().split() if report.exists() else ("-9", str(timeout), "0")
+        return Run(int(code), out.read().decode(), err.read().decode(), float(seconds), int(peak_kb) / 1024)
 
 
 # name -> (write_huge arguments, the limit the error names). ~100 MB each, sparse where long.
