@@ -5,24 +5,107 @@ GGUF (rendered in a Jinja sandbox within time, memory and size budgets, in a
 worker process: see llmctl/chat_template.py), JSON output is
 constrained with its grammar support, and the KV cache prefix is reused
 between calls automatically (a follow-up chat turn only evaluates the new
-tokens). llama.cpp's own C logging is silenced unless ``verbose``.
+tokens). llama.cpp's own log is dropped unless ``LLMCTL_DEBUG`` is set (see
+``quiet_llama_log``).
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from llmctl import chat_template
 from llmctl.chat_template import ChatTemplateError, TemplateWorker
+from llmctl.config import debug_enabled
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.fit import LoadConfig, Plan
 
 # Every llama_cpp.Llama built in this process (here, in bench and in tune) renders GGUF chat
 # templates within budgets; this does not import llama_cpp.
 chat_template.install()
+
+
+# --- llama.cpp's own log --------------------------------------------------------------------
+#
+# llama-cpp-python routes llama.cpp's log through a callback that filters by level, but its
+# table of ggml's levels is one off (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 in the
+# bundled llama.cpp): every warning passes as an error, and context creation is outside its
+# stdout/stderr suppression, so "llama_kv_cache_iswa: using full-size SWA cache" reached
+# stderr on every sliding-window model. Ours replaces it for the whole process, whoever
+# builds a Llama (run, chat, serve, bench, tune): everything goes to stderr with
+# LLMCTL_DEBUG=1, nothing otherwise; the last error lines are kept, so a failed load can say
+# what llama.cpp said.
+
+_GGML_LOG_ERROR = 4
+_GGML_LOG_CONT = 5
+_LOG_MODULE = "llama_cpp._logger"  # installs llama-cpp-python's callback when it is first imported
+recent_llama_errors: deque[str] = deque(maxlen=4)
+_log_state: dict[str, Any] = {"callback": None, "level": 0}
+
+
+def quiet_llama_log() -> None:
+    """Install llmctl's llama.cpp log callback (idempotent; imports llama.cpp's bindings)."""
+    if _log_state["callback"] is not None:
+        return
+    import ctypes
+
+    from llama_cpp import llama_cpp as lib  # the bindings alone: this may run while llama_cpp is importing
+
+    def forward(level: int, text: bytes | None, _user_data: Any) -> None:
+        try:
+            if level != _GGML_LOG_CONT:
+                _log_state["level"] = level
+            message = (text or b"").decode("utf-8", errors="replace")
+            if debug_enabled():
+                sys.stderr.write(message)
+                sys.stderr.flush()
+            elif _log_state["level"] >= _GGML_LOG_ERROR and message.strip():
+                recent_llama_errors.append(message.strip()[:300])
+        except Exception:  # noqa: BLE001 - an exception must never cross into C
+            pass
+
+    callback = lib.llama_log_callback(forward)
+    lib.llama_log_set(callback, ctypes.c_void_p(0))
+    _log_state["callback"] = callback  # kept alive: llama.cpp holds only the C pointer
+
+
+class _QuietLogOnImport(importlib.abc.MetaPathFinder):
+    """Installs our callback right after llama-cpp-python has installed its own, whoever imports it."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _LOG_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenQuiet(spec.loader)
+        return spec
+
+
+class _ThenQuiet(importlib.abc.Loader):
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        quiet_llama_log()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+if _LOG_MODULE in sys.modules:
+    quiet_llama_log()
+elif not any(isinstance(finder, _QuietLogOnImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _QuietLogOnImport())
 
 
 class EngineError(LlmctlError):
@@ -203,6 +286,7 @@ class Engine:
             worker.start()  # warms up while the model loads; closed by attach() if the model has no template
         import llama_cpp  # heavy: only here
 
+        quiet_llama_log()
         config = plan.config
         attempts = [config]
         if config.n_gpu_layers:
@@ -213,6 +297,7 @@ class Engine:
         errors = []
         for attempt in attempts:
             start = time.perf_counter()
+            recent_llama_errors.clear()
             try:
                 llm = llama_cpp.Llama(
                     str(paths[0]),
@@ -230,8 +315,10 @@ class Engine:
                     verbose=verbose,
                 )
             except (ValueError, RuntimeError, OSError) as exc:
-                errors.append(f"{attempt.n_gpu_layers} GPU layers, context {attempt.n_ctx}: {exc}")
-                if not _is_memory_error(str(exc)) and attempt is config and not config.n_gpu_layers:
+                # llama-cpp-python says only "Failed to load model"; llama.cpp's log says why.
+                reason = f"{exc} ({recent_llama_errors[0]})" if recent_llama_errors else str(exc)
+                errors.append(f"{attempt.n_gpu_layers} GPU layers, context {attempt.n_ctx}: {reason}")
+                if not _is_memory_error(reason) and attempt is config and not config.n_gpu_layers:
                     break
                 continue
             notes = []
@@ -242,10 +329,11 @@ class Engine:
                 )
             return cls(llm, name, attempt, time.perf_counter() - start, notes, worker)
         worker.close()
-        raise EngineError(
-            f"llama.cpp could not load {name}: " + "; ".join(errors[-2:]),
-            hint="try a smaller quantisation, a shorter --ctx, or fewer --gpu-layers; LLMCTL_DEBUG=1 shows llama.cpp's log",
-        )
+        if any(_is_memory_error(e) for e in errors):
+            hint = "try a smaller quantisation, a shorter --ctx, or fewer --gpu-layers; LLMCTL_DEBUG=1 shows llama.cpp's log"
+        else:
+            hint = "the file may be damaged, or need a newer llama.cpp; LLMCTL_DEBUG=1 shows llama.cpp's log"
+        raise EngineError(f"llama.cpp could not load {name}: " + "; ".join(errors[-2:]), hint=hint)
 
     @property
     def n_ctx(self) -> int:

@@ -19,6 +19,7 @@ SPECS = {
     "llama-gqa-f16": ("llama", 1024, 16, 4, 6, 2816, "F16", False),
     "qwen2-mha-q8": ("qwen2", 768, 12, 12, 8, 2048, "Q8_0", True),
     "tiny-llama": ("llama", 64, 4, 2, 2, 128, "F16", True),
+    "tiny-gemma2": ("gemma2", 64, 4, 2, 2, 128, "F16", True),  # sliding-window attention on every other layer
 }
 
 
@@ -42,6 +43,8 @@ def build(demo: Path, folder: Path, name: str, chat_template: str | None = None)
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
+    if arch == "gemma2":
+        writer.add_sliding_window(64)
     writer.add_file_type(1 if wtype == "F16" else 7)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm")
@@ -77,6 +80,9 @@ def build(demo: Path, folder: Path, name: str, chat_template: str | None = None)
             tensor(f"blk.{i}.attn_k.bias", head_dim * n_kv, bias=True)
             tensor(f"blk.{i}.attn_v.bias", head_dim * n_kv, bias=True)
         tensor(f"blk.{i}.attn_output.weight", n_embd, n_embd)
+        if arch == "gemma2":
+            tensor(f"blk.{i}.post_attention_norm.weight", n_embd, norm=True)
+            tensor(f"blk.{i}.post_ffw_norm.weight", n_embd, norm=True)
         tensor(f"blk.{i}.ffn_norm.weight", n_embd, norm=True)
         tensor(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
         tensor(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
