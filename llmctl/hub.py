@@ -139,6 +139,8 @@ def _raise_for_status(response: Any) -> None:
 
 
 def _is_network_error(exc: BaseException) -> bool:
+    if isinstance(exc, hubhttp.Unreachable):
+        return True
     if type(exc).__name__ == "HTTPStatusError":
         return False
     module = type(exc).__module__
@@ -159,11 +161,17 @@ def hub_errors(repo_id: str | None = None, *, answer: bool = False) -> Iterator[
 
     what = repo_id or "the Hub"
     try:
-        yield
+        with _rejected_token():
+            yield
     except LlmctlError:
         raise
     except hubhttp.LimitExceeded as exc:
         raise HubError(exc.message, hint=exc.hint) from None
+    except hubhttp.Unreachable as exc:
+        raise HubError(
+            f"cannot reach the Hub at {endpoint()}: {exc.reason}",
+            hint="check your connection, HTTPS_PROXY or HF_ENDPOINT; models already pulled keep working",
+        ) from None
     except hf.HFValidationError as exc:
         raise UsageError(f"'{what}' is not a valid Hub repo id: {exc}", hint="repo ids look like owner/name") from None
     except hf.GatedRepoError:
@@ -202,6 +210,35 @@ def hub_errors(repo_id: str | None = None, *, answer: bool = False) -> Iterator[
                 hint="check that HF_ENDPOINT points at the Hub or a faithful mirror (a proxy or login page may be answering)",
             ) from None
         raise
+
+
+@contextmanager
+def _rejected_token() -> Iterator[None]:
+    """A 401 to a request that carried a token means the token itself was refused.
+
+    Without a token the Hub answers 401 for gated, private and missing repos
+    alike (huggingface_hub raises its gated or not-found errors); with one, a
+    gated repo whose terms are not accepted gets 403, so a 401 says the token
+    itself is invalid, expired or revoked.
+    """
+    from huggingface_hub import errors as hf
+
+    try:
+        yield
+    except hf.HfHubHTTPError as exc:
+        response = exc.response
+        if response is None or response.status_code != 401:
+            raise
+        try:
+            sent = "authorization" in response.request.headers
+        except RuntimeError:  # a response without its request
+            sent = False
+        if not sent:
+            raise
+        raise HubError(
+            "the Hub rejected the token llmctl sent (invalid, expired or revoked)",
+            hint=f"check or refresh HF_TOKEN (or the token saved by `hf auth login`); new tokens: {endpoint()}/settings/tokens",
+        ) from None
 
 
 def _api() -> Any:

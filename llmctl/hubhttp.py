@@ -20,6 +20,12 @@ The limits are per thread (remote headers are read by a few threads at
 once) and apply to huggingface_hub's own calls too: :func:`install` routes
 the shared client's connections through a network backend that applies
 them, and adds a response hook that caps bodies and Retry-After waits.
+A connection that cannot be made at all (refused, no such host, no route)
+raises :class:`Unreachable` from the same layer, for the same reason:
+huggingface_hub retries connection errors five times with sleeps of
+1+2+4+8+8 s, so an endpoint that refuses connections took 23 s to report,
+where an immediate retry would only be refused again.
+
 Outside :func:`limited` (the download transfer loop) nothing changes: a
 large file takes as long as it takes, watched by the stall timeout and the
 transfer loop's own progress rule instead.
@@ -49,6 +55,39 @@ class LimitExceeded(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+class Unreachable(Exception):
+    """No connection to the Hub's host could be made: refused, no such host, or no route to it."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        super().__init__(f"{host}:{port}: {reason}")
+        self.reason = reason
+
+
+def unreachable_reason(exc: BaseException) -> str | None:
+    """Why a connection attempt failed, when retrying at once cannot help; None otherwise.
+
+    httpcore raises ConnectError ``from`` the socket's OSError; a timeout
+    (a slow or overloaded server) is not one of these and stays retried.
+    """
+    import errno
+    import socket
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, socket.gaierror):
+            return "no such host (DNS lookup failed)"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, OSError) and cause.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "no route to the host (network unreachable)"
+        if isinstance(cause, TimeoutError):
+            return None
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @dataclass
@@ -162,7 +201,16 @@ class _Backend:
         self._inner = inner
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, **kwargs: Any) -> _Stream:
-        return _Stream(self._inner.connect_tcp(host, port, timeout=_clamp(timeout), **kwargs))
+        try:
+            return _Stream(self._inner.connect_tcp(host, port, timeout=_clamp(timeout), **kwargs))
+        except LimitExceeded:
+            raise
+        except Exception as exc:
+            _raise_if_expired()
+            reason = unreachable_reason(exc)
+            if reason is not None:  # not httpcore's ConnectError: huggingface_hub would retry that for 23 s
+                raise Unreachable(host, port, reason) from exc
+            raise
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, **kwargs: Any) -> _Stream:
         return _Stream(self._inner.connect_unix_socket(path, timeout=_clamp(timeout), **kwargs))

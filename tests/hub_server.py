@@ -74,6 +74,9 @@ class Faults:
     trickle_from: int = 0  # bytes of the answer (headers first) sent at full speed before trickling
     api_body: bytes | None = None  # every /api/ request gets 200 with this body (HTML, garbage)
     retry_after: str | None = None  # every /api/ request gets 429 with this Retry-After
+    # when set, a request carrying any other token gets the Hub's answer to an invalid token
+    # (401, "Invalid credentials in Authorization header"); requests without a token are unaffected
+    valid_tokens: tuple[str, ...] | None = None
 
 
 HOSTILE_LIMIT_S = 60.0  # no hostile answer keeps a server thread longer than this
@@ -228,6 +231,10 @@ class _Handler(BaseHTTPRequestHandler):
         if faults.trickle is not None and re.search(faults.trickle, f"{self.command} {path} {self.headers.get('Range')}"):
             self.wfile = _Trickle(self.wfile, faults.trickle_seconds, faults.trickle_from)  # type: ignore[assignment]
             self.close_connection = True
+        auth = self.headers.get("Authorization")
+        if faults.valid_tokens is not None and auth is not None and auth.removeprefix("Bearer ") not in faults.valid_tokens:
+            return self._json(401, {"error": "Invalid credentials in Authorization header"},
+                              {"X-Error-Message": "Invalid credentials in Authorization header"})
         if faults.api_body is not None and path.startswith("/api/"):
             return self._raw(200, faults.api_body, "text/html; charset=utf-8")
         if faults.retry_after is not None and path.startswith("/api/"):
