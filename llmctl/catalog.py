@@ -48,12 +48,14 @@ def catalog() -> dict[str, CatalogEntry]:
     }
 
 
-def search_catalog(query: str) -> list[CatalogEntry]:
+def search_catalog(query: str, author: str | None = None) -> list[CatalogEntry]:
+    """Catalog entries matching every word of ``query``; with ``author``, only that owner's repos."""
     words = query.lower().split()
     return [
         entry
         for entry in catalog().values()
         if all(w in f"{entry.name} {entry.repo} {entry.description}".lower() for w in words)
+        and (author is None or entry.repo.split("/")[0].lower() == author.lower())
     ]
 
 

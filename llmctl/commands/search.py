@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from llmctl import fit, hub, output
-from llmctl.catalog import parse_ref, search_catalog
+from llmctl.catalog import CatalogEntry, parse_ref, search_catalog
 from llmctl.config import get_settings
 from llmctl.errors import UsageError
 from llmctl.options import HwProfileOpt, JsonOpt
@@ -28,7 +28,7 @@ def search(
     if files:
         _files(query, hw_profile, json_output)
         return
-    catalog_hits = search_catalog(query)
+    catalog_hits = search_catalog(query, author)
     hub_hits: list[hub.SearchHit] = []
     note = None
     try:
@@ -36,13 +36,7 @@ def search(
             hub_hits = hub.search_models(query, author=author, limit=limit, sort=sort)
     except hub.HubError as exc:
         note = f"the Hub was not searched ({exc.message}); showing catalog matches only"
-    by_repo = {h.repo_id.lower(): h for h in hub_hits}
-    rows: list[hub.SearchHit] = []
-    for entry in catalog_hits:
-        hit = by_repo.pop(entry.repo.lower(), None) or hub.SearchHit(entry.repo, None, None, None, None)
-        hit.catalog_name = entry.name
-        rows.append(hit)
-    rows += [h for h in hub_hits if h.repo_id.lower() in by_repo]
+    rows = merge_hits(catalog_hits, hub_hits, sort)
     if json_output:
         output.emit_json({"hub_searched": note is None, "note": note, "results": [_hit_json(h) for h in rows]})
         return
@@ -59,6 +53,37 @@ def search(
         ],
         right_align=("DOWNLOADS", "LIKES", "PARAMS"),
     )
+
+
+def merge_hits(catalog_hits: list[CatalogEntry], hub_hits: list[hub.SearchHit], sort: str) -> list[hub.SearchHit]:
+    """Catalog and Hub rows in one list, ordered by ``sort`` (largest or newest first).
+
+    A catalog repo the Hub returned is one row, with the Hub's figures. A
+    catalog repo it did not return (outside the first ``--limit`` results, or
+    the Hub was not searched) has no figure to sort by, so it comes after
+    every row that has one, in catalog order. ``trending`` has no figure in
+    the answer: the Hub's own order is kept.
+    """
+    by_repo = {h.repo_id.lower(): h for h in hub_hits}
+    rows = list(hub_hits)  # the Hub's order: the tie-break, and all there is for trending
+    for entry in catalog_hits:
+        hit = by_repo.get(entry.repo.lower())
+        if hit is None:
+            hit = hub.SearchHit(entry.repo, None, None, None, None)
+            rows.append(hit)
+        hit.catalog_name = entry.name
+
+    def figure(hit: hub.SearchHit) -> tuple[int, str] | None:  # (count, ISO date): one comparable key for any sort
+        value = {"downloads": hit.downloads, "likes": hit.likes, "updated": hit.updated}.get(sort)
+        if value is None:
+            return None
+        return (value, "") if isinstance(value, int) else (0, value)
+
+    known = [h for h in rows if figure(h) is not None]
+    known.sort(key=lambda h: figure(h) or (0, ""), reverse=True)  # stable: ties keep the Hub's order
+    hub_order = [h for h in rows if figure(h) is None and h.repo_id.lower() in by_repo]
+    catalog_only = [h for h in rows if h.repo_id.lower() not in by_repo]
+    return known + hub_order + catalog_only
 
 
 def _count(n: int | None) -> str:
