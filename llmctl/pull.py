@@ -10,7 +10,7 @@ from typing import Callable
 
 from llmctl import fit, hub
 from llmctl.catalog import HubRef, parse_ref, quant_of_filename, suggest
-from llmctl.errors import NotFoundError, StoreError, UsageError
+from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, NotFoundError, StoreError, UsageError
 from llmctl.hardware import HardwareInfo
 from llmctl.store import ModelEntry, Store, header_cache_entry, now_iso, validate_name
 
@@ -133,6 +133,25 @@ def _present_bytes(cache: Path, repo_id: str, remote: hub.RemoteFile) -> int:
         return remote.size
     partial = blobs / (remote.sha256 + hub.PARTIAL_SUFFIX)
     return min(partial.stat().st_size, remote.size) if partial.exists() else 0
+
+
+class PullInterrupted(LlmctlError):
+    """Ctrl-C during a download: what arrived is kept, and the same pull resumes from there."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+def interrupted(store: Store, pull_plan: PullPlan, command: str) -> PullInterrupted:
+    """The error for a pull stopped by Ctrl-C, saying how much is kept and how to resume."""
+    from llmctl.output import human_bytes
+
+    cache = store.settings.hf_hub_cache
+    kept = sum(_present_bytes(cache, pull_plan.listing.repo_id, f) for f in pull_plan.model.files)
+    if kept:
+        hint = f"run `{command}` again to resume ({human_bytes(kept)} of {human_bytes(pull_plan.model.size)} kept)"
+    else:
+        hint = f"nothing was downloaded yet; run `{command}` again to start over"
+    return PullInterrupted("interrupted", hint=hint)
 
 
 def check_disk(cache: Path, needed: int) -> None:

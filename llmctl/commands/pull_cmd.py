@@ -26,7 +26,7 @@ def pull_command(
     ],
     quant: Annotated[str | None, typer.Option("--quant", "-q", help="Take this quantisation (e.g. Q4_K_M) instead of the planner's choice.")] = None,
     ctx: CtxOpt = None,
-    name: Annotated[str | None, typer.Option("--name", "-n", help="Register under this name (default: catalog name or repo, plus the quant).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Register under this name (default: catalog name or repo, plus the quant).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be downloaded, its size and fit; download nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Pull even if the planner says it does not fit.")] = False,
     hw_profile: HwProfileOpt = None,
@@ -56,13 +56,31 @@ def pull_command(
             output.info(f"Would download {output.human_bytes(pull_plan.to_download)} as '{pull_plan.name}' (dry run)")
         return
     waiting = lambda: output.info("Another llmctl is downloading this file; waiting for it…")  # noqa: E731
-    with output.ByteProgress(f"Pulling {pull_plan.name}", chosen.candidate.size) as progress:
-        entry = pull.execute(store, pull_plan, progress=progress.advance, on_wait=waiting)
+    try:
+        with output.ByteProgress(f"Pulling {pull_plan.name}", chosen.candidate.size) as progress:
+            entry = pull.execute(store, pull_plan, progress=progress.advance, on_wait=waiting)
+    except KeyboardInterrupt:
+        again = _command(model, quant=quant, ctx=ctx, name=name, force=force, hw_profile=hw_profile)
+        raise pull.interrupted(store, pull_plan, again) from None
     if json_output:
         output.emit_json(_json(pull_plan, entry.name, False))
         return
     output.info(f"Pulled {entry.name}. Try: llmctl run {entry.name} \"Hello\"  or  llmctl chat {entry.name}")
     output.emit_text(entry.name)
+
+
+def _command(model: str, **options: str | int | bool | None) -> str:
+    """This pull as a command line (the options that choose the file), to run again."""
+    import shlex
+
+    words = ["llmctl", "pull", model]
+    for option, value in options.items():
+        flag = "--" + option.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value not in (None, False):
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def _json(pull_plan: pull.PullPlan, name: str | None, dry_run: bool) -> dict:
