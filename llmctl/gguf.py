@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 import sys
 from dataclasses import asdict, dataclass, field
@@ -142,7 +143,8 @@ class FileSource:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.name = str(path)
         try:
-            self._fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer for ever.
+            self._fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             from llmctl.errors import NotFoundError
 
@@ -151,7 +153,11 @@ class FileSource:
             raise InvalidModelError(self.name, "is a directory") from None
         except OSError as exc:
             raise InvalidModelError(self.name, exc.strerror or str(exc)) from None
-        self.size = os.fstat(self._fd).st_size
+        info = os.fstat(self._fd)
+        if not stat.S_ISREG(info.st_mode):  # checked on the open file: no swap between check and read
+            os.close(self._fd)
+            raise InvalidModelError(self.name, "is not a regular file (a pipe, socket, device or folder)")
+        self.size = info.st_size
 
     def read_at(self, offset: int, length: int) -> bytes:
         if hasattr(os, "pread"):

@@ -459,6 +459,8 @@ class Store:
                 return self._resolve_path(path)
             if path.is_dir():
                 raise UsageError(f"{text} is a directory", hint="give the path of a .gguf file")
+            if path.exists():  # a pipe, socket or device: never opened
+                raise UsageError(f"{text} is not a regular file", hint="give the path of a .gguf file")
 
         rows = self.listing_for_resolution(entries)
         repo_match = self._match_repo(text, rows)

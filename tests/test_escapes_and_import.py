@@ -294,6 +294,21 @@ def test_import_of_a_fifo_is_refused_without_opening_it(make_gguf, isolated: Pat
     assert not (isolated / "models").exists() or not any((isolated / "models").rglob("*.gguf*"))
 
 
+def test_reading_a_fifo_never_blocks_whatever_the_command(tmp_path: Path) -> None:
+    """The reader itself refuses non-files on the open descriptor: no window between a check and the read."""
+    from llmctl.gguf import FileSource
+    from llmctl.errors import InvalidModelError
+
+    fifo = tmp_path / "swapped.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidModelError, match="not a regular file"):
+        FileSource(fifo)  # a blocking open would hang the test here
+    for command in (["show", str(fifo)], ["fit", str(fifo)]):
+        done = subprocess.run([EXE, *command], capture_output=True, text=True, timeout=30)
+        assert done.returncode == EXIT_USAGE and f"error: {fifo} is not a regular file" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_import_refuses_sockets_devices_and_directories(cli, tmp_path: Path) -> None:
     sock_path = tmp_path / "s.gguf"
     server = socket.socket(socket.AF_UNIX)
