@@ -338,13 +338,13 @@ class Store:
 
     # discovery in the Hugging Face cache
 
-    def discover(self, registered: list[ModelEntry]) -> list[tuple[str, str, list[Path]]]:
-        """GGUF files in the HF cache not registered here: (repo, filename, parts)."""
+    def discover(self, registered: list[ModelEntry]) -> list[tuple[str, str, str, list[Path]]]:
+        """GGUF files in the HF cache not registered here: (repo, revision, filename, parts)."""
         root = self.settings.hf_hub_cache
         if not root.is_dir():
             return []
         known = {os.path.realpath(f) for e in registered for f in e.files}
-        found: dict[str, tuple[str, str, list[Path]]] = {}
+        found: dict[str, tuple[str, str, str, list[Path]]] = {}
         for repo_dir in sorted(root.glob("models--*")):
             repo = repo_dir.name[len("models--") :].replace("--", "/", 1)
             snapshots = repo_dir / "snapshots"
@@ -357,8 +357,8 @@ class Store:
                 real = os.path.realpath(path)
                 if real in known or real in found:
                     continue
-                rel = path.relative_to(snapshots).parts[1:]
-                found[real] = (repo, "/".join(rel), gguf.split_parts(path))
+                revision, *rel = path.relative_to(snapshots).parts
+                found[real] = (repo, revision, "/".join(rel), gguf.split_parts(path))
         return list(found.values())
 
     def listing(self) -> list[Listing]:
@@ -398,8 +398,7 @@ class Store:
         cache: dict[str, Any] = data["discovered_headers"]
         fresh: dict[str, Any] = {}
         rows = []
-        taken: set[str] = {e.name for e in entries}
-        for repo, filename, parts in discovered:
+        for repo, revision, filename, parts in discovered:
             info, status, size = None, "ok", 0
             try:
                 size = sum(p.stat().st_size for p in parts)
@@ -409,22 +408,19 @@ class Store:
                 fresh[str(parts[0])] = header_cache_entry(parts, info)
             except Exception as exc:  # noqa: BLE001 - one bad file must never break the listing
                 status = f"invalid: {getattr(exc, 'problem', None) or getattr(exc, 'message', None) or exc}"
-            name = f"{repo}:{info.quant}" if info else f"{repo}/{filename}"
-            if name.lower() in taken:
-                name = f"{repo}/{filename}"
-            taken.add(name.lower())
             rows.append(
                 Listing(
-                    name=name,
+                    name=discovered_full_name(repo, revision, filename),
                     paths=parts,
                     source=f"hf-cache:{repo}",
                     kind="discovered",
                     info=info,
                     status=status,
                     size=size,
-                    extra={"repo": repo, "filename": filename},
+                    extra={"repo": repo, "revision": revision, "filename": filename},
                 )
             )
+        _give_short_names(rows, entries)
         if fresh != cache:
             try:
                 with self.transaction() as latest:
@@ -438,9 +434,12 @@ class Store:
     def resolve(self, name: str, *, paths: bool = True) -> ResolvedModel:
         """Turn what the user typed into model files.
 
-        Order: exact registered name; an existing file path; ``owner/repo[:QUANT]``
-        (also ``hf.co/…`` and huggingface.co URLs) among registered and discovered
-        models; a unique prefix of a name. Unknown names suggest the nearest ones.
+        Order: exact registered name; an existing file path; any other name ``list``
+        prints (or a discovered file's full name, ``owner/repo/FILE@REVISION``);
+        ``owner/repo[:QUANT]`` (also ``hf.co/…`` and huggingface.co URLs) among
+        registered and discovered models, a model llmctl pulled winning over other
+        copies in a cache; a unique prefix of a name. Unknown names suggest the
+        nearest ones.
         With ``paths=False`` (names from a server's clients) the file system is never
         consulted: a name is only ever a model's name.
         """
@@ -463,13 +462,23 @@ class Store:
                 raise UsageError(f"{text} is not a regular file", hint="give the path of a .gguf file")
 
         rows = self.listing_for_resolution(entries)
+        # Every name `list` prints means that row, and a discovered file's full name
+        # (owner/repo/FILE@REVISION) keeps meaning it once it is shown by its short name.
+        names = {row.name.lower(): row for row in rows}
+        full_names = {
+            discovered_full_name(row.extra["repo"], row.extra["revision"], row.extra["filename"]).lower(): row
+            for row in rows
+            if row.kind == "discovered"
+        }
+        exact = names.get(lowered) or full_names.get(lowered)
+        if exact is not None:
+            return self._from_row(exact)
         repo_match = self._match_repo(text, rows)
         if repo_match is not None:
             return repo_match
         if lowered.endswith(".gguf") and ("/" not in text or os.path.isabs(text) or text.startswith(".")):
             raise NotFoundError(f"{text}: no such file", hint="check the path")
 
-        names = {row.name.lower(): row for row in rows}
         candidates = [n for n in names if n.startswith(lowered)]
         if len(candidates) == 1:
             return self._from_row(names[candidates[0]])
@@ -520,6 +529,9 @@ class Store:
             matches.append(row)
         if not matches:
             return None
+        pulled = [r for r in matches if r.kind == "registered"]
+        if len(matches) > 1 and len(pulled) == 1:
+            return self._from_row(pulled[0])  # what llmctl pulled wins over other copies in a cache
         if len(matches) > 1:
             raise AmbiguousNameError(text, sorted(r.name for r in matches))
         return self._from_row(matches[0])
@@ -527,24 +539,47 @@ class Store:
     # removal
 
     def delete_hub_files(self, links: list[Path]) -> list[Path]:
-        """Delete snapshot links in the HF cache, and each blob no other snapshot still uses."""
-        cache = Path(os.path.realpath(self.settings.hf_hub_cache))
+        """Delete snapshot links in the HF cache, each blob no other snapshot still uses, and what they leave.
+
+        A blob a pull is working on now (its lock is held) is left to that pull.
+        Emptied snapshot folders go, with the refs that name them (huggingface_hub's
+        cache scan counts a ref to a missing snapshot as corruption), and a repo
+        folder left with no snapshot and no blob goes as a whole.
+        """
+        self.check_hub_links(links)
         removed = []
+        repos: list[Path] = []
         for link in links:
-            repo_dir = next((p for p in link.parents if p.name.startswith("models--")), None)
-            if repo_dir is None or not Path(os.path.realpath(repo_dir)).is_relative_to(cache):
-                raise StoreError(f"refusing to delete {link}: it is not inside the Hugging Face cache {cache}")
+            repo_dir = _hub_repo_dir(link)
             blob = Path(os.path.realpath(link))
-            if not blob.is_relative_to(Path(os.path.realpath(repo_dir)) / "blobs"):
-                raise StoreError(f"refusing to delete {link}: it points outside {repo_dir}")
             if link.is_symlink() or link.exists():
                 link.unlink()
                 removed.append(link)
-            users = [p for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink() and os.path.realpath(p) == str(blob)]
-            if not users and blob.exists():
-                blob.unlink()
-                removed.append(blob)
+            _prune_snapshot(link.parent, repo_dir)
+            with _unused_lock(blob.with_name(blob.name + LOCK_SUFFIX)) as free:
+                users = [p for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink() and os.path.realpath(p) == str(blob)]
+                if free and not users and blob.exists():
+                    blob.unlink()
+                    removed.append(blob)
+            if repo_dir not in repos:
+                repos.append(repo_dir)
+        for repo_dir in repos:
+            _prune_repo(repo_dir)
         return removed
+
+    def check_hub_links(self, links: list[Path]) -> None:
+        """Refuse, before anything is forgotten or deleted, links that are not a Hugging Face cache's own.
+
+        A link must lie in ``models--*/snapshots/`` and point into the same folder's
+        ``blobs/``. The cache may be another than today's HF_HUB_CACHE: a model
+        pulled before that setting changed is still removed from where it lies.
+        """
+        for link in links:
+            repo_dir = _hub_repo_dir(link)
+            if repo_dir is None:
+                raise StoreError(f"refusing to delete {link}: it is not inside a Hugging Face cache's snapshots folder")
+            if os.path.lexists(link) and not Path(os.path.realpath(link)).is_relative_to(Path(os.path.realpath(repo_dir)) / "blobs"):
+                raise StoreError(f"refusing to delete {link}: it points outside {repo_dir}")
 
     def delete_files(self, entry_or_paths: ModelEntry | list[Path], *, inside: Path | None = None) -> list[Path]:
         """Delete model files; with ``inside``, refuse anything that resolves outside it."""
@@ -564,9 +599,82 @@ class Store:
                 raise StoreError(f"cannot delete {path}: {exc.strerror}") from None
         if inside is not None and paths:
             folder = paths[0].parent
-            if folder != inside and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            if folder != inside:
+                with _unused_lock(folder.with_name(folder.name + LOCK_SUFFIX)) as free:
+                    if free and folder.is_dir() and not any(folder.iterdir()):
+                        folder.rmdir()
         return removed
+
+
+def _hub_repo_dir(link: Path) -> Path | None:
+    """The ``models--*`` folder whose ``snapshots/`` holds ``link``; None when it lies elsewhere."""
+    for parent in link.parents:
+        if parent.name.startswith("models--"):
+            return parent if link.is_relative_to(parent / "snapshots") and link.parent != parent / "snapshots" else None
+    return None
+
+
+def _prune_snapshot(folder: Path, repo_dir: Path) -> None:
+    """Remove ``folder`` and its parents up to ``snapshots/`` while empty; then the refs naming a removed revision."""
+    snapshots = repo_dir / "snapshots"
+    while folder != snapshots and folder.is_relative_to(snapshots):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone, or not ours to remove)
+            if folder.exists():
+                return
+        if folder.parent == snapshots:
+            _drop_refs(repo_dir, folder.name)
+            return
+        folder = folder.parent
+
+
+def _drop_refs(repo_dir: Path, revision: str) -> None:
+    refs = repo_dir / "refs"
+    if not refs.is_dir() or refs.is_symlink():
+        return
+    for ref in refs.rglob("*"):
+        try:
+            if ref.is_file() and not ref.is_symlink() and ref.read_text(encoding="utf-8").strip() == revision:
+                ref.unlink()
+        except (OSError, UnicodeDecodeError):
+            continue
+
+
+def _prune_repo(repo_dir: Path) -> None:
+    """Remove a repo's folder once it holds no snapshot and no blob (an unfinished download counts)."""
+    snapshots, blobs = repo_dir / "snapshots", repo_dir / "blobs"
+    if (snapshots.is_dir() and any(snapshots.iterdir())) or (blobs.is_dir() and any(blobs.iterdir())):
+        return
+    if repo_dir.is_symlink() or not repo_dir.is_dir():
+        return
+    shutil.rmtree(repo_dir, ignore_errors=True)  # refs/ and .no_exist/: bookkeeping of nothing now
+
+
+def discovered_full_name(repo: str, revision: str, filename: str) -> str:
+    """``owner/repo/FILE@REVISION`` (12 hex digits): names one file of one snapshot, whatever else is there."""
+    return f"{repo}/{filename}@{revision[:12]}"
+
+
+def _give_short_names(rows: list[Listing], entries: list[ModelEntry]) -> None:
+    """Name a discovered file ``owner/repo:QUANT`` where that names nothing else: no other discovered file
+    (another revision, another file of that quant) and no model llmctl pulled from the repo. The others keep
+    their full name, so that every name ``list`` prints means one file (and ``resolve`` keeps accepting the full
+    name of a file that later gets the short one)."""
+    registered = [Listing(e.name, e.paths, e.source_label, "registered", None, "ok", e.size, entry=e) for e in entries]
+    groups: dict[str, list[Listing]] = {}
+    for row in rows:
+        if row.info is not None:
+            groups.setdefault(f"{row.extra['repo']}:{row.info.quant}".lower(), []).append(row)
+    for members in groups.values():
+        if len(members) != 1:
+            continue
+        row = members[0]
+        assert row.info is not None
+        repo, quant = row.extra["repo"], row.info.quant
+        if any((_row_repo(r) or "").lower() == repo.lower() and _row_quant_is(r, quant) for r in registered):
+            continue
+        row.name = f"{repo}:{quant}"
 
 
 def _row_repo(row: Listing) -> str | None:
@@ -599,7 +707,8 @@ def _row_quant_is(row: Listing, quant: str) -> bool:
 # writing from one a killed import left behind.
 
 IMPORT_PARTIAL_SUFFIX = ".llmctl.partial"
-IMPORT_LOCK_SUFFIX = ".llmctl.lock"
+LOCK_SUFFIX = ".llmctl.lock"  # also the suffix of a pull's lock on a blob (hub.LOCK_SUFFIX)
+IMPORT_LOCK_SUFFIX = LOCK_SUFFIX
 COPY_CHUNK = 4 * 1024 * 1024
 
 _FILE_KINDS = {
@@ -644,26 +753,79 @@ def _folder_lock(folder: Path, *, wait: bool, on_wait: Callable[[], None] | None
     """Lock ``<folder>.llmctl.lock``; yields False (holding nothing) when busy and not waiting."""
     lock_path = folder.with_name(folder.name + IMPORT_LOCK_SUFFIX)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no cross-process lock
-            yield True
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock
+        yield True
+        return
+    waited = False
+    while True:
+        with open(lock_path, "a+") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
+                if on_wait and not waited:
+                    on_wait()
+                    waited = True
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            if not _still_named(handle.fileno(), lock_path):
+                continue  # `rm` deleted the file between our open and our lock: lock the one there now
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             return
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the open file ``fd`` (a lock file deleted and re-created is another lock)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+@contextmanager
+def _unused_lock(lock_path: Path) -> Iterator[bool]:
+    """Hold a lock file if nobody does and delete it on the way out; False (holding nothing) when in use.
+
+    The file goes while still held, so a process that opened it meanwhile finds
+    it unlinked once it gets the lock, and locks the path afresh (``_folder_lock``).
+    A missing lock file means nobody holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock, nothing is deleted
+        yield True
+        return
+    try:
+        handle = open(lock_path, "rb")
+    except FileNotFoundError:
+        yield True
+        return
+    except OSError:
+        yield False
+        return
+    with handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if not wait:
-                yield False
-                return
-            if on_wait:
-                on_wait()
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield False
+            return
         try:
             yield True
         finally:
+            if _still_named(handle.fileno(), lock_path):
+                try:
+                    lock_path.unlink()
+                except OSError:
+                    pass
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    # The lock file stays: deleting it while another process opens it would split the lock.
 
 
 @dataclass
@@ -708,14 +870,27 @@ def _folder_busy(folder: Path) -> bool:
 
 
 def remove_import_partial(partial: ImportPartial) -> bool:
-    """Delete a partial copy unless an import is writing it; False when one is."""
+    """Delete a partial copy unless an import is writing it; False when one is. Its lock goes too."""
     folder = partial.path.parent
-    with _folder_lock(folder, wait=False) as free:
+    with _unused_lock(folder.with_name(folder.name + IMPORT_LOCK_SUFFIX)) as free:
         if not free:
             return False
         partial.path.unlink(missing_ok=True)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+    return True
+
+
+def remove_download_partial(path: Path, partial_suffix: str) -> bool:
+    """Delete an unfinished download (``blobs/<sha>.llmctl.partial``) unless a pull holds its lock; False when
+    one does. The lock file goes with it, and the repo's folder if nothing else is left in it."""
+    lock = path.with_name(path.name[: -len(partial_suffix)] + LOCK_SUFFIX)
+    with _unused_lock(lock) as free:
+        if not free:
+            return False
+        path.unlink(missing_ok=True)
+    if path.parent.name == "blobs" and path.parent.parent.name.startswith("models--"):
+        _prune_repo(path.parent.parent)
     return True
 
 

@@ -13,7 +13,7 @@ from llmctl import output
 from llmctl.commands import open_store
 from llmctl.errors import UsageError
 from llmctl.options import JsonOpt, ModelsArg, YesOpt
-from llmctl.store import ResolvedModel, Store, find_import_partials, remove_import_partial
+from llmctl.store import ResolvedModel, Store, find_import_partials, remove_download_partial, remove_import_partial
 
 
 @dataclass
@@ -48,6 +48,9 @@ def rm(
         model = store.resolve(name)
         resolved.setdefault(model.name, model)
     plan = [_plan(model, delete_files) for model in resolved.values()]
+    for removal in plan:  # refused before anything is forgotten
+        if _in_hf_cache(removal):
+            store.check_hub_links(removal.delete)
     for removal in plan:
         what = ", ".join(str(p) for p in removal.delete) or "no files (they stay on disk)"
         output.info(f"{removal.resolved.name}: will delete {what}")
@@ -96,7 +99,7 @@ def _apply(store: Store, removal: Removal) -> None:
         store.remove_entry(entry.name)
     if not removal.delete:
         return
-    if (entry is not None and entry.source.get("type") == "hub") or removal.resolved.kind == "discovered":
+    if _in_hf_cache(removal):
         store.delete_hub_files(removal.delete)  # the snapshot links and the blobs behind them
         return
     # Files llmctl owns must lie inside its own folder; never follow a link out of it.
@@ -104,15 +107,19 @@ def _apply(store: Store, removal: Removal) -> None:
     store.delete_files(removal.delete, inside=inside)
 
 
+def _in_hf_cache(removal: Removal) -> bool:
+    entry = removal.resolved.entry
+    return (entry is not None and entry.source.get("type") == "hub") or removal.resolved.kind == "discovered"
+
+
 def _remove_partials(store: Store, json_output: bool) -> None:
     from llmctl import hub
 
     removed: list[tuple[Path, str | None, int]] = []  # path, repo (None: an import's copy), size
     for partial in hub.find_partials(store.settings.hf_hub_cache):
-        if partial.in_use:
+        if partial.in_use or not remove_download_partial(partial.path, hub.PARTIAL_SUFFIX):
             output.info(f"skipping {partial.path}: a pull is downloading it now")
             continue
-        partial.path.unlink(missing_ok=True)  # its tiny lock file stays: deleting it could split a lock
         removed.append((partial.path, partial.repo_id, partial.size))
     for copy in find_import_partials(store.settings.models_dir):
         if not remove_import_partial(copy):  # checked and deleted under the import's lock

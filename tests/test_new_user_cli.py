@@ -1,0 +1,145 @@
+"""What a new user trips over in the shell around the models: names that `list` prints, what `rm` leaves,
+parser errors, piped tables, shell completion, progress lines, a missing config file, the stream's usage chunk."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmctl.errors import EXIT_USAGE
+
+
+def listed(cli) -> list[dict]:
+    r = cli("list", "--json")
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)["models"]
+
+
+def put_in_hf_cache(cache: Path, repo: str, source: Path, filename: str, revision: str, blob_name: str) -> Path:
+    """Lay a file out as huggingface_hub does: a blob, a snapshot link to it, refs/main."""
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    blob = repo_dir / "blobs" / blob_name
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, blob)
+    link = repo_dir / "snapshots" / revision / filename
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    return link
+
+
+def scan_warnings(cache: Path) -> list[str]:
+    """What huggingface_hub's own cache scan finds wrong in ``cache``."""
+    from huggingface_hub import scan_cache_dir
+
+    return [str(w) for w in scan_cache_dir(cache).warnings]
+
+
+# --- 1. every name `list` prints resolves ------------------------------------------------
+
+
+def test_every_listed_name_resolves_when_two_caches_hold_the_same_repo(cli, hub, make_gguf, tmp_path: Path, monkeypatch) -> None:
+    """A pull into one cache, then the same repo (three revisions of the file) in another: `show` and `rm`
+    accept every name `list` prints, and each name means the files of its own row."""
+    assert cli("pull", "test/Tiny-GGUF:Q8_0").exit_code == 0
+    other = tmp_path / "other-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(other))
+    for index, revision in enumerate(("a" * 40, "b" * 40, "c" * 40)):
+        put_in_hf_cache(other, "test/Tiny-GGUF", make_gguf(f"v{index}.Q8_0.gguf", n_embd=64 + 32 * index), "Tiny-Q8_0.gguf", revision, f"blob{index}")
+    rows = listed(cli)
+    names = [row["name"] for row in rows]
+    assert len(rows) == 4 and len({n.lower() for n in names}) == 4, names
+    for row in rows:
+        r = cli("show", row["name"], "--json")
+        assert r.exit_code == 0, (row["name"], r.stderr)
+        assert json.loads(r.stdout)["files"] == row["files"], row["name"]
+    # The repo's name means what llmctl pulled; the copies elsewhere are named by file and revision.
+    pulled = next(row for row in rows if row["kind"] == "registered")
+    assert json.loads(cli("show", "test/Tiny-GGUF:Q8_0", "--json").stdout)["files"] == pulled["files"]
+    # A name once printed keeps meaning its file while others are removed, never another one.
+    for row in rows:
+        r = cli("rm", row["name"], "-y", "--delete-files", "--json")
+        assert r.exit_code == 0, (row["name"], r.stderr)
+        assert json.loads(r.stdout)["removed"][0]["deleted_files"][0] == row["files"][0]
+    assert listed(cli) == []
+
+
+def test_a_lone_copy_in_the_cache_is_named_by_repo_and_quant(cli, make_gguf, tmp_path: Path) -> None:
+    cache = tmp_path / "hf" / "hub"
+    first = put_in_hf_cache(cache, "org/One-GGUF", make_gguf("one.Q8_0.gguf"), "One-Q8_0.gguf", "1" * 40, "blob1")
+    assert [m["name"] for m in listed(cli)] == ["org/One-GGUF:Q8_0"]
+    second = put_in_hf_cache(cache, "org/One-GGUF", make_gguf("two.Q8_0.gguf", n_embd=96), "One-Q8_0.gguf", "2" * 40, "blob2")
+    names = sorted(m["name"] for m in listed(cli))
+    assert names == ["org/One-GGUF/One-Q8_0.gguf@111111111111", "org/One-GGUF/One-Q8_0.gguf@222222222222"]
+    r = cli("show", "org/One-GGUF:Q8_0")
+    assert r.exit_code == EXIT_USAGE and "matches 2 models" in r.stderr
+    assert cli("rm", names[1], "-y", "--delete-files").exit_code == 0
+    assert not second.exists()
+    assert [m["name"] for m in listed(cli)] == ["org/One-GGUF:Q8_0"]
+    r = cli("show", names[0], "--json")  # its full name still works
+    assert r.exit_code == 0 and json.loads(r.stdout)["files"] == [str(first)]
+
+
+# --- 2. rm leaves nothing behind -------------------------------------------------------------
+
+
+def test_rm_of_a_pulled_model_leaves_no_lock_and_no_empty_snapshot(cli, hub, tmp_path: Path) -> None:
+    cache = tmp_path / "hf" / "hub"
+    repo_dir = cache / "models--test--Tiny-GGUF"
+    assert cli("pull", "test/Tiny-GGUF:Q8_0").exit_code == 0
+    assert cli("pull", "test/Tiny-GGUF:F16", "--name", "tiny-f16").exit_code == 0
+    assert len(list(repo_dir.glob("blobs/*.llmctl.lock"))) == 2
+    q8 = next(m for m in listed(cli) if m["quant"] == "Q8_0")
+    assert cli("rm", q8["name"], "-y").exit_code == 0
+    # The F16 file still lives in the same snapshot: only the Q8_0 blob and its lock went.
+    assert len(list(repo_dir.glob("blobs/*.llmctl.lock"))) == 1
+    assert [p.name for p in repo_dir.glob("snapshots/*/*")] == ["Tiny-F16.gguf"]
+    assert scan_warnings(cache) == []
+    assert cli("rm", "tiny-f16", "-y").exit_code == 0
+    assert not repo_dir.exists(), sorted(str(p) for p in repo_dir.rglob("*"))
+    assert scan_warnings(cache) == []
+
+
+def test_rm_removes_an_emptied_revision_and_its_ref_but_keeps_other_revisions(cli, make_gguf, tmp_path: Path) -> None:
+    cache = tmp_path / "hf" / "hub"
+    old = put_in_hf_cache(cache, "org/Two-GGUF", make_gguf("old.Q8_0.gguf"), "Two-Q8_0.gguf", "1" * 40, "blob1")
+    new = put_in_hf_cache(cache, "org/Two-GGUF", make_gguf("new.Q8_0.gguf", n_embd=96), "Two-Q8_0.gguf", "2" * 40, "blob2")
+    refs = cache / "models--org--Two-GGUF" / "refs"
+    (refs / "main").write_text("2" * 40)
+    (refs / "old-branch").write_text("1" * 40)
+    row = next(m for m in listed(cli) if m["files"] == [str(old)])
+    assert cli("rm", row["name"], "-y", "--delete-files").exit_code == 0
+    assert not old.parent.exists() and not (refs / "old-branch").exists()
+    assert new.exists() and (refs / "main").read_text() == "2" * 40
+    assert scan_warnings(cache) == []
+
+
+def test_rm_of_an_import_copy_removes_its_folder_and_lock(cli, make_gguf, isolated: Path) -> None:
+    assert cli("import", make_gguf("copied.Q8_0.gguf"), "--copy", "--name", "copied").exit_code == 0
+    models = isolated / "models"
+    assert (models / "copied.llmctl.lock").exists()
+    assert cli("rm", "copied", "-y").exit_code == 0
+    assert list(models.iterdir()) == []
+
+
+def test_rm_partials_keeps_a_lock_in_use_and_removes_a_free_one(cli, tmp_path: Path) -> None:
+    blobs = tmp_path / "hf" / "hub" / "models--org--Part-GGUF" / "blobs"
+    blobs.mkdir(parents=True)
+    partial = blobs / ("ab" * 32 + ".llmctl.partial")
+    lock = blobs / ("ab" * 32 + ".llmctl.lock")
+    partial.write_bytes(b"x" * 1000)
+    lock.touch()
+    with open(lock, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # a pull downloading it now
+        r = cli("rm", "--partials")
+        assert r.exit_code == 0 and "skipping" in r.stderr
+        assert partial.exists() and lock.exists()
+    r = cli("rm", "--partials", "--json")
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["removed_partials"]) == 1
+    assert not (tmp_path / "hf" / "hub" / "models--org--Part-GGUF").exists()  # nothing else was in it
