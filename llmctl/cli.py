@@ -33,6 +33,8 @@ class LlmctlGroup(TyperGroup):
     console script take the same path.
     """
 
+    subcommand_path: str | None = None
+
     def main(  # type: ignore[override]
         self,
         args: Sequence[str] | None = None,
@@ -41,14 +43,23 @@ class LlmctlGroup(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        self.subcommand_path = None
         code = _guarded(
             lambda: super(LlmctlGroup, self).main(
                 args=args, prog_name=prog_name or "llmctl", complete_var=complete_var, standalone_mode=False, **extra
-            )
+            ),
+            lambda: self.subcommand_path,
         )
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """Remember the subcommand: the parser's errors about its options (a missing value) carry no context."""
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            self.subcommand_path = f"{ctx.command_path} {name}"
+        return name, command, rest
 
 
 app = typer.Typer(
@@ -97,7 +108,7 @@ app.command("hwinfo")(hwinfo)
 app.command("fit")(fit_command)
 
 
-def _guarded(invoke: Callable[[], Any]) -> int:
+def _guarded(invoke: Callable[[], Any], subcommand: Callable[[], str | None] = lambda: None) -> int:
     """Run the command line; return its exit code, reporting any error in one message."""
     from llmctl import output
 
@@ -129,18 +140,35 @@ def _guarded(invoke: Callable[[], Any]) -> int:
         output.error(f"{where}{exc.strerror or exc}", "check free disk space and permissions")
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into a message
-        # Typer's own usage errors (unknown option, bad value) carry an exit code.
+        # The parser's own usage errors (unknown option, bad value) carry an exit code.
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
-            ctx = getattr(exc, "ctx", None)
-            command = ctx.command_path if ctx is not None else "llmctl"
-            message = exc.format_message()
+            message, hint = parser_error(exc, subcommand() or "llmctl")
             if message:  # empty when the help was shown for a bare `llmctl`
-                output.error(message, f"run `{command} --help`")
+                output.error(message, hint)
             return int(getattr(exc, "exit_code", EXIT_USAGE))
         if debug_enabled():
             raise
         output.error(f"unexpected {type(exc).__name__}: {exc}", "rerun with LLMCTL_DEBUG=1 for details and report it")
         return EXIT_ERROR
+
+
+def parser_error(exc: Any, fallback_command: str) -> tuple[str, str]:
+    """A parser error in llmctl's style: a lower-case message with no full stop, and a hint naming the
+    help of the command it is about (``llmctl run --help``), with the parser's suggestion if it has one."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else fallback_command
+    message = exc.format_message().strip()
+    suggestion = ""
+    possibilities = getattr(exc, "possibilities", None)
+    if possibilities:  # "No such option: --x (Possible options: --a, --b)"
+        message = message.split(" (Possible options:", 1)[0]
+        suggestion = f"did you mean {' or '.join(sorted(possibilities))}? "
+    else:  # "No such command 'x'. Did you mean 'y'?"
+        head, found, tail = message.partition(". Did you mean ")
+        if found:
+            message, suggestion = head, f"did you mean {tail} "
+    message = message.rstrip(".")
+    return message[:1].lower() + message[1:], f"{suggestion}see `{command} --help`"
 
 
 def main() -> None:

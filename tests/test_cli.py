@@ -31,9 +31,9 @@ def test_version(cli) -> None:
 def test_usage_errors_are_one_line_with_a_hint(cli) -> None:
     r = cli("list", "--no-such-flag")
     assert r.exit_code == EXIT_USAGE
-    assert r.stderr == "error: No such option: --no-such-flag\nhint: run `llmctl list --help`\n"
+    assert r.stderr == "error: no such option: --no-such-flag\nhint: see `llmctl list --help`\n"
     r = cli("frobnicate")
-    assert r.exit_code == EXIT_USAGE and r.stderr.startswith("error: No such command 'frobnicate'")
+    assert r.exit_code == EXIT_USAGE and r.stderr.startswith("error: no such command 'frobnicate'")
 
 
 def test_not_found_exit_code_and_no_traceback(cli) -> None:

@@ -143,3 +143,22 @@ def test_rm_partials_keeps_a_lock_in_use_and_removes_a_free_one(cli, tmp_path: P
     r = cli("rm", "--partials", "--json")
     assert r.exit_code == 0 and len(json.loads(r.stdout)["removed_partials"]) == 1
     assert not (tmp_path / "hf" / "hub" / "models--org--Part-GGUF").exists()  # nothing else was in it
+
+
+# --- 3. parser errors in llmctl's style --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "stderr"),
+    [
+        (["run", "m", "--max-tokens"], "error: option '--max-tokens' requires an argument\nhint: see `llmctl run --help`\n"),
+        (["list", "--jsn"], "error: no such option: --jsn\nhint: did you mean --json? see `llmctl list --help`\n"),
+        (["show"], "error: missing argument 'MODEL'\nhint: see `llmctl show --help`\n"),
+        (["rnu"], "error: no such command 'rnu'\nhint: did you mean 'run'? see `llmctl --help`\n"),
+        (["--bogus"], "error: no such option: --bogus\nhint: see `llmctl --help`\n"),
+    ],
+)
+def test_parser_errors_are_one_lower_case_line_and_name_the_subcommands_help(cli, args: list[str], stderr: str) -> None:
+    r = cli(*args)
+    assert r.exit_code == EXIT_USAGE
+    assert r.stderr == stderr and r.stdout == ""
