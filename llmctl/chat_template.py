@@ -289,6 +289,10 @@ class BoundedChatFormatter:
         self.add_generation_prompt = add_generation_prompt
         self.stop_token_ids = set(stop_token_ids) if stop_token_ids is not None else None
         self.worker = TemplateWorker()  # no process until the first render, unless an Engine attaches its own
+        # Template variables for every render, such as enable_thinking for --think (see set_variables);
+        # empty unless asked, so prompts stay llama-cpp-python's.
+        self.variables: dict[str, Any] = {}
+        self.last_prompt: str | None = None  # where a reply starts (inside a <think> block or not)
 
     def render(
         self,
@@ -308,11 +312,12 @@ class BoundedChatFormatter:
             "function_call": function_call,
             "tools": tools,
             "tool_choice": tool_choice,
-            "kwargs": kwargs,
+            "kwargs": {**self.variables, **kwargs} if self.variables else kwargs,
         }
         reply = self.worker.render(self.template, variables)
         if "prompt" in reply:
-            return str(reply["prompt"])
+            self.last_prompt = str(reply["prompt"])
+            return self.last_prompt
         kind = reply.get("error")
         if kind == "raised":
             raise ValueError(reply.get("message", ""))  # as llama-cpp-python's raise_exception does
@@ -369,6 +374,23 @@ def active_formatter(llm: Any) -> BoundedChatFormatter | None:
     handler = getattr(llm, "chat_handler", None) or (handlers.get(getattr(llm, "chat_format", None)) if isinstance(handlers, dict) else None)
     formatter = getattr(handler, "chat_formatter", None)
     return formatter if isinstance(formatter, BoundedChatFormatter) else None
+
+
+def set_variables(llm: Any, variables: dict[str, Any]) -> bool:
+    """Pass ``variables`` (``enable_thinking``, ``reasoning_effort``, …) to every render of a Llama's GGUF templates.
+
+    False when the Llama renders no GGUF template (a built-in ``--chat-format``), which takes none.
+    """
+    formatters = formatters_of(llm)
+    for formatter in formatters:
+        formatter.variables = dict(variables)
+    return active_formatter(llm) is not None
+
+
+def last_prompt(llm: Any) -> str | None:
+    """The prompt the Llama's GGUF template rendered last (None with a built-in format, or before any)."""
+    formatter = active_formatter(llm)
+    return formatter.last_prompt if formatter is not None else None
 
 
 def attach(llm: Any, worker: TemplateWorker | None = None) -> TemplateWorker | None:
