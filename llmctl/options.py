@@ -60,3 +60,17 @@ StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop when thi
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing summary on stderr (load, prompt, generation, time to first token). LLMCTL_DEBUG=1 adds llama.cpp's own log.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Load even if the planner says it does not fit.")]
 ChatFormatOpt = Annotated[str | None, typer.Option("--chat-format", help="llama-cpp-python chat format to use instead of the model's template (e.g. chatml, llama-2).")]
+ThinkOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--think",
+        help="Reasoning models: 'on' or 'off' where the chat template has a switch (Qwen3 and others); "
+        "'low', 'medium' or 'high' for gpt-oss (default: the template's own).",
+        metavar="on|off|low|medium|high",
+        show_default=False,
+    ),
+]
+HideThinkingOpt = Annotated[
+    bool,
+    typer.Option("--hide-thinking", help="Do not show a reasoning model's thinking on the terminal (stdout never has it)."),
+]

@@ -138,6 +138,48 @@ class ReplyWriter:
         self._last = "\n"
 
 
+class ThinkingWriter:
+    """A reasoning model's thinking on stderr as it streams: framed, dimmed, neutralised; only on a terminal.
+
+    Thinking is commentary, not the reply: stdout never carries it (``run --json``
+    has it as ``reasoning``). Shown as Ollama shows it: ``Thinking…``, the text
+    dimmed, ``…done thinking.``; escape sequences in it are neutralised as in a
+    reply on a terminal.
+    """
+
+    def __init__(self, show: bool = True) -> None:
+        self.show = show and _is_tty(sys.stderr)
+        self._filter = ReplyWriter(terminal=True)
+        self._on, self._off = ("\x1b[2m", "\x1b[0m") if self.show and not no_color() else ("", "")
+        self._last = "\n"
+        self.started = False
+
+    def write(self, piece: str) -> None:
+        if not self.show:
+            return
+        if not self.started:
+            self.started = True
+            self._last = "\n"
+            sys.stderr.write(f"{self._on}Thinking…{self._off}\n")
+        text = self._filter.filter(piece)
+        if text:
+            sys.stderr.write(self._on + text + self._off)  # styled per piece: an interruption leaves no style on
+            self._last = text[-1]
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        """Close the frame (if anything was shown); a later piece opens a new one."""
+        if not self.started:
+            return
+        tail = _escape_char("\r") if self._filter._held_cr else ""
+        self._filter._held_cr = False
+        if tail or self._last != "\n":
+            tail += "\n"
+        sys.stderr.write(f"{self._on}{tail}…done thinking.{self._off}\n\n")
+        sys.stderr.flush()
+        self.started = False
+
+
 # --- consoles ---------------------------------------------------------------
 
 PIPE_WIDTH = 200
