@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import unicodedata
@@ -252,7 +253,7 @@ def emit_table(
     for index, row in enumerate(rows):
         style = "dim" if index in dim else ""
         table.add_row(*(Text(safe("" if cell is None else str(cell)), style=style) for cell in row))
-    _make_console(stderr=stderr).print(table)
+    _print_block(table, stderr=stderr)
 
 
 
@@ -267,7 +268,23 @@ def emit_fields(pairs: Iterable[tuple[str, Any]], *, title: str | None = None) -
     table.add_column("value", overflow="fold")
     for key, value in pairs:
         table.add_row(Text(key), Text(safe("" if value is None else str(value))))
-    _make_console(stderr=False).print(table)
+    _print_block(table, stderr=False)
+
+
+_TRAILING_BLANKS = re.compile(r"[ \t]+((?:\x1b\[[0-9;]*m)*)$", re.MULTILINE)
+
+
+def _print_block(renderable: Any, *, stderr: bool) -> None:
+    """Print a table; off a terminal without the blanks Rich pads each line with to the table's width."""
+    console = _make_console(stderr=stderr)
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    stream = sys.stderr if stderr else sys.stdout
+    stream.write(_TRAILING_BLANKS.sub(r"\1", captured.get()))
+    stream.flush()
 
 
 # --- everything else (stderr) -----------------------------------------------

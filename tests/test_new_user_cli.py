@@ -162,3 +162,18 @@ def test_parser_errors_are_one_lower_case_line_and_name_the_subcommands_help(cli
     r = cli(*args)
     assert r.exit_code == EXIT_USAGE
     assert r.stderr == stderr and r.stdout == ""
+
+
+# --- 4. piped tables carry no trailing blanks --------------------------------------------------
+
+
+def test_piped_key_value_tables_and_tables_have_no_trailing_blanks(cli, make_gguf, monkeypatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)  # as in `llmctl show m | less`: Rich's own width for a pipe
+    model = make_gguf("tiny.Q8_0.gguf")
+    assert cli("import", model, "--name", "tiny").exit_code == 0
+    for args in (["hwinfo", "--hw-profile", "laptop-8gb"], ["show", "tiny"], ["fit", "tiny", "--hw-profile", "laptop-8gb"], ["list"]):
+        r = cli(*args)
+        assert r.exit_code == 0, (args, r.stderr)
+        lines = r.stdout.splitlines()
+        assert len(lines) >= 3, args
+        assert [line for line in lines if line != line.rstrip()] == [], args
