@@ -127,7 +127,8 @@ def test_sigint_mid_pull_leaves_a_resumable_partial(cli, hub, tmp_path: Path) ->
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in err
+    error, hint = err.strip().splitlines()[-2:]
+    assert error == "error: interrupted" and hint.startswith("hint: run `llmctl pull") and "Traceback" not in err
     assert partial.exists() and _models(cli) == []
     hub.faults.delay_per_chunk = 0
     assert cli("pull", DEMO_REPO).exit_code == 0
