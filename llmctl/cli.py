@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 from llmctl import __version__
 from llmctl.commands.bench_cmd import bench
 from llmctl.commands.chat_cmd import chat
+from llmctl.commands.completion import completion
 from llmctl.commands.fit_cmd import fit_command
 from llmctl.commands.hwinfo import hwinfo
 from llmctl.commands.import_cmd import import_
@@ -53,6 +54,17 @@ class LlmctlGroup(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def _main_shell_completion(self, ctx_args: Any, prog_name: str, complete_var: str | None = None) -> None:
+        """Answer the calls of `llmctl completion`'s scripts (with Typer's completion classes, which those
+        scripts are written for)."""
+        from llmctl.commands.completion import COMPLETE_VAR
+
+        if os.environ.get(complete_var or COMPLETE_VAR):
+            from typer.completion import completion_init
+
+            completion_init()
+        super()._main_shell_completion(ctx_args, prog_name, complete_var or COMPLETE_VAR)
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         """Remember the subcommand: the parser's errors about its options (a missing value) carry no context."""
@@ -106,6 +118,7 @@ app.command("import")(import_)
 app.command("rm")(rm)
 app.command("hwinfo")(hwinfo)
 app.command("fit")(fit_command)
+app.command("completion")(completion)
 
 
 def _guarded(invoke: Callable[[], Any], subcommand: Callable[[], str | None] = lambda: None) -> int:

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from llmctl.commands.completion import complete_model_names
+
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print JSON on stdout instead of a table (schema: docs/json.md)."),
@@ -16,11 +18,17 @@ ModelArg = Annotated[
         help="Model: a name from `llmctl list` (or a unique prefix), owner/repo[:QUANT], or a path to a .gguf file.",
         show_default=False,
         metavar="MODEL",
+        autocompletion=complete_model_names,
     ),
 ]
 ModelsArg = Annotated[
     list[str] | None,
-    typer.Argument(help="One or more model names from `llmctl list`.", show_default=False, metavar="MODEL..."),
+    typer.Argument(
+        help="One or more model names from `llmctl list`.",
+        show_default=False,
+        metavar="MODEL...",
+        autocompletion=complete_model_names,
+    ),
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 HwProfileOpt = Annotated[

@@ -177,3 +177,50 @@ def test_piped_key_value_tables_and_tables_have_no_trailing_blanks(cli, make_ggu
         lines = r.stdout.splitlines()
         assert len(lines) >= 3, args
         assert [line for line in lines if line != line.rstrip()] == [], args
+
+
+# --- 5. shell completion ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_prints_a_script_for_each_shell(cli, shell: str) -> None:
+    r = cli("completion", shell)
+    assert r.exit_code == 0, r.stderr
+    assert "llmctl" in r.stdout and "_LLMCTL_COMPLETE=complete_" + shell in r.stdout.replace('"', "")
+    r = cli("completion", "tcsh")
+    assert r.exit_code == EXIT_USAGE and r.stderr.startswith("error: invalid value for 'shell'")
+
+
+def test_completion_answers_commands_and_model_names(make_gguf, cli) -> None:
+    """What the zsh script asks llmctl (Typer's protocol): subcommands, and model names from the store."""
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    assert cli("import", make_gguf("tiny.Q8_0.gguf"), "--name", "tiny-one").exit_code == 0
+    assert cli("import", make_gguf("other.Q8_0.gguf"), "--name", "other").exit_code == 0
+
+    def complete(line: str) -> str:
+        result = CliRunner().invoke(app, [], env={"_LLMCTL_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": line})
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    assert '"run"' in complete("llmctl ru") and '"rm"' not in complete("llmctl ru")
+    answer = complete("llmctl show ti")
+    assert "tiny-one" in answer and "other" not in answer
+    assert "tiny-one" in complete("llmctl rm ti")
+
+
+@pytest.mark.slow
+def test_the_bash_script_completes_in_a_real_bash(tmp_path: Path, make_gguf, cli, isolated: Path) -> None:
+    import subprocess
+    import sys
+
+    assert cli("import", make_gguf("tiny.Q8_0.gguf"), "--name", "tiny-one").exit_code == 0
+    script = tmp_path / "llmctl.bash"
+    script.write_text(cli("completion", "bash").stdout)
+    bin_dir = str(Path(sys.executable).parent)
+    probe = f'source {script}; COMP_WORDS=(llmctl run ti); COMP_CWORD=2; _llmctl_completion llmctl ti run; printf "%s\\n" "${{COMPREPLY[@]}}"'
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "LLMCTL_HOME": str(isolated)}
+    done = subprocess.run(["bash", "--norc", "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["tiny-one"], (done.stdout, done.stderr)
