@@ -343,6 +343,11 @@ def human_bytes(n: int | float | None) -> str:
 class ByteProgress:
     """Progress over a byte count: a Rich bar on a terminal, plain lines otherwise.
 
+    Sizes and rates are in binary units (KiB, MiB/s), like every size llmctl
+    prints. Bytes that were already there (a resumed download's partial file)
+    go to :meth:`resumed`: they count towards the total shown, never towards
+    the rate, which is the bytes moved by this run over the time it took.
+
     The plain form prints at most one line per ``every`` seconds, so logs of a
     long copy or download stay short.
     """
@@ -351,6 +356,7 @@ class ByteProgress:
         self.description = description
         self.total = total
         self.done = 0
+        self.moved = 0  # by this run: what the rate is made of
         self.every = every
         self._bar: Any = None
         self._task: Any = None
@@ -361,47 +367,63 @@ class ByteProgress:
         self._started = time.monotonic()
         self._last_line = self._started
         if interactive_stderr():
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
             self._bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[eta]}"),
                 console=_make_console(stderr=True),
                 transient=True,
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(safe(self.description), total=self.total)
+            self._task = self._bar.add_task(safe(self.description), total=self.total, rate="", eta="")
         return self
 
-    def advance(self, n: int) -> None:
+    def resumed(self, n: int) -> None:
+        """Count ``n`` bytes that were already on disk: shown as done, not part of the rate."""
         self.done += n
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done)
-            return
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` bytes moved (downloaded, copied, hashed) by this run."""
+        self.done += n
+        self.moved += n
         now = time.monotonic()
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, rate=self.rate_text(now), eta=self.eta_text(now))
+            return
         if now - self._last_line >= self.every:
             self._last_line = now
             info(self._plain_line(now))
 
+    def rate(self, now: float | None = None) -> float:
+        """Bytes per second moved by this run since it began."""
+        elapsed = (time.monotonic() if now is None else now) - self._started
+        return self.moved / max(elapsed, 1e-9)
+
+    def rate_text(self, now: float | None = None) -> str:
+        return f"{human_bytes(self.rate(now))}/s"
+
+    def eta_text(self, now: float | None = None) -> str:
+        """Time left at the rate so far, as H:MM:SS; empty while unknown."""
+        rate = self.rate(now)
+        if not self.total or rate <= 0 or self.done >= self.total:
+            return ""
+        left = int((self.total - self.done) / rate)
+        return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left"
+
     def _plain_line(self, now: float) -> str:
-        rate = self.done / max(now - self._started, 1e-9)
         if self.total:
             pct = 100.0 * self.done / self.total
             return (
                 f"{self.description}: {human_bytes(self.done)} of {human_bytes(self.total)} "
-                f"({pct:.0f}%, {human_bytes(rate)}/s)"
+                f"({pct:.0f}%, {self.rate_text(now)})"
             )
-        return f"{self.description}: {human_bytes(self.done)} ({human_bytes(rate)}/s)"
+        return f"{self.description}: {human_bytes(self.done)} ({self.rate_text(now)})"
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

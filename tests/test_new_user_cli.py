@@ -224,3 +224,52 @@ def test_the_bash_script_completes_in_a_real_bash(tmp_path: Path, make_gguf, cli
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "LLMCTL_HOME": str(isolated)}
     done = subprocess.run(["bash", "--norc", "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["tiny-one"], (done.stdout, done.stderr)
+
+
+# --- 6. progress: binary units, and a resumed transfer's rate ------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_resumed_transfers_rate_counts_only_the_bytes_moved_now(monkeypatch, capsys) -> None:
+    """62 MiB already on disk, then 5 MiB in one second: 5.0 MiB/s, not 67."""
+    from llmctl import output
+
+    clock = Clock()
+    monkeypatch.setattr(output.time, "monotonic", clock)
+    mib = 1 << 20
+    with output.ByteProgress("Pulling m", 100 * mib, every=0) as progress:
+        progress.resumed(62 * mib)
+        clock.now += 1
+        progress.advance(5 * mib)
+    err = capsys.readouterr().err
+    assert err == "Pulling m: 67.0 MiB of 100.0 MiB (67%, 5.0 MiB/s)\n"
+    assert progress.eta_text(clock.now) == "0:00:06 left"
+
+
+def test_the_progress_bar_shows_binary_units_and_the_rate_of_this_run(monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from llmctl import output
+
+    clock = Clock()
+    monkeypatch.setattr(output.time, "monotonic", clock)
+    monkeypatch.setattr(output, "interactive_stderr", lambda: True)
+    mib = 1 << 20
+    with output.ByteProgress("Pulling m", 100 * mib) as progress:
+        progress.resumed(62 * mib)
+        clock.now += 2
+        progress.advance(10 * mib)
+        shown = io.StringIO()
+        Console(file=shown, width=160).print(progress._bar.get_renderable())
+    text = shown.getvalue()
+    assert "72.0/100.0 MiB" in text and "5.0 MiB/s" in text and "0:00:05 left" in text, text
+    assert "MB/s" not in text
