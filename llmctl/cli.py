@@ -23,7 +23,7 @@ from llmctl.commands.run_cmd import run
 from llmctl.commands.search import search
 from llmctl.commands.serve_cmd import ps, serve, stop
 from llmctl.commands.show import show
-from llmctl.config import debug_enabled
+from llmctl.config import config_file_warning, debug_enabled
 from llmctl.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, LlmctlError
 
 
@@ -101,6 +101,11 @@ def _root(
     ] = None,
 ) -> None:
     """Find, pull, run, chat with and benchmark local GGUF language models."""
+    problem = config_file_warning()
+    if problem:
+        from llmctl import output
+
+        output.warn(problem)
 
 
 app.command("search")(search)

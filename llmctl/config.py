@@ -86,6 +86,22 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def config_file_warning() -> str | None:
+    """What is wrong with the file LLMCTL_CONFIG names, if it is not there; None otherwise.
+
+    A missing default config file is normal; one named on purpose is a typo or a
+    moved file, and its settings silently not applying would puzzle.
+    """
+    value = os.environ.get(ENV_CONFIG)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return None
+    what = "is a folder, not a file" if path.is_dir() else "does not exist"
+    return f"{ENV_CONFIG} names {path}, which {what}; using the defaults"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything path- or environment-dependent, resolved once per process."""

@@ -273,3 +273,21 @@ def test_the_progress_bar_shows_binary_units_and_the_rate_of_this_run(monkeypatc
     text = shown.getvalue()
     assert "72.0/100.0 MiB" in text and "5.0 MiB/s" in text and "0:00:05 left" in text, text
     assert "MB/s" not in text
+
+
+# --- 7. LLMCTL_CONFIG naming a missing file -------------------------------------------------------
+
+
+def test_a_config_file_named_but_missing_warns_once(cli, monkeypatch, tmp_path: Path) -> None:
+    missing = tmp_path / "typo" / "config.toml"
+    monkeypatch.setenv("LLMCTL_CONFIG", str(missing))
+    r = cli("list", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["models"] == []
+    assert r.stderr == f"warning: LLMCTL_CONFIG names {missing}, which does not exist; using the defaults\n"
+    present = tmp_path / "config.toml"
+    present.write_text(f'hf_hub_cache = "{tmp_path / "hub"}"\n')
+    monkeypatch.setenv("LLMCTL_CONFIG", str(present))
+    r = cli("list", "--json")
+    assert r.exit_code == 0 and r.stderr == ""
+    monkeypatch.delenv("LLMCTL_CONFIG")  # the default file may well be absent: no warning
+    assert cli("list", "--json").stderr == ""
