@@ -732,7 +732,11 @@ def _stream(request: Any, pool: ModelPool, model: Loaded, job: Job, started: flo
         except Exception as exc:  # noqa: BLE001 - reported to the client as a stream error
             handoff.put(("error", ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")))
 
-    def chunk(delta: dict[str, Any] | None, text: str | None, finish: str | None) -> str:
+    def chunk(delta: dict[str, Any] | None, text: str | None, finish: str | None, usage: dict[str, int] | None = None) -> str:
+        if usage is not None:  # the last event, as OpenAI sends it: no choices, the completion's own id
+            kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+            data = {"id": ident, "object": kind, "created": created, "model": model.name, "choices": [], "usage": usage}
+            return f"data: {json.dumps(data)}\n\n"
         if job.kind == "chat":
             choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
             data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model.name, "choices": [choice]}
@@ -768,7 +772,7 @@ async def _relay(request: Any, model: Loaded, job: Job, handoff: _Handoff, cance
                         t = value.timings
                         usage = {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.generated_tokens,
                                  "total_tokens": t.prompt_tokens + t.generated_tokens}  # fmt: skip
-                        yield f"data: {json.dumps({'id': 'usage', 'object': 'chat.completion.chunk', 'created': int(time.time()), 'model': model.name, 'choices': [], 'usage': usage})}\n\n"
+                        yield chunk(None, None, None, usage)
                     yield "data: [DONE]\n\n"
                     _log_request(job.kind, model.name, value, started, 200)
                     finished = True
