@@ -3,7 +3,8 @@
 llama-bench is built from the llama.cpp tree vendored in the pinned
 llama-cpp-python sdist (benchmarks/build_llama_bench.sh, cached outside git).
 Both run pp512 and tg128 with 2 threads and 5 repetitions on the demo model,
-flash attention off (llama-cpp-python cannot ask for llama.cpp's "auto"),
+flash attention off on both sides (both default to llama.cpp's "auto", on here;
+off keeps the figures comparable with earlier ones),
 in six rounds that alternate which of the two goes first (ABBA...). A shared
 2-core machine's speed swings by 10-30% within seconds, so each round's llmctl
 figure is divided by the native figure measured next to it, and the median of
@@ -55,7 +56,7 @@ def run() -> list[Row]:
         def run_ours() -> None:
             nonlocal bandwidth
             out = subprocess.run(
-                [LLMCTL, "bench", str(model), "-t", "2", "-p", "512", "-n", "128", "-r", "5", "--no-extras", "-o", "json"],
+                [LLMCTL, "bench", str(model), "-t", "2", "-p", "512", "-n", "128", "-r", "5", "-fa", "0", "--no-extras", "-o", "json"],
                 capture_output=True, text=True, check=True, env=env,
             )  # fmt: skip
             doc = json.loads(out.stdout)

@@ -168,6 +168,39 @@ def parse_bools(text: str, flag: str) -> list[bool]:
     return list(dict.fromkeys(out))
 
 
+AUTO = None  # flash attention "auto": llama.cpp decides when the context is made
+
+
+def parse_flash_attn(text: str, flag: str = "--flash-attn") -> list[bool | None]:
+    """llama-bench's ``-fa`` values: on/1, off/0, auto/-1 (``None``); a comma list sweeps them."""
+    mapping: dict[str, bool | None] = {"1": True, "on": True, "true": True, "enabled": True,
+                                       "0": False, "off": False, "false": False, "disabled": False,
+                                       "-1": AUTO, "auto": AUTO}  # fmt: skip
+    out: list[bool | None] = []
+    for part in text.split(","):
+        key = part.strip().lower()
+        if key not in mapping:
+            raise UsageError(f"{flag} {text!r}: {part.strip()!r} is not on, off or auto", hint="e.g. --flash-attn auto, or 0,1 to compare")
+        out.append(mapping[key])
+    return list(dict.fromkeys(out))
+
+
+def resolve_flash_attn(requested: bool | None) -> bool:
+    """What llama.cpp makes of a flash-attention setting, ``auto`` included.
+
+    llama.cpp resolves ``auto`` when it creates the context: on, unless some
+    layer's attention would run on a device other than its KV cache because
+    that device has no flash-attention kernel for the model's head size. The
+    CPU backend has one for every model, so on the CPU ``auto`` is always on;
+    the GPU backends have them for the head sizes models use. llama-cpp-python
+    takes only on or off and does not report llama.cpp's choice, so ``auto`` is
+    resolved here as on: llama.cpp's choice on the CPU always, and on a GPU
+    unless its backend lacks the kernel for the model's head size (there
+    ``-fa 0`` measures what llama-bench would).
+    """
+    return True if requested is AUTO else bool(requested)
+
+
 def parse_pairs(text: str, flag: str) -> list[tuple[int, int]]:
     """``--prompt-gen 512,128`` (one pair) or ``512,128;1024,256``."""
     pairs = []

@@ -1,8 +1,9 @@
 """Benchmark results as text: llama-bench's markdown, CSV, JSON, JSONL; bar charts (terminal and SVG).
 
-Field names follow llama-bench's JSON/CSV output where they exist, so tools
-that read llama-bench's files read these; llmctl's own fields are added
-after them (docs/benchmarks.md lists both).
+Field names and types follow llama-bench's JSON/CSV output where they exist,
+so tools that read llama-bench's files read these (``flash_attn`` is a
+number, 0 or 1, as there; CSV writes every boolean as 0 or 1, as llama-bench
+does); llmctl's own fields are added after them (docs/json.md lists both).
 
 Text cells come from model files (``general.*`` metadata, file names) and are
 untrusted. JSON and JSONL escape every non-ASCII character and so stay exact.
@@ -40,6 +41,7 @@ def record(run: BenchRun, row: Row) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in LLAMA_BENCH_FIELDS:
         out[name] = fp.get(name) if name in ("build_commit", "build_number", "cpu_info", "gpu_info", "backends") else data.get(name)
+    out["flash_attn"] = int(row.flash_attn)  # llama-bench's is a number: 0, 1 (or -1, auto, which llmctl resolves)
     for name in LLMCTL_FIELDS:
         out[name] = run.run_id if name == "run_id" else fp.get(name) if name == "llmctl_version" else data.get(name)
     out["samples_ns"] = data["samples_ns"]
@@ -55,6 +57,7 @@ def to_json(run: BenchRun) -> str:
         "fingerprint": run.fingerprint,
         "results": [record(run, r) for r in run.rows],
         "extras": [asdict(e) for e in run.extras],
+        "failed_models": run.failed_models,
     }
     return json.dumps(doc, indent=2)
 
@@ -80,7 +83,10 @@ FORMULA_STARTS = ("=", "+", "-", "@")
 
 
 def csv_cell(value: Any) -> Any:
-    """A text cell made harmless for terminals and spreadsheets; numbers and other values pass as they are."""
+    """A text cell made harmless for terminals and spreadsheets; booleans as 0 and 1, as llama-bench writes
+    them; numbers and other values pass as they are."""
+    if isinstance(value, bool):
+        return int(value)
     if not isinstance(value, str):
         return value
     text = safe(value)
@@ -113,6 +119,11 @@ def varying(rows: list[Row]) -> list[str]:
     return [n for n in names if len({getattr(r, n) for r in rows}) > 1]
 
 
+def param_cell(value: Any) -> str:
+    """A swept parameter in a table: flash attention as llama-bench shows it, 0 or 1."""
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
 def table_rows(run: BenchRun) -> tuple[list[str], list[list[str]]]:
     extra_cols = varying(run.rows)
     columns = ["model", "size", "params", "backend", "threads", *extra_cols, "test", "t/s", "% of bw bound"]
@@ -125,7 +136,7 @@ def table_rows(run: BenchRun) -> tuple[list[str], list[list[str]]]:
                 human_params(r.model_n_params),
                 r.backend,
                 str(r.n_threads),
-                *[str(getattr(r, c)) for c in extra_cols],
+                *[param_cell(getattr(r, c)) for c in extra_cols],
                 r.test,
                 ts_cell(r),
                 f"{r.roofline_pct:.0f}%" if r.roofline_pct is not None else "",
@@ -155,6 +166,92 @@ def to_markdown(run: BenchRun) -> str:
     return text
 
 
+# --- comparing two runs -------------------------------------------------------------------
+
+COMPARE_FIELDS = ["model", "model_type", "test", "n_threads", "n_gpu_layers", "n_batch", "n_ubatch", "flash_attn", "type_k",
+                  "type_v", "avg_ts_a", "stddev_ts_a", "avg_ts_b", "stddev_ts_b", "ratio", "run_a", "run_b"]  # fmt: skip
+
+
+def _model_name(a: Row, b: Row) -> str:
+    """The model's name as the runs knew it (what was typed, or the store's name)."""
+    return a.model if a.model == b.model else f"{a.model} → {b.model}"
+
+
+def compare_records(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> list[dict[str, Any]]:
+    """One record per test measured in both runs: the configuration, both speeds, B's ÷ A's."""
+    return [
+        {
+            "model": _model_name(x, y),
+            "model_type": x.model_type,
+            "test": x.test,
+            "n_threads": x.n_threads,
+            "n_gpu_layers": x.n_gpu_layers,
+            "n_batch": x.n_batch,
+            "n_ubatch": x.n_ubatch,
+            "flash_attn": int(x.flash_attn),
+            "type_k": x.type_k,
+            "type_v": x.type_v,
+            "avg_ts_a": x.avg_ts,
+            "stddev_ts_a": x.stddev_ts,
+            "avg_ts_b": y.avg_ts,
+            "stddev_ts_b": y.stddev_ts,
+            "ratio": round(ratio, 4),
+            "run_a": a.run_id,
+            "run_b": b.run_id,
+        }
+        for x, y, ratio in pairs
+    ]
+
+
+def compare_json(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
+    doc = {
+        "run_a": {"run_id": a.run_id, "created": a.created, "cpu_info": a.fingerprint.get("cpu_info")},
+        "run_b": {"run_id": b.run_id, "created": b.created, "cpu_info": b.fingerprint.get("cpu_info")},
+        "results": compare_records(a, b, pairs),
+    }
+    return json.dumps(doc, indent=2)
+
+
+def compare_jsonl(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in compare_records(a, b, pairs))
+
+
+def compare_csv(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COMPARE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for rec in compare_records(a, b, pairs):
+        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
+    return buffer.getvalue()
+
+
+def compare_table(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> tuple[list[str], list[list[str]]]:
+    """The terminal's and markdown's table: model names, the swept parameters, both speeds, the ratio."""
+    extra_cols = varying([x for x, _, _ in pairs])
+    columns = ["model", "test", "threads", *extra_cols, f"{a.run_id} t/s", f"{b.run_id} t/s", "ratio"]
+    rows = [
+        [_model_name(x, y), x.test, str(x.n_threads), *[param_cell(getattr(x, c)) for c in extra_cols],
+         f"{x.avg_ts:.2f}", f"{y.avg_ts:.2f}", f"{ratio:.3f}"]  # fmt: skip
+        for x, y, ratio in pairs
+    ]
+    return columns, rows
+
+
+def compare_chart_pairs(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> list[tuple[str, float]]:
+    """B's speed as a percentage of A's, per test (and model, when the runs hold several)."""
+    multi = len({x.model for x, _, _ in pairs}) > 1
+    arrow = f"({a.run_id[-4:]}→{b.run_id[-4:]})"
+    return [(" ".join([*([_model_name(x, y)] if multi else []), x.test, arrow]), ratio * 100) for x, y, ratio in pairs]
+
+
+def compare_markdown(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
+    columns, rows = compare_table(a, b, pairs)
+    left = {"model", "test", "type_k", "type_v"}
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" if c in left else "---:" for c in columns) + " |"]
+    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def _s(value: float | None) -> str:
     return f"{value:.3f} s" if value is not None else "-"
 
@@ -181,7 +278,7 @@ def chart_pairs(run: BenchRun) -> list[tuple[str, float]]:
         if not (r.ok and r.avg_ts):
             continue
         label = " ".join(
-            [*([r.model] if multi else []), r.test, f"t{r.n_threads}", *[f"{c}={getattr(r, c)}" for c in extra_cols]]
+            [*([r.model] if multi else []), r.test, f"t{r.n_threads}", *[f"{c}={param_cell(getattr(r, c))}" for c in extra_cols]]
         )
         pairs.append((label, r.avg_ts))
     return pairs

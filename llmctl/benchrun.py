@@ -8,6 +8,14 @@ warm load time, time to first token and end-to-end generation rate through
 the same path as ``run``, and peak memory; each generation result is set
 against the memory-bandwidth bound (a roofline percentage). Runs are stored
 as JSON under ``$LLMCTL_HOME/bench`` for ``--history`` and ``--compare``.
+
+Contexts are made as llama-bench makes them, so that ``llmctl bench M`` and
+``llama-bench -m M`` measure the same configuration: its defaults (the
+command's), flash attention ``auto`` (``bench.resolve_flash_attn``), the KV
+cache of sliding-window layers sized to the window (``swa_full`` off). One
+difference: llama-bench makes a context per test, sized for it; llmctl one
+per configuration, sized for the largest test (attention reads only the
+cells in use, so the speed is the same).
 """
 
 from __future__ import annotations
@@ -18,13 +26,13 @@ import os
 import platform
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from llmctl import __version__, fit, gguf
-from llmctl.bench import Measurement, measure, test_name
+from llmctl.bench import Measurement, measure, resolve_flash_attn, test_name
 from llmctl.errors import LlmctlError, NotFoundError, UsageError
 from llmctl.hardware import HardwareInfo
 from llmctl.store import now_iso
@@ -38,7 +46,7 @@ class Sweep:
     gpu_layers: list[int | None]  # None: the plan's choice
     batch: list[int]
     ubatch: list[int]
-    flash_attn: list[bool]
+    flash_attn: list[bool | None]  # None: auto
     type_k: list[str]
     type_v: list[str]
     n_prompt: list[int]
@@ -122,6 +130,7 @@ class BenchRun:
     rows: list[Row] = field(default_factory=list)
     extras: list[ModelExtras] = field(default_factory=list)
     interrupted: bool = False
+    failed_models: list[dict[str, str | None]] = field(default_factory=list)  # {"model", "reason", "hint"}: nothing measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +141,7 @@ class BenchRun:
             "interrupted": self.interrupted,
             "results": [asdict(r) for r in self.rows],
             "extras": [asdict(e) for e in self.extras],
+            "failed_models": self.failed_models,
         }
 
     @classmethod
@@ -143,7 +153,20 @@ class BenchRun:
             rows=[Row(**r) for r in data.get("results", [])],
             extras=[ModelExtras(**e) for e in data.get("extras", [])],
             interrupted=bool(data.get("interrupted")),
+            failed_models=list(data.get("failed_models", [])),
         )
+
+    def fail_model(self, model: str, reason: str, hint: str | None = None) -> None:
+        self.failed_models.append({"model": model, "reason": reason, "hint": hint})
+
+    def note_failed_models(self) -> None:
+        """Record every benchmarked model none of whose tests ran (skipped ones are not failures)."""
+        known = {f["model"] for f in self.failed_models}
+        for model in dict.fromkeys(r.model for r in self.rows):
+            rows = [r for r in self.rows if r.model == model]
+            failed = [r for r in rows if r.status.startswith("failed")]
+            if failed and not any(r.ok for r in rows) and model not in known:
+                self.fail_model(model, failed[0].status.removeprefix("failed: "))
 
 
 def fingerprint(hw: HardwareInfo) -> dict[str, Any]:
@@ -211,13 +234,15 @@ def run_model(
             threads=config["threads"],
             type_k=config["type_k"],
             type_v=config["type_v"],
-            flash_attn=config["flash_attn"],
+            flash_attn=resolve_flash_attn(config["flash_attn"]),
             n_batch=config["batch"],
             n_ubatch=config["ubatch"],
         )
         candidate = fit.Candidate(model.label, info, size)
         planned = fit.plan_candidate(candidate, hw, overrides)
-        load = planned.config
+        # llama-bench's contexts keep only the window on sliding-window layers; the plan,
+        # made for a full-size cache, is on the safe side of that.
+        load = replace(planned.config, swa_full=False)
         rows = [_row(model, info, size, hw, config, load, p, g, d) for p, g, d in tests]
         if not planned.fits:
             for row in rows:
@@ -237,6 +262,7 @@ def run_model(
                 flash_attn=load.flash_attn,
                 type_k=_ggml_type(load.type_k),
                 type_v=_ggml_type(load.type_v),
+                swa_full=load.swa_full,
                 verbose=False,
             )
             load_s = time.perf_counter() - start

@@ -31,14 +31,14 @@ def bench(
     prompt_gen: Annotated[str | None, typer.Option("--prompt-gen", "-pg", help="Combined tests PROMPT,GEN (e.g. 512,128); ';' separates several.")] = None,
     depth: Annotated[str, typer.Option("--depth", "-d", help="Tokens already in the context before each test.")] = "0",
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, max=1000, help="Timed repetitions after the warm-up.")] = 5,
-    threads: Annotated[str | None, typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2,4 or 1-8 (default: physical cores).")] = None,
-    gpu_layers: Annotated[str | None, typer.Option("--gpu-layers", "-ngl", help="GPU layer counts (default: the plan's).")] = None,
-    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Logical batch sizes (llama-bench's default 2048).")] = "2048",
+    threads: Annotated[str | None, typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2,4 or 1-8 (default: physical cores, as llama-bench).")] = None,
+    gpu_layers: Annotated[str | None, typer.Option("--gpu-layers", "-ngl", help="GPU layer counts (default: the plan's, all that fit).")] = None,
+    batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Logical batch sizes.")] = "2048",
     ubatch_size: Annotated[str, typer.Option("--ubatch-size", "-ub", help="Physical batch sizes.")] = "512",
-    flash_attn: Annotated[str, typer.Option("--flash-attn", "-fa", help="Flash attention off/on: 0, 1 or 0,1.")] = "0",
+    flash_attn: Annotated[str, typer.Option("--flash-attn", "-fa", help="Flash attention: auto (on wherever llama.cpp has it), on/1, off/0; 0,1 compares.")] = "auto",
     cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk", help="KV cache types for keys.")] = "f16",
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV cache types for values.")] = "f16",
-    output_format: Annotated[str, typer.Option("--output", "-o", help="table, md, csv, json or jsonl.")] = "table",
+    output_format: Annotated[str, typer.Option("--output", "-o", help="table, md, csv, json or jsonl (also for --history and --compare).")] = "table",
     no_extras: Annotated[bool, typer.Option("--no-extras", help="Skip load times, TTFT and the run-path rate.")] = False,
     chart: Annotated[bool, typer.Option("--chart", help="Draw a bar chart of the results on stderr.")] = False,
     chart_file: Annotated[Path | None, typer.Option("--chart-file", help="Also write the chart as an SVG image.")] = None,
@@ -46,7 +46,7 @@ def bench(
     compare: Annotated[tuple[str, str] | None, typer.Option("--compare", help="Compare two past runs: RUN_A RUN_B (or 'last').")] = None,
     tune: Annotated[bool, typer.Option("--tune", help="Find the fastest threads / batch / GPU layers for MODEL and save them for run and chat.")] = False,
 ) -> None:
-    """Benchmark models like llama-bench (pp/tg tokens per second), with roofline, load and first-token figures."""
+    """Benchmark models like llama-bench (pp/tg tokens per second, its defaults), with roofline, load and first-token figures."""
     from llmctl import benchreport, benchrun
 
     home = get_settings().home
@@ -56,7 +56,7 @@ def bench(
         _history(home, output_format)
         return
     if compare:
-        _compare(home, compare)
+        _compare(home, compare, output_format)
         return
     if not models:
         raise UsageError("name at least one model to benchmark", hint="e.g. llmctl bench smollm2")
@@ -81,16 +81,18 @@ def bench(
     except KeyboardInterrupt:
         run.interrupted = True
         output.warn("interrupted: showing the results so far")
+    if not run.interrupted:
+        run.note_failed_models()
     failed = [r for r in run.rows if r.status.startswith("failed")]
     all_failed = bool(failed) and not any(r.ok for r in run.rows)
     if run.rows and not all_failed:  # a run that measured nothing would only clutter --history and --compare
         saved = benchrun.save_run(home, run)
         output.info(f"saved as run {run.run_id} ({saved})")
-    _render(run, output_format)
+    _render(run, output_format, extras=not no_extras)
     if all_failed and not run.interrupted:
         raise LlmctlError(  # exit 1
             f"every test failed, nothing was measured or saved (first failure: {failed[0].status.removeprefix('failed: ')})",
-            hint="check that llama.cpp can load the model: `llmctl run MODEL hello`; LLMCTL_DEBUG=1 shows its log",
+            hint=LOAD_HINT,
         )
     if chart or chart_file:
         pairs = benchreport.chart_pairs(run)
@@ -100,11 +102,29 @@ def bench(
             chart_file.write_text(benchreport.svg_chart(pairs, f"llmctl bench {run.run_id}"), encoding="utf-8")
     if run.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+    if run.failed_models:
+        _some_models_failed(run, len(models))
+
+
+LOAD_HINT = "check that llama.cpp can load the model: `llmctl run MODEL hello`; LLMCTL_DEBUG=1 shows its log"
+
+
+def _some_models_failed(run: benchrun.BenchRun, asked: int) -> None:
+    """Exit 1 naming the models that measured nothing; the others' results are already out and saved."""
+    failed = run.failed_models
+    raise LlmctlError(
+        f"{len(failed)} of {asked} models failed: {_reasons(failed)}; the others' results are shown and saved as run {run.run_id}",
+        hint=failed[0].get("hint") or LOAD_HINT,
+    )
+
+
+def _reasons(failed: list[dict]) -> str:
+    return "; ".join(f"{f['model']} ({f['reason']})" for f in failed)
 
 
 def _sweep(args: dict, hw) -> benchrun.Sweep:
     from llmctl import benchrun
-    from llmctl.bench import parse_bools, parse_pairs, parse_sweep
+    from llmctl.bench import parse_flash_attn, parse_pairs, parse_sweep
 
     from llmctl.commands.fit_cmd import _cache_type
 
@@ -116,7 +136,7 @@ def _sweep(args: dict, hw) -> benchrun.Sweep:
         gpu_layers=parse_sweep(args["gpu_layers"], "--gpu-layers") if args["gpu_layers"] else [None],
         batch=parse_sweep(args["batch_size"], "--batch-size", minimum=1),
         ubatch=parse_sweep(args["ubatch_size"], "--ubatch-size", minimum=1),
-        flash_attn=parse_bools(args["flash_attn"], "--flash-attn"),
+        flash_attn=parse_flash_attn(args["flash_attn"], "--flash-attn"),
         type_k=[v.strip().lower() for v in args["cache_type_k"].split(",")],
         type_v=[v.strip().lower() for v in args["cache_type_v"].split(",")],
         n_prompt=parse_sweep(args["n_prompt"], "--n-prompt"),
@@ -128,7 +148,8 @@ def _sweep(args: dict, hw) -> benchrun.Sweep:
 
 
 def _models(names: list[str], run: benchrun.BenchRun) -> list[benchrun.BenchModel]:
-    """Resolve every model; with several, one that fails is reported and the others still run."""
+    """Resolve every model; with several, one that fails is reported and the others still run
+    (the command then exits 1, naming it)."""
     from llmctl import benchrun
 
     store = open_store()
@@ -141,10 +162,10 @@ def _models(names: list[str], run: benchrun.BenchRun) -> list[benchrun.BenchMode
         except LlmctlError as exc:
             if len(names) == 1:
                 raise
-            output.error(f"{name}: {exc.message}", exc.hint)
-            run.extras.append(benchrun.ModelExtras(name, status=f"failed: {exc.message}"))
+            output.warn(f"{name}: {exc.message}; benchmarking the others")
+            run.fail_model(name, exc.message, exc.hint)
     if not found:
-        raise UsageError("none of the models could be benchmarked")
+        raise UsageError(f"none of the models could be benchmarked: {_reasons(run.failed_models)}", hint=run.failed_models[0]["hint"])
     return found
 
 
@@ -190,7 +211,7 @@ class _Progress:
             self.bar.update(self.task, advance=1, description=row.test)
             self.live.update(self._view())
             return
-        line = f"{row.model} t{row.n_threads} ngl{row.n_gpu_layers} {row.test}: {benchreport.ts_cell(row)}" + (
+        line = f"{row.model} t{row.n_threads} ngl{row.n_gpu_layers} fa{int(row.flash_attn)} {row.test}: {benchreport.ts_cell(row)}" + (
             f" t/s, {row.roofline_pct:.0f}% of the bandwidth bound" if row.roofline_pct is not None else (" t/s" if row.ok else "")
         )
         output.info(line)
@@ -200,7 +221,7 @@ class _Progress:
             self.live.__exit__(*exc)
 
 
-def _render(run: benchrun.BenchRun, fmt: str) -> None:
+def _render(run: benchrun.BenchRun, fmt: str, *, extras: bool = True) -> None:
     from llmctl import benchreport
 
     if fmt == "md":
@@ -214,8 +235,7 @@ def _render(run: benchrun.BenchRun, fmt: str) -> None:
     else:
         columns, rows = benchreport.table_rows(run)
         output.emit_table(columns, rows, right_align=("size", "params", "threads", "t/s", "% of bw bound"))
-        extras = [e for e in run.extras]
-        if extras:
+        if extras and run.extras:
             output.emit_table(
                 ["model", "load cold", "load warm", "TTFT (run path)", "t/s (run path)", "peak RSS", "status"],
                 [
@@ -228,7 +248,7 @@ def _render(run: benchrun.BenchRun, fmt: str) -> None:
                         output.human_bytes(e.peak_rss_bytes) if e.peak_rss_bytes else "-",
                         e.status,
                     ]
-                    for e in extras
+                    for e in run.extras
                 ],
             )
 
@@ -254,19 +274,25 @@ def _history(home: Path, fmt: str = "table") -> None:
     )
 
 
-def _compare(home: Path, ids: tuple[str, str]) -> None:
+def _compare(home: Path, ids: tuple[str, str], fmt: str = "table") -> None:
     from llmctl import benchreport, benchrun
 
     a, b = (benchrun.load_run(home, run_id) for run_id in ids)
     pairs = benchrun.compare(a, b)
     if not pairs:
         raise UsageError(f"runs {a.run_id} and {b.run_id} have no test in common", hint="compare runs of the same model and settings")
-    output.emit_table(
-        ["model", "test", "threads", f"{a.run_id} t/s", f"{b.run_id} t/s", "ratio"],
-        [[Path(x.model_filename).name, x.test, x.n_threads, f"{x.avg_ts:.2f}", f"{y.avg_ts:.2f}", f"{ratio:.3f}"] for x, y, ratio in pairs],
-        right_align=(f"{a.run_id} t/s", f"{b.run_id} t/s", "ratio"),
-    )
-    output.info(benchreport.bar_chart([(f"{x.test} ({a.run_id[-4:]}→{b.run_id[-4:]})", ratio * 100) for x, _, ratio in pairs]), multiline=True)
+    if fmt == "json":
+        output.emit_text(benchreport.compare_json(a, b, pairs))
+    elif fmt == "jsonl":
+        sys.stdout.write(benchreport.compare_jsonl(a, b, pairs))
+    elif fmt == "csv":
+        sys.stdout.write(benchreport.compare_csv(a, b, pairs))
+    elif fmt == "md":
+        output.emit_text(benchreport.compare_markdown(a, b, pairs))
+    else:
+        columns, rows = benchreport.compare_table(a, b, pairs)
+        output.emit_table(columns, rows, right_align=("threads", columns[-3], columns[-2], "ratio"))
+        output.info(benchreport.bar_chart(benchreport.compare_chart_pairs(a, b, pairs)), multiline=True)
 
 
 def _tune(home: Path, name: str, hw) -> None:
@@ -279,6 +305,10 @@ def _tune(home: Path, name: str, hw) -> None:
         profile = tune.tune(model, hw, on_step=lambda text: output.info(text))
     benchrun.save_tuned(home, _machine_key(), resolved.paths, profile)
     output.info(
-        f"Saved for this machine: {profile['threads']} threads, batch {profile['n_batch']}/{profile['n_ubatch']}, "
-        f"{profile['n_gpu_layers']} GPU layers (tg {profile['tg_ts']:.1f} t/s, pp {profile['pp_ts']:.1f} t/s). run and chat use it."
+        f"Saved for this machine: {_count(profile['threads'], 'thread')}, batch {profile['n_batch']}/{profile['n_ubatch']}, "
+        f"{_count(profile['n_gpu_layers'], 'GPU layer')} (tg {profile['tg_ts']:.1f} t/s, pp {profile['pp_ts']:.1f} t/s). run and chat use it."
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
