@@ -164,7 +164,7 @@ def test_tune_saves_a_profile_that_run_uses(cli, demo_model: Path, isolated: Pat
     r = cli("run", demo_model, "Hi", "--max-tokens", "2", "--json")
     assert json.loads(r.stdout)["load"]["threads"] == profile["threads"]
     assert "tuned on this machine" in cli("fit", demo_model).stdout
-    assert "threads, batch" in cli("show", demo_model).stdout
+    assert f"{profile['threads']} thread{'' if profile['threads'] == 1 else 's'}, batch" in cli("show", demo_model).stdout
 
 
 @pytest.mark.slow

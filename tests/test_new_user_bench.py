@@ -248,6 +248,18 @@ def test_tune_says_1_thread(cli, make_gguf, monkeypatch) -> None:
     assert "Saved for this machine: 1 thread, batch 512/512, 1 GPU layer (tg" in r.stderr and "1 threads" not in r.stderr
 
 
+def test_fit_and_show_say_1_thread_of_a_tuned_profile(cli, make_gguf, isolated: Path) -> None:
+    from llmctl.hardware import _machine_key
+
+    model = make_gguf("good.Q8_0.gguf")
+    profile = {"threads": 1, "n_batch": 512, "n_ubatch": 512, "n_gpu_layers": 1, "tg_ts": 10.0, "pp_ts": 50.0, "created": "x"}
+    benchrun.save_tuned(isolated, _machine_key(), [model], profile)
+    fit_out, show_out = cli("fit", model).stdout, cli("show", model).stdout
+    assert "tuned on this machine by `bench --tune`: 1 thread, batch 512" in fit_out
+    assert "1 thread, batch 512/512, 1 GPU layer (tg" in show_out
+    assert "1 threads" not in fit_out + show_out and "1 GPU layers" not in show_out
+
+
 # --- the real thing ---------------------------------------------------------------------------------
 
 

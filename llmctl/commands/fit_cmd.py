@@ -44,7 +44,7 @@ def fit_command(
     plan = fit.make_plan(candidates, hw, overrides, force=True)
     if tuned:
         plan.reasons.append(
-            f"tuned on this machine by `bench --tune`: {tuned['threads']} threads, batch {tuned['n_batch']}, "
+            f"tuned on this machine by `bench --tune`: {tuned['threads']} thread{'' if tuned['threads'] == 1 else 's'}, batch {tuned['n_batch']}, "
             f"tg {tuned['tg_ts']} t/s, pp {tuned['pp_ts']} t/s"
         )
     if json_output:

@@ -93,7 +93,8 @@ def _tuned(resolved: ResolvedModel) -> str:
     if not tuned:
         return "- (`llmctl bench --tune` finds the fastest settings for this machine)"
     return (
-        f"{tuned['threads']} threads, batch {tuned['n_batch']}/{tuned['n_ubatch']}, {tuned['n_gpu_layers']} GPU layers "
+        f"{tuned['threads']} thread{'' if tuned['threads'] == 1 else 's'}, batch {tuned['n_batch']}/{tuned['n_ubatch']}, "
+        f"{tuned['n_gpu_layers']} GPU layer{'' if tuned['n_gpu_layers'] == 1 else 's'} "
         f"(tg {tuned['tg_ts']} t/s, pp {tuned['pp_ts']} t/s)"
     )
 
