@@ -753,10 +753,15 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
         progress(have)
     partial.touch()  # exists even for a 0-byte file, which no chunk will create
     hasher = _Hasher(partial, have)  # from here on, given every byte the file gains
+    # The retry budget counts consecutive answers that did not move the download on. Only growth past
+    # the largest size the file has had (its high-water mark), by at least MIN_PROGRESS or to the end,
+    # refills it: a server that answers every resumed request from byte 0 with a short body
+    # re-sends the same bytes for ever, and must run out of retries like one that fails outright.
+    largest = have
     attempt = 0
     try:
         while have < remote.size:
-            before = have
+            restarted = False
             headers = build_hf_headers(token=_token())
             headers["Accept-Encoding"] = "identity"
             if have:
@@ -771,7 +776,8 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
                     if response.status_code == 200 and have:  # the server ignored Range: start over
                         if progress:
                             progress(-have)  # the bar goes back to 0 with the file
-                        have = before = 0
+                        have = 0
+                        restarted = True
                         mode = "wb"
                         hasher.abandon()
                         hasher = _Hasher(partial, 0)
@@ -800,8 +806,13 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
                                 if window_bytes < MIN_PROGRESS:  # a trickle: as good as a stall
                                     raise _Retryable(f"less than {MIN_PROGRESS >> 20} MiB in {stall:g} s")
                                 window_start, window_bytes = time.monotonic(), 0
-                if have == before:
-                    raise _Retryable("the connection closed without data")
+                grew = have - largest
+                largest = max(largest, have)
+                if have < remote.size:
+                    if restarted:  # counts against the budget even when it got further than before
+                        raise _Retryable(f"the server ignored Range, sent the file from byte 0 and stopped at byte {have}")
+                    if grew < MIN_PROGRESS:
+                        raise _Retryable(f"the answer ended with {max(grew, 0)} new bytes")
                 attempt = 0  # progress was made: the retry budget is for consecutive failures
             except (LlmctlError, KeyboardInterrupt):
                 raise
@@ -816,6 +827,7 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
                     ) from None
                 _backoff(attempt)
                 have = partial.stat().st_size if partial.exists() else 0
+                largest = max(largest, have)
         digest, size = hasher.finish()
     except BaseException:
         hasher.abandon()

@@ -11,7 +11,8 @@ header so huggingface_hub raises its real exception types.
 HTTP 500s, slow or stalled responses, corrupted bytes. Its hostile switches
 (off by default) play a Hub that attacks its client: a crafted commit id, a
 listing that lies about sizes, range answers that never end, answers
-trickled one byte at a time, and API answers that are not JSON. Every
+trickled one byte at a time, downloads that restart from byte 0 and stop
+short on every request, and API answers that are not JSON. Every
 hostile answer is bounded on the server side too (it stops when the client
 hangs up, and after ``HOSTILE_LIMIT_S`` seconds or ``ENDLESS_LIMIT`` bytes
 at most), so a test always ends on its own. Every request is logged
@@ -63,6 +64,9 @@ class Faults:
     stall_seconds: float = 0.0
     corrupt: bool = False  # flip the last byte of every file served
     ignore_range: bool = False  # answer Range requests with the whole file
+    # every download GET (no Range, or an open-ended one) ends its body cleanly at this byte of the file
+    # (its Content-Length says so); with ignore_range, a Hub that answers each resume from byte 0 and stops short
+    cut_at: int | None = None
     # hostile answers (off by default)
     commit: str | None = None  # repo-info answers carry this as the commit id ("sha")
     claimed_size: int | None = None  # repo-info claims this size for every file; the CDN pads with zeros
@@ -353,7 +357,9 @@ class _Handler(BaseHTTPRequestHandler):
                     return
         if faults.endless and self.command == "GET":
             return self._endless(hosted, start, end, size, partial)
-        length = end - start + 1
+        if faults.cut_at is not None and (rng is None or rng.strip().endswith("-")):
+            end = min(end, faults.cut_at - 1)
+        length = max(end - start + 1, 0)
         self.send_response(206 if partial else 200)
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")

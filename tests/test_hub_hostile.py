@@ -281,6 +281,30 @@ def test_a_trickled_download_is_given_up_like_a_stall(hub) -> None:
     assert len(full_downloads(hub)) == 2  # the first try and one retry
 
 
+@pytest.mark.slow
+def test_a_hub_that_restarts_every_resume_from_byte_0_runs_out_of_retries(hub) -> None:
+    # Every download answer is a 200 from byte 0 that ends cleanly after 2 MiB, whatever Range asked for:
+    # each answer "makes progress" over the bytes it has just thrown away. Before, that refilled the
+    # retry budget every time and skipped the backoff: thousands of requests a minute, for ever.
+    hub.faults.ignore_range, hub.faults.cut_at = True, 2 << 20
+    r = run_llmctl("pull", "bartowski/SmolLM2-135M-Instruct-GGUF", timeout=90, LLMCTL_HUB_RETRIES="2")
+    assert r.exit_code == EXIT_HUB, (r.exit_code, r.stderr[-2000:])
+    one_error(r.stderr, "kept failing", "ignored Range", "after 2 retries")
+    assert "run the same `llmctl pull` again to resume" in r.stderr
+    assert r.seconds < 60, r.seconds
+    assert len(full_downloads(hub)) == 4  # the first answer, then three restarts: the first try and 2 retries
+
+
+def test_answers_that_end_early_without_new_bytes_run_out_of_retries(cli, hub, monkeypatch) -> None:
+    # A server that honours Range but ends every answer cleanly at the same byte: no answer adds anything.
+    hub.faults.cut_at = 2 << 20
+    monkeypatch.setenv("LLMCTL_HUB_RETRIES", "3")
+    r = cli("pull", "bartowski/SmolLM2-135M-Instruct-GGUF")
+    assert r.exit_code == EXIT_HUB, r.stderr
+    one_error(r.stderr, "kept failing", "ended with 0 new bytes", "after 3 retries")
+    assert full_downloads(hub) == [None] + [f"bytes={2 << 20}-"] * 4
+
+
 def test_file_metadata_requests_end_at_the_deadline(hub, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LLMCTL_HUB_DEADLINE", "3")
     monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "2")
