@@ -112,6 +112,14 @@ class EngineError(LlmctlError):
     """llama.cpp could not load or run the model."""
 
 
+class SettingError(UsageError):
+    """A sampling setting out of its range; ``setting`` is its name (``temperature``, ``stop``)."""
+
+    def __init__(self, setting: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.setting = setting
+
+
 @dataclass
 class SamplingSettings:
     """Sampling knobs, with llama.cpp's own defaults (repeat penalty off, as llama.cpp has it since 2024)."""
@@ -135,14 +143,30 @@ class SamplingSettings:
         "seed": (0, 2**32 - 1),
     }
 
-    def validate(self) -> SamplingSettings:
+    # Every generated token is checked against every stop string: an unbounded list makes each
+    # token cost seconds. OpenAI allows 4; llama-server and Ollama more; 16 leaves room for all uses seen.
+    MAX_STOP_STRINGS = 16
+    MAX_STOP_CHARS = 256
+
+    def validate(self, *, label: Callable[[str], str] | None = None) -> SamplingSettings:
+        """Check every setting's range; ``label`` names a setting in the error (by default its CLI flag).
+
+        Errors are ``SettingError``s, which say which setting was wrong.
+        """
+        name_of = label or (lambda name: "--" + name.replace("_", "-"))
         for name, (low, high) in self.LIMITS.items():
             value = getattr(self, name)
             if value is None:
                 continue
             if not low <= value <= high:
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"{flag} {value} is out of range", hint=f"{name} must be between {low} and {high}")
+                raise SettingError(name, f"{name_of(name)} {value} is out of range", hint=f"{name} must be between {low} and {high}")
+        if len(self.stop) > self.MAX_STOP_STRINGS:
+            raise SettingError("stop", f"{name_of('stop')}: {len(self.stop)} stop strings, more than the {self.MAX_STOP_STRINGS} allowed",
+                               hint=f"give at most {self.MAX_STOP_STRINGS} stop strings")  # fmt: skip
+        for text in self.stop:
+            if len(text) > self.MAX_STOP_CHARS:
+                raise SettingError("stop", f"{name_of('stop')}: a stop string of {len(text)} characters, longer than {self.MAX_STOP_CHARS}",
+                                   hint=f"a stop string is at most {self.MAX_STOP_CHARS} characters")  # fmt: skip
         return self
 
     def set(self, name: str, raw: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 from fastapi import Request  # at module level: FastAPI resolves endpoint annotations from here
 
 from llmctl.config import debug_enabled
-from llmctl.engine import Engine, EngineError, Result, SamplingSettings, Timings, grammar_for
+from llmctl.engine import Engine, EngineError, Result, SamplingSettings, SettingError, Timings, grammar_for
 from llmctl.errors import AmbiguousNameError, LlmctlError, NotFoundError, UsageError
 from llmctl.output import safe
 
@@ -398,9 +398,9 @@ def sampling_from(body: dict[str, Any]) -> SamplingSettings:
             raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
         settings.stop = stop
     try:
-        return settings.validate()
-    except LlmctlError as exc:
-        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else "")) from None
+        return settings.validate(label=str)  # errors name the API's fields, not the CLI's flags
+    except SettingError as exc:
+        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else ""), param=exc.setting) from None
 
 
 def response_format_from(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -603,7 +603,8 @@ def create_app(pool: ModelPool) -> Any:
 
     async def completion(request: Request, kind: str) -> Any:
         job = job_from(kind, await _json_body(request))  # all checked before queueing or loading
-        model = await pool.acquire_async(job.model)
+        # A client that leaves while its model loads gives its place back (the load itself goes on).
+        model = await _unless_client_leaves(request, pool.acquire_async(job.model))
         started = time.perf_counter()
         if job.stream:
             return StreamingResponse(
@@ -611,10 +612,15 @@ def create_app(pool: ModelPool) -> Any:
             )  # generation is queued now and releases the model itself, even if the client never reads
         cancelled = threading.Event()
         future = pool.submit(model, lambda: _generate_now(model, job, None, cancelled))
-        try:
-            result = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
+
+        def stop() -> None:
             cancelled.set()  # a running generation stops at its next token
+            future.cancel()  # one still waiting for its turn never starts, and frees its place now
+
+        try:
+            result = await _unless_client_leaves(request, asyncio.wrap_future(future), on_leave=stop)
+        except asyncio.CancelledError:
+            stop()
             raise
         _log_request(job.kind, model.name, result, started, 200)
         return _full_response(job.kind, model.name, result)
@@ -628,6 +634,39 @@ def create_app(pool: ModelPool) -> Any:
         return await completion(request, "text")
 
     return app
+
+
+async def _client_left(request: Any) -> None:
+    """Returns when the client has closed its connection.
+
+    Only once the body has been read: from then on the server's ``receive``
+    has nothing else to give. Neither uvicorn nor Starlette cancels a request
+    whose client leaves before its answer begins, so a non-streaming request
+    has to watch for it itself.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)  # nothing else should come; never spin if it does
+
+
+async def _unless_client_leaves(request: Any, awaitable: Any, on_leave: Callable[[], None] | None = None) -> Any:
+    """``await awaitable``, unless the client leaves first: then it is cancelled, ``on_leave`` runs,
+    and the answer is 499 (the client closed the request), which only the log sees."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()  # stop receiving before anything else (a stream) listens for the client
+        await asyncio.gather(watcher, return_exceptions=True)
+    if task.done():
+        return task.result()
+    task.cancel()
+    if on_leave is not None:
+        on_leave()
+    raise ApiError(499, "the client closed the connection before the answer", "client_closed")
 
 
 def _generate_now(model: Loaded, job: Job, sink: Callable[[str], bool] | None, cancelled: threading.Event) -> Result:

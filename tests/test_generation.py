@@ -77,6 +77,10 @@ def test_raw_completion(cli, demo_model: Path) -> None:
 def test_bad_input(cli, demo_model: Path) -> None:
     r = cli("run", demo_model, "x", "--temperature", "-1")
     assert r.exit_code == EXIT_USAGE and "--temperature" in r.stderr
+    r = cli("run", demo_model, "x", *["--stop", "x"] * 17)  # every token is checked against each
+    assert r.exit_code == EXIT_USAGE and "--stop: 17 stop strings, more than the 16 allowed" in r.stderr
+    r = cli("run", demo_model, "x", "--stop", "x" * 257)
+    assert r.exit_code == EXIT_USAGE and "--stop: a stop string of 257 characters" in r.stderr
     r = cli("run", demo_model, "x", "--format", "yaml")
     assert r.exit_code == EXIT_USAGE and "--format" in r.stderr
     r = cli("run", demo_model, input="")

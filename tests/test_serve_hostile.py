@@ -36,9 +36,10 @@ KEY = "sekret-key-123"
 
 
 class FakeEngine:
-    """Answers "hello world"; or waits for ``gate``; or fails as ``fail`` says."""
+    """Answers "hello world"; or waits for ``gate``; or fails as ``fail`` says; or, with ``slow``,
+    writes a 30 s reply, one piece every ``slow`` seconds (``pieces`` counts them, ``started`` the replies begun)."""
 
-    def __init__(self, name: str, *, wait: bool = False, fail: str | None = None) -> None:
+    def __init__(self, name: str, *, wait: bool = False, fail: str | None = None, slow: float | None = None) -> None:
         self.name = name
         self.llm = SimpleNamespace(close=lambda: None)
         self.config = SimpleNamespace(n_gpu_layers=0)
@@ -47,6 +48,9 @@ class FakeEngine:
         self.wait = wait
         self.fail = fail
         self.last_timings = Timings()
+        self.slow = slow
+        self.pieces = 0
+        self.started = 0
 
     def chat(self, messages: Any, sampling: Any, *, response_format: Any = None) -> Iterator[Any]:
         return self._run()
@@ -55,6 +59,14 @@ class FakeEngine:
         return self._run()
 
     def _run(self) -> Iterator[Any]:
+        self.started += 1
+        if self.slow:
+            for _ in range(int(30 / self.slow)):
+                time.sleep(self.slow)
+                self.pieces += 1
+                yield "word "
+            yield Result("word " * int(30 / self.slow), "length", Timings(prompt_tokens=3, generated_tokens=int(30 / self.slow)))
+            return
         if self.wait:
             assert self.gate.wait(60), "the test never opened the gate"
         if self.fail == "engine":  # what a chat template over its budget raises
@@ -237,6 +249,122 @@ def test_requests_past_the_queue_get_503_without_waiting(models, log_check) -> N
         engines["a"].gate.set()
         for t in threads:
             t.join(30)
+        client.wait_idle()
+
+
+def _send_and_leave(port: int, body: dict[str, Any], path: str = "/v1/chat/completions") -> socket.socket:
+    """A raw client that sends a whole request and reads nothing yet: close the socket to leave."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))  # fmt: skip
+    return sock
+
+
+def _wait_for(condition: Any, seconds: float = 20) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    assert condition()
+
+
+def test_a_client_that_leaves_a_non_streaming_request_frees_the_model(models, log_check) -> None:
+    """The generation of a client gone mid-answer stops; a queued one whose client is gone never runs."""
+    engine = FakeEngine("a", slow=0.05)  # a 30 s reply
+    with serving({"a": engine}) as client:
+        running = _send_and_leave(client.port, CHAT)
+        _wait_for(lambda: engine.pieces > 0)
+        queued = _send_and_leave(client.port, CHAT)
+        _wait_for(lambda: [m["busy"] for m in client.ps()] == [2])
+        queued.close()  # gone while waiting: its place is given back at once
+        _wait_for(lambda: [m["busy"] for m in client.ps()] == [1], seconds=5)
+        running.close()  # gone mid-answer: the generation stops at its next piece
+        _wait_for(lambda: [m["busy"] for m in client.ps()] == [0], seconds=5)
+        pieces = engine.pieces
+        assert pieces < 200, pieces  # far from the 600 of the whole reply
+        engine.slow = None  # the next request is answered at once
+        started = time.perf_counter()
+        status, body = client.call("POST", "/v1/chat/completions", CHAT, timeout=60)
+        assert status == 200 and body["choices"][0]["message"]["content"] == "hello world", body
+        assert time.perf_counter() - started < 5
+        assert engine.started == 2  # the two that stayed: the queued request never ran
+        assert engine.pieces == pieces
+    assert " 499 " in log_check()  # each client that left is one line of the log
+
+
+def test_a_client_that_leaves_while_its_model_loads_gives_its_place_back(models, log_check, monkeypatch) -> None:
+    engine = FakeEngine("a")
+    loading, release = threading.Event(), threading.Event()
+    load = FakeLoader.load
+
+    def slow_load(self: FakeLoader, name: str) -> FakeEngine:
+        loading.set()
+        assert release.wait(30)
+        return load(self, name)
+
+    monkeypatch.setattr(FakeLoader, "load", slow_load)
+    with serving({"a": engine}) as client:
+        sock = _send_and_leave(client.port, CHAT)
+        assert loading.wait(20)
+        sock.close()
+        time.sleep(0.5)  # the server notices the client left
+        release.set()
+        _wait_for(lambda: [m["busy"] for m in client.ps()] == [0], seconds=5)
+        assert engine.started == 0  # loaded, but nothing generated for the client that left
+        assert client.call("POST", "/v1/chat/completions", CHAT)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "stop, needle",
+    [(["x"] * 17, "17 stop strings"), (["x" * 257], "257 characters"), ([chr(0x4E00 + i % 20_000) + str(i) for i in range(350_000)], "350000 stop strings")],
+    ids=["17 strings", "257 characters", "350,000 strings"],
+)
+def test_stop_lists_are_bounded(models, log_check, stop: list[str], needle: str) -> None:
+    with serving({"a": FakeEngine("a")}) as client:
+        status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "stop": stop})
+        assert status == 400 and _is_openai_error(body, 400) and body["error"]["param"] == "stop", body
+        assert needle in body["error"]["message"] and "--" not in body["error"]["message"], body
+        assert client.ps() == []  # refused before anything loaded
+        assert client.call("POST", "/v1/chat/completions", {**CHAT, "stop": ["x" * 256] * 16})[0] == 200
+
+
+@pytest.mark.parametrize("field, value", [("temperature", b"NaN"), ("top_p", b"Infinity"), ("top_k", b"-3"), ("seed", b"-5")])
+def test_a_setting_out_of_range_is_named_by_its_api_field(models, log_check, field: str, value: bytes) -> None:
+    with serving({"a": FakeEngine("a")}) as client:
+        status, body = client.call("POST", "/v1/chat/completions", _chat()[:-1] + b', "%s": %s}' % (field.encode(), value))
+        assert status == 400 and _is_openai_error(body, 400) and body["error"]["param"] == field, body
+        assert body["error"]["message"].startswith(f"{field} ") and "--" not in body["error"]["message"], body
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "loading"])
+def test_max_queue_counts_the_requests_waiting_besides_the_running_one(models, log_check, monkeypatch, loaded: bool) -> None:
+    """--max-queue 2: one request runs (or waits for the load) and 2 wait; the 4th is refused."""
+    engine = FakeEngine("a", wait=True)
+    release = threading.Event()
+    load = FakeLoader.load
+    monkeypatch.setattr(FakeLoader, "load", lambda self, name: release.wait(30) and load(self, name))
+    with serving({"a": engine}, max_queue=2) as client:
+        if loaded:
+            release.set()
+            engine.wait = False
+            assert client.call("POST", "/v1/completions", {"model": "a", "prompt": "x"})[0] == 200
+            engine.wait = True
+        sockets = []
+        for n in range(1, 4):
+            sockets.append(_send_and_leave(client.port, {"model": "a", "prompt": "x"}, "/v1/completions"))
+            if loaded:
+                _wait_for(lambda: [m["busy"] for m in client.ps()] == [n])
+            else:
+                time.sleep(0.5)  # nothing to watch while the model loads: give the server time
+        status, body = client.call("POST", "/v1/completions", {"model": "a", "prompt": "x"}, timeout=10)
+        assert status == 503 and _is_openai_error(body, 503), body
+        release.set()
+        _wait_for(lambda: [m["busy"] for m in client.ps()] == [3])  # the three accepted ones, no more
+        engine.gate.set()
+        for sock in sockets:
+            sock.settimeout(20)
+            assert sock.recv(100).startswith(b"HTTP/1.1 200"), "an accepted request was not answered"
+            sock.close()
         client.wait_idle()
 
 
