@@ -149,6 +149,14 @@ def _is_network_error(exc: BaseException) -> bool:
     )
 
 
+def _cause(exc: BaseException) -> BaseException | None:
+    """What an LlmctlError translated from ``exc`` is raised ``from``: the original under
+    LLMCTL_DEBUG=1, so its traceback shows what the library or the network did; otherwise nothing."""
+    from llmctl.config import debug_enabled
+
+    return exc if debug_enabled() else None
+
+
 @contextmanager
 def hub_errors(repo_id: str | None = None, *, answer: bool = False) -> Iterator[None]:
     """Translate huggingface_hub and network exceptions into LlmctlErrors.
@@ -166,49 +174,49 @@ def hub_errors(repo_id: str | None = None, *, answer: bool = False) -> Iterator[
     except LlmctlError:
         raise
     except hubhttp.LimitExceeded as exc:
-        raise HubError(exc.message, hint=exc.hint) from None
+        raise HubError(exc.message, hint=exc.hint) from _cause(exc)
     except hubhttp.Unreachable as exc:
         raise HubError(
             f"cannot reach the Hub at {endpoint()}: {exc.reason}",
             hint="check your connection, HTTPS_PROXY or HF_ENDPOINT; models already pulled keep working",
-        ) from None
+        ) from _cause(exc)
     except hf.HFValidationError as exc:
-        raise UsageError(f"'{what}' is not a valid Hub repo id: {exc}", hint="repo ids look like owner/name") from None
-    except hf.GatedRepoError:
+        raise UsageError(f"'{what}' is not a valid Hub repo id: {exc}", hint="repo ids look like owner/name") from _cause(exc)
+    except hf.GatedRepoError as exc:
         raise HubError(
             f"{what} is gated: its licence must be accepted on the Hub",
             hint=f"open {endpoint()}/{repo_id}, accept the terms, then set HF_TOKEN to a token of that account",
-        ) from None
-    except hf.RepositoryNotFoundError:
+        ) from _cause(exc)
+    except hf.RepositoryNotFoundError as exc:
         raise NotFoundError(
             f"no repository '{what}' on the Hub (or it is private)",
             hint="check the name with `llmctl search`; for a private repo set HF_TOKEN",
-        ) from None
-    except hf.RevisionNotFoundError:
-        raise NotFoundError(f"{what}: no such revision", hint="check the branch, tag or commit") from None
-    except hf.EntryNotFoundError:
-        raise NotFoundError(f"{what}: no such file", hint=f"list its files with `llmctl search {what} --files`") from None
-    except hf.OfflineModeIsEnabled:
-        raise HubError("HF_HUB_OFFLINE is set, so the Hub cannot be reached", hint="unset HF_HUB_OFFLINE") from None
+        ) from _cause(exc)
+    except hf.RevisionNotFoundError as exc:
+        raise NotFoundError(f"{what}: no such revision", hint="check the branch, tag or commit") from _cause(exc)
+    except hf.EntryNotFoundError as exc:
+        raise NotFoundError(f"{what}: no such file", hint=f"list its files with `llmctl search {what} --files`") from _cause(exc)
+    except hf.OfflineModeIsEnabled as exc:
+        raise HubError("HF_HUB_OFFLINE is set, so the Hub cannot be reached", hint="unset HF_HUB_OFFLINE") from _cause(exc)
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise HubError(
             f"the Hub answered HTTP {status} for {what}",
             hint="try again later; `LLMCTL_DEBUG=1` shows details",
-        ) from None
+        ) from _cause(exc)
     except Exception as exc:  # noqa: BLE001 - network failures arrive as many types
         if _is_network_error(exc):
             raise HubError(
                 f"cannot reach the Hub at {endpoint()}: {type(exc).__name__}",
                 hint="check your connection, HTTPS_PROXY or HF_ENDPOINT; models already pulled keep working",
-            ) from None
+            ) from _cause(exc)
         if answer and isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
             # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise HubError(
                 f"the Hub at {endpoint()} answered with something that is not the JSON it should be ({type(exc).__name__})"
                 + (f" for {repo_id}" if repo_id else ""),
                 hint="check that HF_ENDPOINT points at the Hub or a faithful mirror (a proxy or login page may be answering)",
-            ) from None
+            ) from _cause(exc)
         raise
 
 
@@ -238,7 +246,7 @@ def _rejected_token() -> Iterator[None]:
         raise HubError(
             "the Hub rejected the token llmctl sent (invalid, expired or revoked)",
             hint=f"check or refresh HF_TOKEN (or the token saved by `hf auth login`); new tokens: {endpoint()}/settings/tokens",
-        ) from None
+        ) from _cause(exc)
 
 
 def _api() -> Any:

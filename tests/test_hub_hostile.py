@@ -407,6 +407,15 @@ def test_an_answer_that_is_not_json_is_a_hub_error(cli, hub, body: bytes) -> Non
     assert r.exit_code == 0 and not doc["hub_searched"] and doc["note"], r.stderr
 
 
+def test_with_llmctl_debug_a_hub_error_shows_what_it_was_made_from(cli, hub, monkeypatch) -> None:
+    hub.faults.api_body = b"<!doctype html><html><body>Please log in</body></html>"
+    monkeypatch.setenv("LLMCTL_DEBUG", "1")
+    r = cli("search", TINY, "--files")
+    assert r.exit_code == EXIT_HUB, r.stderr
+    assert "JSONDecodeError" in r.stderr and "direct cause" in r.stderr, r.stderr  # the library's error, then ours
+    assert r.stderr.strip().splitlines()[-2].startswith("error: the Hub at "), r.stderr
+
+
 def test_search_results_of_the_wrong_types_are_not_trusted(cli, hub) -> None:
     hub.faults.api_body = json.dumps([{"id": "x/y", "downloads": "many", "likes": -3, "gguf": {"total": "1e9"}}]).encode()
     r = cli("search", "y", "--json")
