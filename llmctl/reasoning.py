@@ -450,3 +450,77 @@ def unseen_markers(llm: Any, fmt: ReasoningFormat) -> list[str]:
         except Exception:  # noqa: BLE001 - a tokenizer that cannot say: assume printed
             continue
     return unseen
+
+
+# --- what run and chat share ------------------------------------------------------------------------
+
+
+def check_think(think: str | None, chat_format: str | None) -> str | None:
+    """``--think`` checked before anything loads: its value, and that the model's own template will render."""
+    if think is None:
+        return None
+    think = normalise_think(think)
+    if chat_format is not None:
+        raise UsageError(
+            f"--think needs the model's own chat template, not --chat-format {chat_format}",
+            hint="drop --chat-format, or drop --think",
+        )
+    return think
+
+
+def setup_for(llm: Any, template: str | None, think: str | None) -> ThinkingSetup:
+    """``thinking_setup`` for a loaded model, probing through its own (warm) template renderer."""
+    from llmctl import chat_template
+
+    formatter = chat_template.active_formatter(llm)
+    if formatter is None:
+        return thinking_setup(template, think)  # probes in a renderer of its own
+
+    def render(_template: str, variables: dict[str, Any]) -> str:
+        current, formatter.variables = formatter.variables, {}  # probe the template alone
+        try:
+            return formatter.render(PROBE, **variables)
+        finally:
+            formatter.variables = current
+
+    return thinking_setup(template, think, render=render)
+
+
+def apply(llm: Any, setup: ThinkingSetup) -> list[str]:
+    """Pass ``--think``'s variables to the model's template; the warnings for the user."""
+    from llmctl import chat_template
+
+    warnings = list(setup.notes)
+    if setup.variables is not None:
+        chat_template.set_variables(llm, setup.variables)
+    if setup.format is not None:
+        unseen = unseen_markers(llm, setup.format)
+        if unseen:
+            warnings.append(
+                f"this model marks its reasoning with control tokens llama.cpp does not print ({', '.join(unseen)}): "
+                "its reasoning cannot be told from its answer"
+            )
+    return warnings
+
+
+def split(llm: Any, stream: Iterable[Any], fmt: ReasoningFormat | None) -> Iterable[Any]:
+    """The engine's stream with the reasoning split off (unchanged for a model that does not think)."""
+    if fmt is None:
+        return stream
+    from llmctl import chat_template
+
+    return separate(stream, fmt, lambda: chat_template.last_prompt(llm))
+
+
+def no_answer(result: Result, command: str = "run") -> str | None:
+    """What to say when a reply had reasoning but no answer (None when it had an answer, or no reasoning)."""
+    if not result.reasoning or result.text.strip():
+        return None
+    if result.finish_reason == "length":
+        what = "the reply ended inside the model's reasoning (finish_reason: length): there is no answer"
+        todo = "raise --max-tokens (or --ctx): the reasoning used them all" if command == "run" else "raise max_tokens (/set max_tokens N) or the context (/set ctx N)"
+    else:
+        what = "the model gave no answer after its reasoning"
+        todo = "try again, or --think off where the template allows it" if command == "run" else "/retry, or /set think off where the template allows it"
+    where = "; the reasoning is in --json's \"reasoning\"" if command == "run" else "; /thinking shows the reasoning"
+    return f"{what}; {todo}{where}"
