@@ -1,23 +1,87 @@
-"""Measure what loading a model costs the process, the way llmctl's estimate defines it.
+"""Measuring memory in a process of its own: a model's load, and a whole ``llmctl`` command.
 
 ``python measure_rss.py MODEL N_CTX`` prints JSON: the resident-memory growth
 from before the load to after a 512-token prompt batch and 4 generated tokens,
 with llama-cpp-python's defaults otherwise (mmap, f16 KV cache, no flash
 attention, n_batch = n_ubatch = 512). Run in its own process so nothing else
 shares the measurement.
+
+``run_llmctl(ARGS...)`` runs one ``llmctl`` command and returns its exit code,
+output, wall time and peak RSS, for tests that bound what an attack may cost.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-import psutil
+LLMCTL = str(Path(sys.executable).with_name("llmctl"))
+
+
+@dataclass
+class Run:
+    exit_code: int  # -9: killed at the timeout
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_rss_mb: float  # inf when the run was killed before it ended
+
+
+# The peak is wait4()'s ru_maxrss, taken by a small, freshly started Python that starts llmctl.
+# Not by pytest itself: at exec the kernel folds the high-water mark of the address space being
+# replaced into the new program's ru_maxrss, so a child of a 600 MB pytest reports >= 600 MB
+# (fork or vfork alike; measured: 626 MB for a `python -c` whose own VmHWM was 11 MB). Through
+# this ~11 MB Python, the floor is ~11 MB; unlike the child's own VmHWM, ru_maxrss also covers
+# the processes llmctl waits for (template workers) and needs no exit hook in the measured one.
+_MEASURE = """
+import os, subprocess, sys, time
+start = time.monotonic()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{os.waitstatus_to_exitcode(status)} {time.monotonic() - start} {usage.ru_maxrss}")
+"""
+
+
+def run_llmctl(*args: str, timeout: float = 120, **env: str) -> Run:
+    """``llmctl ARGS`` (with ``env`` added to the environment) in its own process: exit code,
+    output, wall time and peak RSS. A run past ``timeout`` is killed with its whole process group."""
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _MEASURE, str(report), LLMCTL, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **env},
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        if not report.exists():
+            return Run(-9, stdout, stderr, time.monotonic() - start, float("inf"))
+        code, seconds, peak_kb = report.read_text().split()
+        return Run(int(code), stdout, stderr, float(seconds), int(peak_kb) / 1024)
 
 
 def main() -> None:
     import llama_cpp
+    import psutil
 
     path, n_ctx = sys.argv[1], int(sys.argv[2])
     process = psutil.Process()

@@ -11,12 +11,7 @@ memory, in every command that reads a header, and over HTTP range reads too.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +28,11 @@ from gguf_factory import (
     write_huge,
 )
 
+from measure_rss import Run, run_llmctl
+
 from llmctl import gguf
 from llmctl.errors import InvalidModelError
 
-EXE = str(Path(sys.executable).with_name("llmctl"))
 # Generous for a loaded 2-core machine: the reader itself takes well under a
 # second; before these limits the same files took 14-60 s and 0.5-1 GB.
 SECONDS_BOUND = 10.0
@@ -239,47 +235,6 @@ def test_a_remote_huge_header_fails_fast_over_http(cli, hub, tmp_path: Path) -> 
 
 
 # --- the commands, in their own process: exit code, one line, time, peak memory ---------
-
-
-@dataclass
-class Run:
-    exit_code: int
-    stdout: str
-    stderr: str
-    seconds: float
-    peak_rss_mb: float
-
-
-# Runs ``llmctl`` from a small, freshly started Python and reports the child's wall time and
-# peak RSS. Linux starts a child's peak RSS at its parent's size at fork (the high-water mark
-# of the copied address space is kept across exec), so a child of a large pytest process
-# would report the parent's size instead of its own.
-_MEASURE = """
-import os, subprocess, sys, time
-start = time.monotonic()
-proc = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(proc.pid, 0)
-with open(sys.argv[1], "w") as report:
-    report.write(f"{os.waitstatus_to_exitcode(status)} {time.monotonic() - start} {usage.ru_maxrss}")
-"""
-
-
-def run_llmctl(*args: str, timeout: float = 120) -> Run:
-    """``llmctl ARGS`` in its own process: exit code, output, wall time and peak RSS (wait4's, for that process)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report"
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _MEASURE, str(report), EXE, *args], stdout=out, stderr=err, start_new_session=True
-        )
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        code, seconds, peak_kb = report.read_text().split() if report.exists() else ("-9", str(timeout), "0")
-        return Run(int(code), out.read().decode(), err.read().decode(), float(seconds), int(peak_kb) / 1024)
 
 
 # name -> (write_huge arguments, the limit the error names). ~100 MB each, sparse where long.

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import measure_rss
 import pytest
+from measure_rss import Run
 
 from llmctl import hub as hub_api
 from llmctl.errors import EXIT_HUB, EXIT_USAGE, LlmctlError, StoreError, UsageError
@@ -47,57 +45,9 @@ def full_downloads(hub) -> list[str | None]:
     return [r for r in hub.bytes_served() if r is None or r.endswith("-")]
 
 
-@dataclass
-class Run:
-    exit_code: int
-    stdout: str
-    stderr: str
-    seconds: float
-    peak_rss_mb: float
-
-
-# Runs llmctl's main() and, at exit, writes the process's peak resident memory (VmHWM, in kB) to argv[1].
-# VmHWM counts this program's memory only: wait4()'s ru_maxrss would also count the pytest process it was forked from.
-_MEASURED = """
-import atexit, sys
-out = sys.argv.pop(1)
-def peak():
-    with open("/proc/self/status") as status:
-        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
-    with open(out, "w") as fh:
-        fh.write(kb)
-atexit.register(peak)
-sys.argv[0] = "llmctl"
-from llmctl.cli import main
-main()
-"""
-
-
 def run_llmctl(*args: str, timeout: float = 90, **env: str) -> Run:
-    """``llmctl ARGS`` in its own process: exit code, output, wall time and peak resident memory.
-
-    A run past ``timeout`` is killed (its time and a missing peak show it).
-    """
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        peak = Path(tmp) / "peak"
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _MEASURED, str(peak), *args],
-                # a described machine: the live probe's one-off bandwidth test would take 512 MiB of the peak
-                env={**os.environ, "LLMCTL_HW_PROFILE": "laptop-8gb", **env},
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as exc:
-            def text(data: bytes | str | None) -> str:
-                return data.decode(errors="replace") if isinstance(data, bytes) else data or ""
-
-            return Run(-9, text(exc.stdout), text(exc.stderr), time.monotonic() - start, float("inf"))
-        seconds = time.monotonic() - start
-        peak_mb = int(peak.read_text()) / 1024 if peak.exists() else float("inf")
-        return Run(proc.returncode, proc.stdout, proc.stderr, seconds, peak_mb)
+    # a described machine: the live probe's one-off bandwidth test would take 512 MiB of the peak
+    return measure_rss.run_llmctl(*args, timeout=timeout, **{"LLMCTL_HW_PROFILE": "laptop-8gb", **env})
 
 
 # --- 1. Hub data used as a path ------------------------------------------------------------
