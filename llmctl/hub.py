@@ -938,6 +938,8 @@ class Partial:
 
 def find_partials(cache: Path) -> list[Partial]:
     """Unfinished downloads in the HF cache, and whether a pull is working on them now."""
+    from llmctl.store import lock_held
+
     found = []
     if not cache.is_dir():
         return found
@@ -947,21 +949,5 @@ def find_partials(cache: Path) -> list[Partial]:
             size = path.stat().st_size
         except FileNotFoundError:  # finished (renamed) since the glob
             continue
-        found.append(Partial(path, repo, size, _locked(path.with_name(path.name.replace(PARTIAL_SUFFIX, LOCK_SUFFIX)))))
+        found.append(Partial(path, repo, size, lock_held(path.with_name(path.name.replace(PARTIAL_SUFFIX, LOCK_SUFFIX)))))
     return found
-
-
-def _locked(lock: Path) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover
-        return False
-    if not lock.exists():
-        return False
-    with open(lock, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    return False

@@ -846,19 +846,26 @@ def find_import_partials(models_dir: Path) -> list[ImportPartial]:
             size = path.stat().st_size
         except FileNotFoundError:  # finished (renamed) since the glob
             continue
-        found.append(ImportPartial(path, size, in_use=_folder_busy(path.parent)))
+        folder = path.parent
+        found.append(ImportPartial(path, size, in_use=lock_held(folder.with_name(folder.name + IMPORT_LOCK_SUFFIX))))
     return found
 
 
-def _folder_busy(folder: Path) -> bool:
-    """Whether an import holds the folder's lock; never creates the lock file (``list`` only looks)."""
+def lock_held(lock_path: Path) -> bool:
+    """Whether a process holds ``lock_path`` (an import's or a download's lock) now.
+
+    Only looks: the file is opened read-only and never created (``list`` runs
+    this), and locked shared for an instant, so two lookers never see each
+    other as holders; every holder locks exclusively. A missing lock file
+    means nobody holds it.
+    """
     try:
         import fcntl
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock
         return False
     try:
-        handle = open(folder.with_name(folder.name + IMPORT_LOCK_SUFFIX), "rb")
-    except OSError:  # no lock file: no import ever held it
+        handle = open(lock_path, "rb")
+    except OSError:
         return False
     with handle:
         try:

@@ -297,6 +297,28 @@ def test_rm_partials(cli, hub, tmp_path: Path) -> None:
     assert json.loads(cli("list", "--json").stdout)["partial_downloads"] == []
 
 
+def test_a_partial_is_in_use_exactly_while_a_pull_holds_its_lock(tmp_path: Path) -> None:
+    """Downloads and imports share one look at a lock: it never creates the file, and two lookers
+    never take each other for a holder."""
+    import fcntl
+
+    from llmctl.hub import file_lock, find_partials
+    from llmctl.store import lock_held
+
+    cache = tmp_path / "hub"
+    blobs = cache / "models--org--Part-GGUF" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / ("ab" * 32 + ".llmctl.partial")).write_bytes(b"x")
+    lock = blobs / ("ab" * 32 + ".llmctl.lock")
+    assert [p.in_use for p in find_partials(cache)] == [False] and not lock.exists()  # looking creates nothing
+    with file_lock(lock):  # what a pull holds while it downloads
+        assert [p.in_use for p in find_partials(cache)] == [True]
+    assert [p.in_use for p in find_partials(cache)] == [False]
+    with open(lock, "rb") as looker:
+        fcntl.flock(looker.fileno(), fcntl.LOCK_SH)  # another `list` looking at the same moment
+        assert not lock_held(lock)
+
+
 def _no_hasher_threads() -> bool:
     """No checksum thread outlives its pull (an abandoned one ends within moments)."""
     import threading
