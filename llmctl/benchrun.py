@@ -35,7 +35,7 @@ from llmctl import __version__, fit, gguf
 from llmctl.bench import Measurement, measure, resolve_flash_attn, test_name
 from llmctl.errors import LlmctlError, NotFoundError, UsageError
 from llmctl.hardware import HardwareInfo
-from llmctl.store import now_iso
+from llmctl.fileio import now_iso
 
 RUN_FORMAT = 1
 
@@ -403,7 +403,7 @@ def history_dir(home: Path) -> Path:
 
 
 def save_run(home: Path, run: BenchRun) -> Path:
-    from llmctl.store import atomic_write_text
+    from llmctl.fileio import atomic_write_text
 
     path = history_dir(home) / f"{run.run_id}.json"
     atomic_write_text(path, json.dumps(run.to_dict(), indent=1) + "\n")
@@ -471,7 +471,7 @@ def load_tuned(home: Path, machine: str, paths: list[Path]) -> dict[str, Any] | 
 
 
 def save_tuned(home: Path, machine: str, paths: list[Path], profile: dict[str, Any]) -> None:
-    from llmctl.store import atomic_write_text
+    from llmctl.fileio import atomic_write_text
 
     try:
         data = json.loads(tuned_path(home).read_text())

@@ -326,7 +326,7 @@ class HardwareCache:
             return {}
 
     def save(self, data: dict[str, Any]) -> None:
-        from llmctl.store import atomic_write_text
+        from llmctl.fileio import atomic_write_text
 
         try:
             atomic_write_text(self.path, json.dumps(data, indent=1))

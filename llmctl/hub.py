@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 from llmctl import hubhttp
+from llmctl.fileio import exclusive_lock
 from llmctl.errors import EXIT_HUB, LlmctlError, NotFoundError, StoreError, UsageError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -585,28 +586,6 @@ def repo_folder(cache: Path, repo_id: str) -> Path:
     return cache / ("models--" + repo_id.replace("/", "--"))
 
 
-@contextmanager
-def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """An exclusive lock held while one process downloads a blob; others wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            yield
-            return
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _backoff(attempt: int) -> None:
     time.sleep(min(0.25 * 2**attempt, 8.0))
 
@@ -695,9 +674,14 @@ def download_file(
     cache: Path,
     *,
     progress: Callable[[int], None] | None = None,
+    resumed: Callable[[int], None] | None = None,
     on_wait: Callable[[], None] | None = None,
 ) -> Path:
-    """Fetch one file into the HF cache layout, resuming a partial; returns the snapshot path."""
+    """Fetch one file into the HF cache layout, resuming a partial; returns the snapshot path.
+
+    ``progress(n)`` is told of bytes this run moves; ``resumed(n)`` of bytes already on disk
+    (a partial, or a blob another pull finished), which count towards the total but not the rate.
+    """
     from huggingface_hub import hf_hub_url
 
     check_safe_filename(remote.path)
@@ -721,10 +705,12 @@ def download_file(
     snapshot = inside(folder, folder / "snapshots" / commit / PurePosixPath(remote.path), follow_last=False)
     partial = inside(folder, blob.with_name(sha + PARTIAL_SUFFIX))
     lock = inside(folder, blob.with_name(sha + LOCK_SUFFIX))
-    with file_lock(lock, on_wait):
+    with exclusive_lock(lock, on_wait=on_wait):
         if not (blob.exists() and blob.stat().st_size == remote.size):
-            _transfer(url, partial, remote, sha, progress)
+            _transfer(url, partial, remote, sha, progress, resumed or progress)
             os.replace(partial, blob)
+        elif resumed:
+            resumed(remote.size)
         _link_snapshot(snapshot, blob, folder)  # under the lock: a second pull of the same file waits for it
     return snapshot
 
@@ -734,7 +720,14 @@ def _check_size(remote: RemoteFile) -> None:
         raise HubError(f"{remote.path}: an impossible size from the Hub ({remote.size})", hint="report the repo")
 
 
-def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: Callable[[int], None] | None) -> None:
+def _transfer(
+    url: str,
+    partial: Path,
+    remote: RemoteFile,
+    sha: str,
+    progress: Callable[[int], None] | None,
+    resumed: Callable[[int], None] | None = None,
+) -> None:
     """Grow ``partial`` to the full file with Range requests, verifying its sha256 as it grows.
 
     The hash runs on a second thread (``_Hasher``), over the bytes already in
@@ -757,8 +750,8 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
     if have > remote.size:
         partial.unlink()
         have = 0
-    if progress and have:
-        progress(have)
+    if resumed and have:
+        resumed(have)
     partial.touch()  # exists even for a 0-byte file, which no chunk will create
     hasher = _Hasher(partial, have)  # from here on, given every byte the file gains
     # The retry budget counts consecutive answers that did not move the download on. Only growth past
@@ -782,8 +775,8 @@ def _transfer(url: str, partial: Path, remote: RemoteFile, sha: str, progress: C
                     # while it keeps moving (the stall timeout and the progress rule below).
                     limits.lift_deadline()
                     if response.status_code == 200 and have:  # the server ignored Range: start over
-                        if progress:
-                            progress(-have)  # the bar goes back to 0 with the file
+                        if resumed:
+                            resumed(-have)  # the bar goes back to 0 with the file; what moved still moved
                         have = 0
                         restarted = True
                         mode = "wb"
@@ -938,7 +931,7 @@ class Partial:
 
 def find_partials(cache: Path) -> list[Partial]:
     """Unfinished downloads in the HF cache, and whether a pull is working on them now."""
-    from llmctl.store import lock_held
+    from llmctl.fileio import lock_held
 
     found = []
     if not cache.is_dir():

@@ -12,7 +12,8 @@ from llmctl import fit, hub
 from llmctl.catalog import HubRef, parse_ref, quant_of_filename, suggest
 from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, NotFoundError, StoreError, UsageError
 from llmctl.hardware import HardwareInfo
-from llmctl.store import ModelEntry, Store, header_cache_entry, now_iso, validate_name
+from llmctl.fileio import now_iso
+from llmctl.store import ModelEntry, Store, header_cache_entry, validate_name
 
 DISK_MARGIN = 64 * 1024**2
 
@@ -173,6 +174,7 @@ def execute(
     pull_plan: PullPlan,
     *,
     progress: Callable[[int], None] | None = None,
+    resumed: Callable[[int], None] | None = None,
     on_wait: Callable[[], None] | None = None,
 ) -> ModelEntry:
     """Download what is missing, verify it, and register the model."""
@@ -182,7 +184,7 @@ def execute(
     listing, model = pull_plan.listing, pull_plan.model
     check_disk(cache, pull_plan.to_download)
     paths = [
-        hub.download_file(listing.repo_id, listing.commit, remote, cache, progress=progress, on_wait=on_wait)
+        hub.download_file(listing.repo_id, listing.commit, remote, cache, progress=progress, resumed=resumed, on_wait=on_wait)
         for remote in model.files
     ]
     hub.write_ref(cache, listing.repo_id, pull_plan.ref.revision or "main", listing.commit)

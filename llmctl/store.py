@@ -22,15 +22,14 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from llmctl import gguf
 from llmctl.config import Settings
+from llmctl.fileio import atomic_write_text, exclusive_lock, lock_held, now_iso, unused_lock
 from llmctl.errors import (
     AmbiguousNameError,
     NotFoundError,
@@ -43,10 +42,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:+-]{0,127}$")
 QUANT_IN_NAME_RE = re.compile(
     r"[-._](?P<quant>(?:I?Q\d(?:_[0-9A-Z]+)*)|BF16|F16|F32|MXFP4(?:_MOE)?)$", re.IGNORECASE
 )
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
 @dataclass
@@ -135,30 +130,6 @@ def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> st
     return digest.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def default_name(path: Path, quant: str) -> str:
     """``SmolLM2-135M-Instruct.Q4_1.gguf`` → ``smollm2-135m-instruct:q4_1``."""
     stem = path.name
@@ -226,19 +197,8 @@ class Store:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.settings.home.mkdir(parents=True, exist_ok=True)
-        lock_path = self.settings.home / "index.lock"
-        with open(lock_path, "a+") as lock:
-            try:
-                import fcntl
-            except ImportError:  # pragma: no cover - Windows: no cross-process lock
-                yield
-                return
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        with exclusive_lock(self.settings.home / "index.lock"):
+            yield
 
     @contextmanager
     def transaction(self) -> Iterator[dict[str, Any]]:
@@ -556,7 +516,7 @@ class Store:
                 link.unlink()
                 removed.append(link)
             _prune_snapshot(link.parent, repo_dir)
-            with _unused_lock(blob.with_name(blob.name + LOCK_SUFFIX)) as free:
+            with unused_lock(blob.with_name(blob.name + LOCK_SUFFIX)) as free:
                 users = [p for p in (repo_dir / "snapshots").rglob("*") if p.is_symlink() and os.path.realpath(p) == str(blob)]
                 if free and not users and blob.exists():
                     blob.unlink()
@@ -600,7 +560,7 @@ class Store:
         if inside is not None and paths:
             folder = paths[0].parent
             if folder != inside:
-                with _unused_lock(folder.with_name(folder.name + LOCK_SUFFIX)) as free:
+                with unused_lock(folder.with_name(folder.name + LOCK_SUFFIX)) as free:
                     if free and folder.is_dir() and not any(folder.iterdir()):
                         folder.rmdir()
         return removed
@@ -748,86 +708,6 @@ def _open_regular(path: Path) -> Any:
         raise
 
 
-@contextmanager
-def _folder_lock(folder: Path, *, wait: bool, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
-    """Lock ``<folder>.llmctl.lock``; yields False (holding nothing) when busy and not waiting."""
-    lock_path = folder.with_name(folder.name + IMPORT_LOCK_SUFFIX)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
-        yield True
-        return
-    waited = False
-    while True:
-        with open(lock_path, "a+") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    yield False
-                    return
-                if on_wait and not waited:
-                    on_wait()
-                    waited = True
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            if not _still_named(handle.fileno(), lock_path):
-                continue  # `rm` deleted the file between our open and our lock: lock the one there now
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            return
-
-
-def _still_named(fd: int, path: Path) -> bool:
-    """Whether ``path`` still names the open file ``fd`` (a lock file deleted and re-created is another lock)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-@contextmanager
-def _unused_lock(lock_path: Path) -> Iterator[bool]:
-    """Hold a lock file if nobody does and delete it on the way out; False (holding nothing) when in use.
-
-    The file goes while still held, so a process that opened it meanwhile finds
-    it unlinked once it gets the lock, and locks the path afresh (``_folder_lock``).
-    A missing lock file means nobody holds it.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock, nothing is deleted
-        yield True
-        return
-    try:
-        handle = open(lock_path, "rb")
-    except FileNotFoundError:
-        yield True
-        return
-    except OSError:
-        yield False
-        return
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            if _still_named(handle.fileno(), lock_path):
-                try:
-                    lock_path.unlink()
-                except OSError:
-                    pass
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 @dataclass
 class ImportPartial:
     """A part that ``import --copy`` began to copy and did not finish."""
@@ -851,35 +731,10 @@ def find_import_partials(models_dir: Path) -> list[ImportPartial]:
     return found
 
 
-def lock_held(lock_path: Path) -> bool:
-    """Whether a process holds ``lock_path`` (an import's or a download's lock) now.
-
-    Only looks: the file is opened read-only and never created (``list`` runs
-    this), and locked shared for an instant, so two lookers never see each
-    other as holders; every holder locks exclusively. A missing lock file
-    means nobody holds it.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
-        return False
-    try:
-        handle = open(lock_path, "rb")
-    except OSError:
-        return False
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    return False
-
-
 def remove_import_partial(partial: ImportPartial) -> bool:
     """Delete a partial copy unless an import is writing it; False when one is. Its lock goes too."""
     folder = partial.path.parent
-    with _unused_lock(folder.with_name(folder.name + IMPORT_LOCK_SUFFIX)) as free:
+    with unused_lock(folder.with_name(folder.name + IMPORT_LOCK_SUFFIX)) as free:
         if not free:
             return False
         partial.path.unlink(missing_ok=True)
@@ -892,7 +747,7 @@ def remove_download_partial(path: Path, partial_suffix: str) -> bool:
     """Delete an unfinished download (``blobs/<sha>.llmctl.partial``) unless a pull holds its lock; False when
     one does. The lock file goes with it, and the repo's folder if nothing else is left in it."""
     lock = path.with_name(path.name[: -len(partial_suffix)] + LOCK_SUFFIX)
-    with _unused_lock(lock) as free:
+    with unused_lock(lock) as free:
         if not free:
             return False
         path.unlink(missing_ok=True)
@@ -944,7 +799,7 @@ def import_model(
         store.add(entry)
         return entry, info
     dest_dir = store.settings.models_dir / final_name.replace(":", "-")
-    with _folder_lock(dest_dir, wait=True, on_wait=on_wait):
+    with exclusive_lock(dest_dir.with_name(dest_dir.name + IMPORT_LOCK_SUFFIX), on_wait=on_wait):
         _check_name_free(store, final_name)  # a concurrent import may have taken it while this one waited
         files, hashes = _copy_parts(store, parts, dest_dir, progress)
         entry = _new_entry(final_name, files, {"type": "copy", "path": str(parts[0])}, True, size, hashes, info)

@@ -15,7 +15,7 @@ from llmctl import fit
 from llmctl.bench import measure
 from llmctl.benchrun import BenchModel
 from llmctl.hardware import HardwareInfo
-from llmctl.store import now_iso
+from llmctl.fileio import now_iso
 
 TG, PP, REPS = 32, 256, 2
 

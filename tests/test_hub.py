@@ -302,8 +302,8 @@ def test_a_partial_is_in_use_exactly_while_a_pull_holds_its_lock(tmp_path: Path)
     never take each other for a holder."""
     import fcntl
 
-    from llmctl.hub import file_lock, find_partials
-    from llmctl.store import lock_held
+    from llmctl.fileio import exclusive_lock, lock_held
+    from llmctl.hub import find_partials
 
     cache = tmp_path / "hub"
     blobs = cache / "models--org--Part-GGUF" / "blobs"
@@ -311,7 +311,7 @@ def test_a_partial_is_in_use_exactly_while_a_pull_holds_its_lock(tmp_path: Path)
     (blobs / ("ab" * 32 + ".llmctl.partial")).write_bytes(b"x")
     lock = blobs / ("ab" * 32 + ".llmctl.lock")
     assert [p.in_use for p in find_partials(cache)] == [False] and not lock.exists()  # looking creates nothing
-    with file_lock(lock):  # what a pull holds while it downloads
+    with exclusive_lock(lock):  # what a pull holds while it downloads
         assert [p.in_use for p in find_partials(cache)] == [True]
     assert [p.in_use for p in find_partials(cache)] == [False]
     with open(lock, "rb") as looker:

@@ -241,3 +241,40 @@ def test_pull_has_no_short_n(cli, hub) -> None:
     assert r.exit_code == EXIT_USAGE
     r = cli("pull", "test/Tiny-GGUF:Q8_0", "--name", "mine", "--dry-run", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["name"] == "mine"
+
+
+def test_a_resumed_pull_counts_the_bytes_on_disk_apart_from_the_rate(cli, hub, monkeypatch, tmp_path: Path) -> None:
+    """The rate is of bytes this run moved: a resumed partial is shown as done, not as transferred."""
+    from llmctl import hub as hubmod
+    from llmctl import output
+
+    fed = {"n": 0}
+    real_feed = hubmod._Hasher.feed
+
+    def feed_then_interrupt(self, chunk: bytes) -> None:
+        real_feed(self, chunk)
+        fed["n"] += 1
+        if fed["n"] == 20:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hubmod._Hasher, "feed", feed_then_interrupt)
+    assert cli("pull", DEMO_REPO, "--quant", "Q4_1").exit_code == EXIT_INTERRUPTED
+    kept = (tmp_path / "hf" / "hub" / DEMO_PARTIAL).stat().st_size
+    monkeypatch.setattr(hubmod._Hasher, "feed", real_feed)
+    seen = {"resumed": 0, "moved": 0, "total": 0}
+    real_resumed, real_advance = output.ByteProgress.resumed, output.ByteProgress.advance
+
+    def resumed(self, n: int) -> None:
+        seen["resumed"] += n
+        seen["total"] = self.total
+        real_resumed(self, n)
+
+    def advance(self, n: int) -> None:
+        seen["moved"] += n
+        real_advance(self, n)
+
+    monkeypatch.setattr(output.ByteProgress, "resumed", resumed)
+    monkeypatch.setattr(output.ByteProgress, "advance", advance)
+    assert cli("pull", DEMO_REPO, "--quant", "Q4_1").exit_code == 0
+    assert seen["resumed"] == kept > 0
+    assert seen["moved"] == seen["total"] - kept

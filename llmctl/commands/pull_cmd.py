@@ -58,7 +58,7 @@ def pull_command(
     waiting = lambda: output.info("Another llmctl is downloading this file; waiting for it…")  # noqa: E731
     try:
         with output.ByteProgress(f"Pulling {pull_plan.name}", chosen.candidate.size) as progress:
-            entry = pull.execute(store, pull_plan, progress=progress.advance, on_wait=waiting)
+            entry = pull.execute(store, pull_plan, progress=progress.advance, resumed=progress.resumed, on_wait=waiting)
     except KeyboardInterrupt:
         again = _command(model, quant=quant, ctx=ctx, name=name, force=force, hw_profile=hw_profile)
         raise pull.interrupted(store, pull_plan, again) from None
