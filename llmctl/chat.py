@@ -10,20 +10,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from llmctl.engine import Engine, Result, SamplingSettings, Timings
+from llmctl.engine import Engine, ReloadError, Result, SamplingSettings, Timings
 from llmctl.errors import LlmctlError, UsageError
 
 MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators a chat template adds per message
+MIN_CONTEXT = 256  # as --ctx
+LOAD_LIMITS = {"ctx": (MIN_CONTEXT, 10_000_000), "threads": (1, 4096)}
+LOAD_ALIASES = {"ctx": "ctx", "context": "ctx", "n_ctx": "ctx", "threads": "threads", "n_threads": "threads"}
 
 HELP = """\
 /help                 this help
 /exit, /bye           leave (also Ctrl-D, or Ctrl-C twice on an empty prompt)
 /clear                forget the conversation (keeps the system prompt)
 /system TEXT          set the system prompt (empty: remove it)
-/set PARAM VALUE      temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop
-/show                 model, parameters, context used
+/set PARAM VALUE      temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop;
+                      threads; ctx (reloads the model, keeps the conversation that fits)
+/show                 model, parameters, threads, context used
 /retry                regenerate the last reply
 /save FILE            save the conversation (OpenAI messages JSON)
 /load FILE            load a conversation saved with /save
@@ -52,6 +56,8 @@ class ChatSession:
     history: list[Timings] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # for the UI: turns dropped, etc.
     failed_turn: bool = False  # set by the UI when the last line's command or message failed
+    # Loads the same model with another context size, freeing the current one (None: /set ctx is refused).
+    reload: Callable[[int], Engine] | None = None
 
     # --- the conversation ---
 
@@ -81,17 +87,22 @@ class ChatSession:
                 f"it cannot fit the {self.engine.n_ctx}-token context",
                 hint="shorten it, or restart chat with a larger --ctx",
             )
+        dropped = self._drop_oldest(limit, keep=1)
+        if dropped:
+            self.notices.append(f"context nearly full: dropped the {dropped} oldest message(s)")
+
+    def _drop_oldest(self, limit: int, *, keep: int) -> int:
+        """Drop the oldest messages, keeping the newest ``keep``, until the conversation fits ``limit`` tokens."""
         dropped = 0
-        while self.context_used() > limit and len(self.messages) > 1:
+        while self.context_used() > limit and len(self.messages) > keep:
             # Drop a whole exchange (user, then its reply), so the conversation still starts with
             # a user turn: some templates insist that roles alternate.
             self.messages.pop(0)
             dropped += 1
-            if len(self.messages) > 1 and self.messages[0]["role"] == "assistant":
+            if len(self.messages) > keep and self.messages[0]["role"] == "assistant":
                 self.messages.pop(0)
                 dropped += 1
-        if dropped:
-            self.notices.append(f"context nearly full: dropped the {dropped} oldest message(s)")
+        return dropped
 
     def send(self, text: str, *, response_format: dict[str, Any] | None = None) -> Iterator[str | Result]:
         """Add a user message and stream the reply; the reply joins the history as it was shown."""
@@ -108,17 +119,30 @@ class ChatSession:
     def _generate(self, response_format: dict[str, Any] | None) -> Iterator[str | Result]:
         self._trim()
         pieces: list[str] = []
+        earlier = getattr(self.engine, "last_timings", None)
+        stream = self.engine.chat(self.conversation(), self.sampling, response_format=response_format)
+        finished = False
         try:
-            for piece in self.engine.chat(self.conversation(), self.sampling, response_format=response_format):
+            for piece in stream:
                 if isinstance(piece, Result):
+                    finished = True
                     self.history.append(piece.timings)
                     self.messages.append({"role": "assistant", "content": piece.text})
+                    if piece.finish_reason == "stop" and not piece.text.strip():
+                        self.notices.append(self.engine.empty_reply_advice(command="chat"))
                 else:
                     pieces.append(piece)
                 yield piece
-        except KeyboardInterrupt:
-            # Keep what was shown, so the conversation matches the screen.
-            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the UI stopped reading (closed us)
+            if not finished:
+                # Keep what was shown, so the conversation matches the screen, and its timings for /stats.
+                self.messages.append({"role": "assistant", "content": "".join(pieces)})
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()  # the engine records the stopped reply's timings as it closes
+                timings = getattr(self.engine, "last_timings", None)
+                if timings is not None and timings is not earlier:
+                    self.history.append(timings)
             raise
         except LlmctlError:
             # The turn failed: forget its message, so the next one does not follow an unanswered turn.
@@ -146,6 +170,9 @@ class ChatSession:
             param, _, value = arg.partition(" ")
             if not param:
                 raise UsageError("usage: /set PARAM VALUE", hint="e.g. /set temperature 0.2")
+            key = LOAD_ALIASES.get(param.lower().replace("-", "_"))
+            if key is not None:
+                return Command("continue", self.set_load(key, value.strip()))
             self.sampling.set(param, value.strip())
             return Command("continue", f"{param} = {value.strip()}")
         if name == "/show":
@@ -160,17 +187,50 @@ class ChatSession:
             return Command("continue", self.stats())
         raise UsageError(f"unknown command {name}", hint="/help lists the commands")
 
+    def set_load(self, key: str, raw: str) -> str:
+        """``/set threads N`` (at once) and ``/set ctx N`` (reloads the model, keeps what of the conversation fits)."""
+        low, high = LOAD_LIMITS[key]
+        try:
+            value = int(raw)
+        except ValueError:
+            raise UsageError(f"{key} needs a whole number, not {raw!r}", hint=f"e.g. /set {key} {low * 16 if key == 'ctx' else 4}") from None
+        if not low <= value <= high:
+            raise UsageError(f"{key} {value} is out of range", hint=f"{key} must be between {low} and {high}")
+        if key == "threads":
+            self.engine.set_threads(value)
+            return f"threads = {value}"
+        if value == self.engine.n_ctx:
+            return f"the context is already {value} tokens"
+        if self.reload is None:
+            raise UsageError("this session cannot change its context size", hint="restart chat with --ctx")
+        try:
+            self.engine = self.reload(value)  # the KV cache starts empty: the next turn evaluates the whole conversation
+        except ReloadError as exc:
+            if exc.engine is not None:
+                self.engine = exc.engine  # the previous size, loaded again
+            raise
+        used = self.context_used()
+        dropped = self._drop_oldest(self.engine.n_ctx - self.reply_budget(), keep=0)
+        said = f"context = {self.engine.n_ctx} tokens (model reloaded); "
+        if dropped:
+            return said + f"dropped the {dropped} oldest message(s) that no longer fit, kept {len(self.messages)}"
+        return said + (f"the conversation ({used} tokens) was kept" if self.messages else "no conversation yet")
+
     def describe(self) -> str:
         s = self.sampling
         cfg = self.engine.config
+        threads = getattr(self.engine, "threads", None)
         return "\n".join(
             [
                 f"model:       {self.engine.name}",
                 f"context:     {self.context_used()} of {self.engine.n_ctx} tokens used",
-                f"load:        {cfg.n_gpu_layers} GPU layers, KV cache {cfg.type_k}/{cfg.type_v}",
+                f"load:        {cfg.n_gpu_layers} GPU layers, KV cache {cfg.type_k}/{cfg.type_v}"
+                + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""),
                 f"system:      {self.system or '(none)'}",
                 f"sampling:    temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, min_p {s.min_p}, "
-                f"repeat_penalty {s.repeat_penalty}, seed {s.seed}, max_tokens {s.max_tokens}, stop {s.stop}",
+                f"repeat_penalty {s.repeat_penalty}, seed {'random' if s.seed is None else s.seed}, "
+                f"max_tokens {'unlimited' if s.max_tokens is None else s.max_tokens}, "
+                f"stop {json.dumps(s.stop, ensure_ascii=False) if s.stop else '(none)'}",
             ]
         )
 

@@ -112,6 +112,14 @@ class EngineError(LlmctlError):
     """llama.cpp could not load or run the model."""
 
 
+class ReloadError(EngineError):
+    """Loading a model again (another context size) failed; ``engine`` is the one loaded instead, if any."""
+
+    def __init__(self, message: str, hint: str | None, engine: Engine | None) -> None:
+        super().__init__(message, hint)
+        self.engine = engine
+
+
 class SettingError(UsageError):
     """A sampling setting out of its range; ``setting`` is its name (``temperature``, ``stop``)."""
 
@@ -254,12 +262,17 @@ class Engine:
         load_s: float,
         notes: list[str],
         template_worker: TemplateWorker | None = None,
+        *,
+        chat_format: str | None = None,
+        threads: int | None = None,
     ) -> None:
         self.llm = llm
         self.name = name
         self.config = config
         self.load_s = load_s
         self.notes = notes  # what the loader had to change (fewer GPU layers, smaller context)
+        self.chat_format = chat_format  # None: the model's template, or llama-cpp-python's fallback
+        self.threads = threads
         self._first = True
         self._counts = {"prompt": 0, "sampled": 0}
         self._count_tokens_of(llm)
@@ -351,7 +364,8 @@ class Engine:
                     f"loaded with {attempt.n_gpu_layers} GPU layers and context {attempt.n_ctx} "
                     f"(the plan's {config.n_gpu_layers} / {config.n_ctx} did not load: {errors[0]})"
                 )
-            return cls(llm, name, attempt, time.perf_counter() - start, notes, worker)
+            load_s = time.perf_counter() - start
+            return cls(llm, name, attempt, load_s, notes, worker, chat_format=chat_format, threads=threads or plan.threads)
         worker.close()
         if any(_is_memory_error(e) for e in errors):
             hint = "try a smaller quantisation, a shorter --ctx, or fewer --gpu-layers; LLMCTL_DEBUG=1 shows llama.cpp's log"
@@ -366,6 +380,28 @@ class Engine:
     @property
     def has_chat_template(self) -> bool:
         return "tokenizer.chat_template" in (self.llm.metadata or {})
+
+    def set_threads(self, threads: int) -> None:
+        """Change the CPU threads of generation and prompt evaluation; no reload needed."""
+        import llama_cpp
+
+        llama_cpp.llama_set_n_threads(self.llm._ctx.ctx, threads, threads)
+        self.llm.n_threads = self.llm.n_threads_batch = threads
+        self.llm.context_params.n_threads = self.llm.context_params.n_threads_batch = threads
+        self.threads = threads
+
+    def empty_reply_advice(self, *, raw: bool = False, command: str = "run") -> str:
+        """What to tell a user whose reply came back without text: usually a prompt format the model does not know."""
+        if raw:
+            return "the reply is empty: the model ended the text before writing anything; try another prompt, or drop --raw"
+        if self.chat_format:
+            used = f"the chat format '{self.chat_format}'"
+        elif self.has_chat_template:
+            used = "the model's chat template"
+        else:
+            used = "the generic chat format used for a model without a chat template"
+        options = "another --chat-format (e.g. chatml) or --raw" if command == "run" else "restarting chat with another --chat-format (e.g. chatml)"
+        return f"the reply is empty: the model ended it before writing any text; {used} may not suit it: try {options}"
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
@@ -452,7 +488,7 @@ class Engine:
                 last_at = now
                 pieces.append(text)
                 yield text
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the consumer stopped reading
             finish = "interrupted"
             _close(stream)
             raise

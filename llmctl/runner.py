@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmctl import gguf, output
 from llmctl.config import debug_enabled, get_settings
-from llmctl.engine import Engine
+from llmctl.engine import Engine, ReloadError
+from llmctl.errors import LlmctlError
 from llmctl.fit import Candidate, Overrides, Plan, make_plan
 from llmctl.hardware import get_hardware
 from llmctl.store import ResolvedModel, Store
-
-
-@dataclass
-class Loaded:
-    engine: Engine
-    plan: Plan
-    model: ResolvedModel
-    info: gguf.ModelInfo
 
 
 @dataclass
@@ -26,17 +19,31 @@ class Planned:
     model: ResolvedModel
     info: gguf.ModelInfo
     threads: int | None
+    overrides: Overrides | None = None  # what the plan was made with (the user's, then the tuned profile's)
+    force: bool = False
+
+
+@dataclass
+class Loaded:
+    engine: Engine
+    plan: Plan
+    model: ResolvedModel
+    info: gguf.ModelInfo
+    planned: Planned | None = None
 
 
 def plan_model(store: Store, name: str, overrides: Overrides, *, force: bool = False) -> Planned:
     """Resolve, read the header (llama.cpp never sees a file we reject) and plan; nothing is loaded."""
-    resolved = store.resolve(name)
+    return _plan_resolved(store.resolve(name), overrides, force=force)
+
+
+def _plan_resolved(resolved: ResolvedModel, overrides: Overrides, *, force: bool) -> Planned:
     _, info = gguf.read_model(resolved.paths)
     hw = get_hardware(get_settings())
     overrides = apply_tuned(overrides, resolved.paths)
     size = sum(p.stat().st_size for p in resolved.paths)
     plan = make_plan([Candidate(resolved.name, info, size, str(resolved.paths[0]))], hw, overrides, force=force)
-    return Planned(plan, resolved, info, overrides.threads)
+    return Planned(plan, resolved, info, overrides.threads, overrides, force)
 
 
 def check_chat_format(name: str | None) -> None:
@@ -72,7 +79,34 @@ def load_planned(store: Store, planned: Planned, *, chat_format: str | None = No
             store.touch(resolved.entry.name)
         except OSError:
             pass  # a read-only store still runs
-    return Loaded(engine, planned.plan, resolved, planned.info)
+    return Loaded(engine, planned.plan, resolved, planned.info, planned)
+
+
+def reload_with_context(store: Store, loaded: Loaded, n_ctx: int) -> Loaded:
+    """The same model with another context size, for chat's ``/set ctx``.
+
+    The new size is planned first: one that does not fit is refused while the
+    current model stays loaded. Then the current model is freed (two copies
+    might not fit) and the new one loaded; if that fails, the previous size is
+    loaded again and ReloadError carries it.
+    """
+    before = loaded.planned or Planned(loaded.plan, loaded.model, loaded.info, loaded.engine.threads)
+    threads = loaded.engine.threads or before.threads
+    overrides = replace(before.overrides or Overrides(), n_ctx=n_ctx, threads=threads)
+    planned = _plan_resolved(loaded.model, overrides, force=before.force)
+    chat_format = loaded.engine.chat_format
+    previous_ctx = loaded.engine.n_ctx
+    loaded.engine.close()
+    try:
+        return load_planned(store, planned, chat_format=chat_format)
+    except LlmctlError as exc:
+        failure = exc
+    before = replace(before, threads=threads)
+    try:
+        restored = load_planned(store, before, chat_format=chat_format)
+    except LlmctlError:
+        raise ReloadError(f"{failure.message}; the previous {previous_ctx}-token context could not be loaded again either", failure.hint, None) from None
+    raise ReloadError(f"{failure.message}; kept the {previous_ctx}-token context", failure.hint, restored.engine)
 
 
 def open_model(

@@ -12,7 +12,7 @@ from llmctl.chat import ChatSession, Command
 from llmctl.commands import open_store
 from llmctl.commands.generation import overrides_from_flags, sampling_from_flags
 from llmctl.config import get_settings
-from llmctl.engine import Result
+from llmctl.engine import Engine, ReloadError, Result
 from llmctl.errors import LlmctlError
 from llmctl.options import (
     ChatFormatOpt,
@@ -30,7 +30,7 @@ from llmctl.options import (
     TopKOpt,
     TopPOpt,
 )
-from llmctl.runner import open_model
+from llmctl.runner import Loaded, open_model, reload_with_context
 
 BLOCK = '"""'
 
@@ -55,14 +55,29 @@ def chat(
 ) -> None:
     """Chat with a model. On a terminal: line editing, history, /help for commands; piped: one turn per line."""
     sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
-    loaded = open_model(open_store(), model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
+    store = open_store()
+    loaded = open_model(store, model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
     if not loaded.engine.has_chat_template and chat_format is None:
         output.warn("this model has no chat template; using a generic format (choose one with --chat-format)")
-    session = ChatSession(loaded.engine, sampling, system=system)
-    if sys.stdin.isatty():
-        _interactive(session, markdown)
-    else:
-        _piped(session)
+    current = [loaded]
+
+    def reload(n_ctx: int) -> Engine:  # /set ctx N
+        try:
+            current[0] = reload_with_context(store, current[0], n_ctx)
+        except ReloadError as exc:
+            if exc.engine is not None:
+                current[0] = Loaded(exc.engine, current[0].plan, current[0].model, current[0].info, current[0].planned)
+            raise
+        return current[0].engine
+
+    session = ChatSession(loaded.engine, sampling, system=system, reload=reload)
+    try:
+        if sys.stdin.isatty():
+            _interactive(session, markdown)
+        else:
+            _piped(session)
+    finally:
+        session.engine.close()  # llama.cpp's memory and the template renderer, now rather than at exit
 
 
 # --- piped: one user turn per line --------------------------------------------------
@@ -116,6 +131,15 @@ def _prompt_session():
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.key_binding import KeyBindings
 
+    class MessageHistory(FileHistory):
+        """One entry per message: a \"\"\" block's lines are stored once, together, when it ends (see _read_block)."""
+
+        holding = False
+
+        def append_string(self, string: str) -> None:
+            if not self.holding and string.strip() != BLOCK:
+                super().append_string(string)
+
     history_file = get_settings().home / "chat_history"
     history_file.parent.mkdir(parents=True, exist_ok=True)
     bindings = KeyBindings()
@@ -129,7 +153,7 @@ def _prompt_session():
     # The prompt and the echo of what is typed go to the terminal through stderr: stdout carries
     # only the replies, so `llmctl chat m > transcript.txt` records the model's words.
     return PromptSession(
-        history=FileHistory(str(history_file)),
+        history=MessageHistory(str(history_file)),
         key_bindings=bindings,
         multiline=False,
         output=create_output(stdout=sys.stderr),
@@ -138,19 +162,29 @@ def _prompt_session():
 
 def _read_block(prompt) -> str | None:
     lines = []
-    while True:
-        try:
-            line = prompt.prompt("... ")
-        except (KeyboardInterrupt, EOFError):
-            return None
-        if line.strip() == BLOCK:
-            return "\n".join(lines)
-        lines.append(line)
+    history = prompt.history
+    history.holding = True  # the block's lines are not entries of their own
+    try:
+        while True:
+            try:
+                line = prompt.prompt("... ")
+            except (KeyboardInterrupt, EOFError):
+                return None
+            if line.strip() == BLOCK:
+                break
+            lines.append(line)
+    finally:
+        history.holding = False
+    text = "\n".join(lines)
+    if text.strip():
+        history.append_string(text)  # the whole message, recalled with one arrow press
+    return text
 
 
 def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool) -> bool:
     """One line of input: a slash command or a message. False when the session should end."""
     session.failed_turn = False
+    stream = None
     try:
         if line.startswith("/"):
             command: Command = session.command(line)
@@ -164,9 +198,13 @@ def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool)
             stream = session.send(line)
         _show_reply(stream, markdown=markdown and interactive, interactive=interactive)
     except KeyboardInterrupt:
+        if stream is not None:
+            stream.close()  # if Ctrl-C landed outside the generator: the session still keeps the partial reply
         sys.stdout.write("\n")
         output.info("[reply stopped]")
     except LlmctlError as exc:
+        if isinstance(exc, ReloadError) and exc.engine is None:
+            raise  # no model is loaded any more: the chat cannot go on
         session.failed_turn = True
         output.error(exc.message, exc.hint)
     for notice in session.notices:

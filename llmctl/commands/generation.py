@@ -1,6 +1,9 @@
-"""What run and chat share: turning flags into sampling settings and a plan override, and the timing summary."""
+"""What run and chat share: turning flags into sampling settings and a plan override, the timing summary, ending a stopped reply's line."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 from llmctl import output
 from llmctl.engine import SamplingSettings, Timings
@@ -60,3 +63,28 @@ def timing_summary(t: Timings) -> list[str]:
 def print_summary(t: Timings) -> None:
     for line in timing_summary(t):
         output.info(line)
+
+
+def end_partial_line(at_line_start: bool) -> None:
+    """After a reply stopped mid-line (Ctrl-C), start a new line where the reader sees the reply.
+
+    stdout on a terminal gets the newline; on a pipe or a file it keeps the model's
+    exact text, so the newline goes to stderr only when both are the same file
+    (``2>&1``), where the error message would otherwise join the text.
+    """
+    if at_line_start:
+        return
+    if output._is_tty(sys.stdout):
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    elif _same_file(sys.stdout, sys.stderr):
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _same_file(a: object, b: object) -> bool:
+    try:
+        first, second = os.fstat(a.fileno()), os.fstat(b.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)

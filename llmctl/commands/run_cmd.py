@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import closing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 import typer
 
 from llmctl import output
 from llmctl.commands import open_store
-from llmctl.commands.generation import overrides_from_flags, print_summary, sampling_from_flags
+from llmctl.commands.generation import end_partial_line, overrides_from_flags, print_summary, sampling_from_flags
 from llmctl.engine import Result, grammar_for
 from llmctl.errors import NotFoundError, UsageError
 from llmctl.options import (
@@ -65,26 +66,30 @@ def run(
     text = _read_prompt(prompt, file)
     response_format = _response_format(format_, json_schema)
     grammar_for(response_format)  # a bad schema is a usage error before anything loads
+    warnings: list[str] = []  # said on stderr as they happen; --json repeats them
+    if raw:
+        for flag, value in (("--system", system), ("--chat-format", chat_format)):
+            if value is not None:
+                _warn(warnings, f"{flag} is ignored with --raw (the prompt is completed as it is, without a chat template)")
+        chat_format = None
     loaded = open_model(open_store(), model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
+    warnings += [*loaded.plan.warnings, *loaded.engine.notes]  # already said by the loader
     engine = loaded.engine
     if raw:
         stream = engine.complete(text, sampling, grammar=grammar_for(response_format))
     else:
         if not engine.has_chat_template and chat_format is None:
-            output.warn("this model has no chat template; using a generic format (choose one with --chat-format, or use --raw)")
+            _warn(warnings, "this model has no chat template; using a generic format (choose one with --chat-format, or use --raw)")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         stream = engine.chat(messages, sampling, response_format=response_format)
     live = not (no_stream or json_output)
     reply = output.ReplyWriter()  # exact on a pipe; escape sequences neutralised on a terminal
-    result: Result | None = None
-    for piece in stream:
-        if isinstance(piece, Result):
-            result = piece
-        elif live:
-            reply.write(piece)
-    assert result is not None
+    with closing(engine):  # llama.cpp's memory and the template renderer go as soon as the reply is done
+        result = _stream_reply(stream, reply if live else None)
+    if result.finish_reason == "stop" and not result.text.strip():
+        _warn(warnings, engine.empty_reply_advice(raw=raw))
     if json_output:
-        output.emit_json(_json(loaded, result))
+        output.emit_json(_json(loaded, result, warnings))
     elif live:
         reply.finish()
     else:
@@ -92,6 +97,22 @@ def run(
         reply.finish(newline=False)
     if verbose:
         print_summary(result.timings)
+
+
+def _stream_reply(stream: Iterator[str | Result], reply: output.ReplyWriter | None) -> Result:
+    """Write the pieces as they come (unless ``reply`` is None); return the final Result."""
+    at_line_start = True
+    try:
+        for piece in stream:
+            if isinstance(piece, Result):
+                return piece
+            if reply is not None and piece:
+                reply.write(piece)
+                at_line_start = piece.endswith("\n")
+    except KeyboardInterrupt:
+        end_partial_line(at_line_start)  # so "error: interrupted" starts a line of its own
+        raise
+    raise AssertionError("the engine's stream ended without a Result")
 
 
 def _read_prompt(prompt: str | None, file: Path | None) -> str:
@@ -132,7 +153,12 @@ def _response_format(format_: str | None, schema_file: Path | None) -> dict[str,
     return {"type": "json_object"}
 
 
-def _json(loaded: Any, result: Result) -> dict[str, Any]:
+def _warn(warnings: list[str], message: str) -> None:
+    output.warn(message)
+    warnings.append(message)
+
+
+def _json(loaded: Any, result: Result, warnings: list[str]) -> dict[str, Any]:
     t = result.timings
     return {
         "model": loaded.model.name,
@@ -150,4 +176,5 @@ def _json(loaded: Any, result: Result) -> dict[str, Any]:
             "threads": loaded.plan.threads,
             "fit": loaded.plan.chosen.fit,
         },
+        "warnings": warnings,
     }
