@@ -244,6 +244,7 @@ class Result:
     text: str
     finish_reason: str
     timings: Timings
+    reasoning: str | None = None  # a thinking model's reasoning, when run and chat split it off (llmctl/reasoning.py)
 
 
 def _is_memory_error(message: str) -> bool:

@@ -6,11 +6,11 @@ import json
 import sys
 from contextlib import closing
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Iterable
 
 import typer
 
-from llmctl import output
+from llmctl import output, reasoning
 from llmctl.commands import open_store
 from llmctl.commands.generation import end_partial_line, overrides_from_flags, print_summary, sampling_from_flags
 from llmctl.engine import Result, grammar_for
@@ -20,6 +20,7 @@ from llmctl.options import (
     CtxOpt,
     ForceOpt,
     GpuLayersOpt,
+    HideThinkingOpt,
     JsonOpt,
     MaxTokensOpt,
     MinPOpt,
@@ -28,6 +29,7 @@ from llmctl.options import (
     SeedOpt,
     StopOpt,
     TemperatureOpt,
+    ThinkOpt,
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
@@ -57,21 +59,24 @@ def run(
     format_: Annotated[str | None, typer.Option("--format", help="'json': constrain the output to valid JSON.")] = None,
     json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Constrain the output to JSON matching this schema file.")] = None,
     chat_format: ChatFormatOpt = None,
+    think: ThinkOpt = None,
+    hide_thinking: HideThinkingOpt = False,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Generate a reply to one prompt; stdout carries only the model's text (or --json)."""
+    """Generate a reply to one prompt; stdout carries only the model's text, a thinking model's answer (or --json)."""
     sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
     text = _read_prompt(prompt, file)
     response_format = _response_format(format_, json_schema)
     grammar_for(response_format)  # a bad schema is a usage error before anything loads
     warnings: list[str] = []  # said on stderr as they happen; --json repeats them
     if raw:
-        for flag, value in (("--system", system), ("--chat-format", chat_format)):
+        for flag, value in (("--system", system), ("--chat-format", chat_format), ("--think", think)):
             if value is not None:
                 _warn(warnings, f"{flag} is ignored with --raw (the prompt is completed as it is, without a chat template)")
-        chat_format = None
+        chat_format = think = None
+    think = reasoning.check_think(think, chat_format)
     loaded = open_model(open_store(), model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
     warnings += [*loaded.plan.warnings, *loaded.engine.notes]  # already said by the loader
     engine = loaded.engine
@@ -80,38 +85,61 @@ def run(
     else:
         if not engine.has_chat_template and chat_format is None:
             _warn(warnings, "this model has no chat template; using a generic format (choose one with --chat-format, or use --raw)")
+        setup = reasoning.setup_for(engine.llm, loaded.info.chat_template, think)  # --think's usage errors
+        for warning in reasoning.apply(engine.llm, setup):
+            _warn(warnings, warning)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        stream = engine.chat(messages, sampling, response_format=response_format)
+        stream = reasoning.split(engine.llm, engine.chat(messages, sampling, response_format=response_format), setup.format)
     live = not (no_stream or json_output)
     reply = output.ReplyWriter()  # exact on a pipe; escape sequences neutralised on a terminal
+    thinking = output.ThinkingWriter(show=not (hide_thinking or json_output))  # stderr, on a terminal only
     with closing(engine):  # llama.cpp's memory and the template renderer go as soon as the reply is done
-        result = _stream_reply(stream, reply if live else None)
-    if result.finish_reason == "stop" and not result.text.strip():
+        result = _stream_reply(stream, reply if live else None, thinking if live else None)
+    no_answer = reasoning.no_answer(result)
+    if no_answer:
+        _warn(warnings, no_answer)
+    elif result.finish_reason == "stop" and not result.text.strip():
         _warn(warnings, engine.empty_reply_advice(raw=raw))
     if json_output:
         output.emit_json(_json(loaded, result, warnings))
     elif live:
         reply.finish()
     else:
+        if result.reasoning:
+            thinking.write(result.reasoning)
+            thinking.finish()
         reply.write(result.text)
         reply.finish(newline=False)
     if verbose:
         print_summary(result.timings)
 
 
-def _stream_reply(stream: Iterator[str | Result], reply: output.ReplyWriter | None) -> Result:
-    """Write the pieces as they come (unless ``reply`` is None); return the final Result."""
+def _stream_reply(
+    stream: Iterable[str | reasoning.Thought | Result],
+    reply: output.ReplyWriter | None,
+    thinking: output.ThinkingWriter | None,
+) -> Result:
+    """Write the pieces as they come (unless ``reply`` is None; reasoning to ``thinking``); return the final Result."""
     at_line_start = True
     try:
         for piece in stream:
             if isinstance(piece, Result):
                 return piece
+            if isinstance(piece, reasoning.Thought):
+                if thinking is not None:
+                    thinking.write(piece.text)
+                continue
+            if thinking is not None:
+                thinking.finish()
             if reply is not None and piece:
                 reply.write(piece)
                 at_line_start = piece.endswith("\n")
     except KeyboardInterrupt:
         end_partial_line(at_line_start)  # so "error: interrupted" starts a line of its own
         raise
+    finally:
+        if thinking is not None:
+            thinking.finish()
     raise AssertionError("the engine's stream ended without a Result")
 
 
@@ -163,6 +191,7 @@ def _json(loaded: Any, result: Result, warnings: list[str]) -> dict[str, Any]:
     return {
         "model": loaded.model.name,
         "text": result.text,
+        "reasoning": result.reasoning,
         "finish_reason": result.finish_reason,
         "usage": {
             "prompt_tokens": t.prompt_tokens,
