@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from llmctl import chat_template, reasoning
 from llmctl.engine import Engine, ReloadError, Result, SamplingSettings, Timings
 from llmctl.errors import LlmctlError, UsageError
 
@@ -27,7 +28,9 @@ HELP = """\
 /system TEXT          set the system prompt (empty: remove it)
 /set PARAM VALUE      temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop;
                       threads; ctx (reloads the model, keeps the conversation that fits)
+                      think on|off (reasoning models; low, medium, high for gpt-oss); hide-thinking on|off
 /show                 model, parameters, threads, context used
+/thinking             the last reply's reasoning (thinking models)
 /retry                regenerate the last reply
 /save FILE            save the conversation (OpenAI messages JSON)
 /load FILE            load a conversation saved with /save
@@ -58,6 +61,11 @@ class ChatSession:
     failed_turn: bool = False  # set by the UI when the last line's command or message failed
     # Loads the same model with another context size, freeing the current one (None: /set ctx is refused).
     reload: Callable[[int], Engine] | None = None
+    # A thinking model: how it marks reasoning and what --think / /set think passes to its template.
+    thinking: reasoning.ThinkingSetup | None = None
+    think: str | None = None
+    hide_thinking: bool = False  # for the UI
+    last_reasoning: str | None = None
 
     # --- the conversation ---
 
@@ -119,22 +127,37 @@ class ChatSession:
     def _generate(self, response_format: dict[str, Any] | None) -> Iterator[str | Result]:
         self._trim()
         pieces: list[str] = []
+        thoughts: list[str] = []
         earlier = getattr(self.engine, "last_timings", None)
-        stream = self.engine.chat(self.conversation(), self.sampling, response_format=response_format)
+        thinking = self.thinking or reasoning.ThinkingSetup(None)
+        if thinking.variables is not None:
+            chat_template.set_variables(self.engine.llm, thinking.variables)  # again after a reload
+        stream = reasoning.split(
+            self.engine.llm, self.engine.chat(self.conversation(), self.sampling, response_format=response_format), thinking.format
+        )
         finished = False
         try:
             for piece in stream:
                 if isinstance(piece, Result):
                     finished = True
                     self.history.append(piece.timings)
+                    # The answer only: earlier turns go back without their reasoning (llama-server, Ollama,
+                    # and Qwen3's and R1's templates strip it anyway).
                     self.messages.append({"role": "assistant", "content": piece.text})
-                    if piece.finish_reason == "stop" and not piece.text.strip():
+                    self.last_reasoning = piece.reasoning
+                    no_answer = reasoning.no_answer(piece, "chat")
+                    if no_answer:
+                        self.notices.append(no_answer)
+                    elif piece.finish_reason == "stop" and not piece.text.strip():
                         self.notices.append(self.engine.empty_reply_advice(command="chat"))
+                elif isinstance(piece, reasoning.Thought):
+                    thoughts.append(piece.text)
                 else:
                     pieces.append(piece)
                 yield piece
         except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the UI stopped reading (closed us)
             if not finished:
+                self.last_reasoning = "".join(thoughts) or None
                 # Keep what was shown, so the conversation matches the screen, and its timings for /stats.
                 self.messages.append({"role": "assistant", "content": "".join(pieces)})
                 close = getattr(stream, "close", None)
@@ -170,7 +193,13 @@ class ChatSession:
             param, _, value = arg.partition(" ")
             if not param:
                 raise UsageError("usage: /set PARAM VALUE", hint="e.g. /set temperature 0.2")
-            key = LOAD_ALIASES.get(param.lower().replace("-", "_"))
+            name = param.lower().replace("-", "_")
+            if name == "think":
+                return Command("continue", self.set_think(value.strip()))
+            if name == "hide_thinking":
+                self.hide_thinking = _on_off(value.strip(), "/set hide-thinking")
+                return Command("continue", f"hide-thinking = {'on' if self.hide_thinking else 'off'}")
+            key = LOAD_ALIASES.get(name)
             if key is not None:
                 return Command("continue", self.set_load(key, value.strip()))
             self.sampling.set(param, value.strip())
@@ -185,6 +214,8 @@ class ChatSession:
             return Command("continue", self.load(Path(_need(arg, "/load FILE")).expanduser()))
         if name == "/stats":
             return Command("continue", self.stats())
+        if name == "/thinking":
+            return Command("continue", self.last_reasoning or "the last reply had no reasoning")
         raise UsageError(f"unknown command {name}", hint="/help lists the commands")
 
     def set_load(self, key: str, raw: str) -> str:
@@ -216,6 +247,15 @@ class ChatSession:
             return said + f"dropped the {dropped} oldest message(s) that no longer fit, kept {len(self.messages)}"
         return said + (f"the conversation ({used} tokens) was kept" if self.messages else "no conversation yet")
 
+    def set_think(self, value: str) -> str:
+        """``/set think on|off|low|medium|high``: from the next reply (UsageError where the template has no such switch)."""
+        think = reasoning.check_think(value, getattr(self.engine, "chat_format", None))
+        template = (self.engine.llm.metadata or {}).get("tokenizer.chat_template")
+        setup = reasoning.setup_for(self.engine.llm, template, think)
+        self.notices.extend(reasoning.apply(self.engine.llm, setup))
+        self.thinking, self.think = setup, think
+        return f"think = {think}"
+
     def describe(self) -> str:
         s = self.sampling
         cfg = self.engine.config
@@ -227,12 +267,20 @@ class ChatSession:
                 f"load:        {cfg.n_gpu_layers} GPU layers, KV cache {cfg.type_k}/{cfg.type_v}"
                 + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""),
                 f"system:      {self.system or '(none)'}",
+                *self._describe_thinking(),
                 f"sampling:    temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}, min_p {s.min_p}, "
                 f"repeat_penalty {s.repeat_penalty}, seed {'random' if s.seed is None else s.seed}, "
                 f"max_tokens {'unlimited' if s.max_tokens is None else s.max_tokens}, "
                 f"stop {json.dumps(s.stop, ensure_ascii=False) if s.stop else '(none)'}",
             ]
         )
+
+    def _describe_thinking(self) -> list[str]:
+        fmt = self.thinking.format if self.thinking else None
+        if fmt is None:
+            return []
+        shown = "hidden" if self.hide_thinking else "shown"
+        return [f"thinking:    marked {fmt.name}; think {self.think or 'as the template has it'}; {shown}"]
 
     def stats(self) -> str:
         if not self.history:
@@ -272,6 +320,13 @@ class ChatSession:
         self.system = next((m["content"] for m in data if m["role"] == "system"), None)
         self.messages = [{"role": m["role"], "content": m["content"]} for m in data if m["role"] != "system"]
         return f"loaded {len(data)} messages from {path}"
+
+
+def _on_off(value: str, usage: str) -> bool:
+    answer = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}.get(value.lower())
+    if answer is None:
+        raise UsageError(f"usage: {usage} on|off")
+    return answer
 
 
 def _need(arg: str, usage: str) -> str:

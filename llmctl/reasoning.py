@@ -326,14 +326,19 @@ def separate(
     from llmctl.engine import Result
 
     splitter: Splitter | None = None
-    for piece in stream:
-        if splitter is None:
-            splitter = Splitter(fmt, prompt())
-        if isinstance(piece, Result):
-            yield from splitter.finish()
-            yield finished(piece, splitter)
-        else:
-            yield from splitter.feed(piece)
+    try:
+        for piece in stream:
+            if splitter is None:
+                splitter = Splitter(fmt, prompt())
+            if isinstance(piece, Result):
+                yield from splitter.finish()
+                yield finished(piece, splitter)
+            else:
+                yield from splitter.feed(piece)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # stopped early (Ctrl-C, the reader closed us): the engine records its timings now
 
 
 def finished(result: Result, splitter: Splitter) -> Result:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from typing import Annotated, Iterator
 
 import typer
 
-from llmctl import output
+from llmctl import output, reasoning
 from llmctl.chat import ChatSession, Command
 from llmctl.commands import open_store
 from llmctl.commands.generation import overrides_from_flags, sampling_from_flags
@@ -19,6 +20,7 @@ from llmctl.options import (
     CtxOpt,
     ForceOpt,
     GpuLayersOpt,
+    HideThinkingOpt,
     MaxTokensOpt,
     MinPOpt,
     ModelArg,
@@ -26,6 +28,7 @@ from llmctl.options import (
     SeedOpt,
     StopOpt,
     TemperatureOpt,
+    ThinkOpt,
     ThreadsOpt,
     TopKOpt,
     TopPOpt,
@@ -51,10 +54,13 @@ def chat(
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
     chat_format: ChatFormatOpt = None,
+    think: ThinkOpt = None,
+    hide_thinking: HideThinkingOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Chat with a model. On a terminal: line editing, history, /help for commands; piped: one turn per line."""
     sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
+    think = reasoning.check_think(think, chat_format)
     store = open_store()
     loaded = open_model(store, model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
     if not loaded.engine.has_chat_template and chat_format is None:
@@ -70,8 +76,11 @@ def chat(
             raise
         return current[0].engine
 
-    session = ChatSession(loaded.engine, sampling, system=system, reload=reload)
+    session = ChatSession(loaded.engine, sampling, system=system, reload=reload, think=think, hide_thinking=hide_thinking)
     try:
+        session.thinking = reasoning.setup_for(loaded.engine.llm, loaded.info.chat_template, think)  # --think's usage errors
+        for warning in reasoning.apply(loaded.engine.llm, session.thinking):
+            output.warn(warning)
         if sys.stdin.isatty():
             _interactive(session, markdown)
         else:
@@ -196,7 +205,7 @@ def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool)
             stream = session.retry()
         else:
             stream = session.send(line)
-        _show_reply(stream, markdown=markdown and interactive, interactive=interactive)
+        _show_reply(stream, markdown=markdown and interactive, interactive=interactive, hide_thinking=session.hide_thinking)
     except KeyboardInterrupt:
         if stream is not None:
             stream.close()  # if Ctrl-C landed outside the generator: the session still keeps the partial reply
@@ -213,34 +222,46 @@ def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool)
     return True
 
 
-def _show_reply(stream: Iterator[str | Result], *, markdown: bool, interactive: bool) -> None:
+def _show_reply(stream: Iterator[str | reasoning.Thought | Result], *, markdown: bool, interactive: bool, hide_thinking: bool = False) -> None:
     result: Result | None = None
-    if markdown:
-        from rich.live import Live
-        from rich.markdown import Markdown
+    thinking = output.ThinkingWriter(show=not hide_thinking)  # stderr, on a terminal only; stdout has the answers
+    with ExitStack() as stack:
+        stack.callback(thinking.finish)
+        if markdown:
+            from rich.live import Live
+            from rich.markdown import Markdown
 
-        rendered = output.ReplyWriter(terminal=True)  # Markdown is drawn for a terminal: always neutralised
-        text = ""
-        with Live(Markdown(""), console=output._make_console(stderr=False), refresh_per_second=8) as live:
+            rendered = output.ReplyWriter(terminal=True)  # Markdown is drawn for a terminal: always neutralised
+            text = ""
+            live = None  # drawn from the first words of the answer, after any thinking
             for piece in stream:
                 if isinstance(piece, Result):
                     result = piece
+                elif isinstance(piece, reasoning.Thought):
+                    thinking.write(piece.text)
                 else:
+                    thinking.finish()
+                    if live is None:
+                        live = stack.enter_context(Live(Markdown(""), console=output._make_console(stderr=False), refresh_per_second=8))
                     text += rendered.filter(piece)
                     live.update(Markdown(text))
-    else:
-        reply = output.ReplyWriter()  # exact on a pipe; escape sequences neutralised on a terminal
-        for piece in stream:
-            if isinstance(piece, Result):
-                result = piece
-            else:
-                reply.write(piece)
-        reply.finish()
+        else:
+            reply = output.ReplyWriter()  # exact on a pipe; escape sequences neutralised on a terminal
+            for piece in stream:
+                if isinstance(piece, Result):
+                    result = piece
+                elif isinstance(piece, reasoning.Thought):
+                    thinking.write(piece.text)
+                else:
+                    thinking.finish()
+                    reply.write(piece)
+            thinking.finish()
+            reply.finish()
     if result is not None and interactive:
         t = result.timings
         rate = t.generation_tokens_per_second
+        hidden = " · thinking hidden (/thinking shows it)" if hide_thinking and result.reasoning else ""
         output.dim(
-            f"{t.generated_tokens} tokens · {rate:.1f} tokens/s · first token {t.ttft_s:.2f}s"
-            if rate
-            else f"{t.generated_tokens} tokens · first token {t.ttft_s:.2f}s"
+            (f"{t.generated_tokens} tokens · {rate:.1f} tokens/s · first token {t.ttft_s:.2f}s" if rate else f"{t.generated_tokens} tokens · first token {t.ttft_s:.2f}s")
+            + hidden
         )
