@@ -74,7 +74,7 @@ ThinkOpt = Annotated[
         "--think",
         help="Reasoning models: 'on' or 'off' where the chat template has a switch (Qwen3 and others); "
         "'low', 'medium' or 'high' for gpt-oss (default: the template's own).",
-        metavar="on|off|low|medium|high",
+        metavar="MODE",
         show_default=False,
     ),
 ]

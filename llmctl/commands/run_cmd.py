@@ -65,7 +65,7 @@ def run(
     verbose: VerboseOpt = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Generate a reply to one prompt; stdout carries only the model's text, a thinking model's answer (or --json)."""
+    """Generate a reply to one prompt; stdout carries only the model's text (or --json)."""
     sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
     text = _read_prompt(prompt, file)
     response_format = _response_format(format_, json_schema)
