@@ -251,8 +251,8 @@ class ChatSession:
         """``/set think on|off|low|medium|high``: from the next reply (UsageError where the template has no such switch)."""
         think = reasoning.check_think(value, getattr(self.engine, "chat_format", None))
         template = (self.engine.llm.metadata or {}).get("tokenizer.chat_template")
-        setup = reasoning.setup_for(self.engine.llm, template, think)
-        self.notices.extend(reasoning.apply(self.engine.llm, setup))
+        setup, said = reasoning.apply(self.engine.llm, reasoning.setup_for(self.engine.llm, template, think))
+        self.notices.extend(said)
         self.thinking, self.think = setup, think
         return f"think = {think}"
 

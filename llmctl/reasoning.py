@@ -31,10 +31,12 @@ prompts stay byte-identical without the option.
 What llama.cpp prints: llama-cpp-python detokenises without special tokens.
 ``<think>`` and ``</think>`` are ordinary added tokens in these models and are
 printed; gpt-oss's ``<|channel|>``, ``<|message|>``, ``<|start|>`` are control
-tokens that llama.cpp always prints, while ``<|end|>`` and ``<|return|>`` are
-not printed (a new ``<|start|>`` or ``<|channel|>`` also ends a message here).
-A model whose markers are control tokens that are not printed cannot be split:
-``unseen_markers`` finds them, and the commands warn.
+tokens that llama.cpp always prints, and ``<|end|>`` becomes an ordinary token
+when the vocabulary has ``<|return|>`` and ``<|call|>`` (which end generation
+and are not printed). A new ``<|start|>`` or ``<|channel|>`` also ends a
+message here, for builds that drop ``<|end|>``. A model whose markers are
+control tokens that are not printed cannot be split: ``unseen_markers`` finds
+them, and the commands warn and show the text unsplit.
 """
 
 from __future__ import annotations
@@ -491,8 +493,11 @@ def setup_for(llm: Any, template: str | None, think: str | None) -> ThinkingSetu
     return thinking_setup(template, think, render=render)
 
 
-def apply(llm: Any, setup: ThinkingSetup) -> list[str]:
-    """Pass ``--think``'s variables to the model's template; the warnings for the user."""
+def apply(llm: Any, setup: ThinkingSetup) -> tuple[ThinkingSetup, list[str]]:
+    """Pass ``--think``'s variables to the model's template; the setup to use and the warnings for the user.
+
+    A model whose markers never reach the text is not split (its reply is shown as it comes).
+    """
     from llmctl import chat_template
 
     warnings = list(setup.notes)
@@ -505,7 +510,8 @@ def apply(llm: Any, setup: ThinkingSetup) -> list[str]:
                 f"this model marks its reasoning with control tokens llama.cpp does not print ({', '.join(unseen)}): "
                 "its reasoning cannot be told from its answer"
             )
-    return warnings
+            setup = replace(setup, format=None)
+    return setup, warnings
 
 
 def split(llm: Any, stream: Iterable[Any], fmt: ReasoningFormat | None) -> Iterable[Any]:

@@ -78,8 +78,9 @@ def chat(
 
     session = ChatSession(loaded.engine, sampling, system=system, reload=reload, think=think, hide_thinking=hide_thinking)
     try:
-        session.thinking = reasoning.setup_for(loaded.engine.llm, loaded.info.chat_template, think)  # --think's usage errors
-        for warning in reasoning.apply(loaded.engine.llm, session.thinking):
+        setup = reasoning.setup_for(loaded.engine.llm, loaded.info.chat_template, think)  # --think's usage errors
+        session.thinking, said = reasoning.apply(loaded.engine.llm, setup)
+        for warning in said:
             output.warn(warning)
         if sys.stdin.isatty():
             _interactive(session, markdown)

@@ -85,8 +85,8 @@ def run(
     else:
         if not engine.has_chat_template and chat_format is None:
             _warn(warnings, "this model has no chat template; using a generic format (choose one with --chat-format, or use --raw)")
-        setup = reasoning.setup_for(engine.llm, loaded.info.chat_template, think)  # --think's usage errors
-        for warning in reasoning.apply(engine.llm, setup):
+        setup, said = reasoning.apply(engine.llm, reasoning.setup_for(engine.llm, loaded.info.chat_template, think))
+        for warning in said:
             _warn(warnings, warning)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         stream = reasoning.split(engine.llm, engine.chat(messages, sampling, response_format=response_format), setup.format)
