@@ -132,9 +132,9 @@ class ChatSession:
         thinking = self.thinking or reasoning.ThinkingSetup(None)
         if thinking.variables is not None:
             chat_template.set_variables(self.engine.llm, thinking.variables)  # again after a reload
-        stream = reasoning.split(
-            self.engine.llm, self.engine.chat(self.conversation(), self.sampling, response_format=response_format), thinking.format
-        )
+        stream = self.engine.chat(self.conversation(), self.sampling, response_format=response_format)
+        if thinking.format is not None:
+            stream = reasoning.split(self.engine.llm, stream, thinking.format)
         finished = False
         try:
             for piece in stream:
