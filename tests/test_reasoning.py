@@ -462,3 +462,36 @@ def test_llama_cpp_prints_the_markers_the_splitter_needs(demo_model: Path, tmp_p
             assert isinstance(result, Result) and (result.reasoning, result.text) == expected, pieces
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+@pytest.mark.parametrize("mode", ["plain", "markdown", "hidden"])
+def test_interactive_chat_shows_the_thinking_then_the_answer(thinking_models: dict[str, Path], mode: str) -> None:
+    import io
+    import re
+
+    import pexpect
+
+    extra = {"plain": [], "markdown": ["--markdown"], "hidden": ["--hide-thinking"]}[mode]
+    env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"} | {"TERM": "xterm", "COLUMNS": "120", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(EXE, ["chat", str(thinking_models["r1"]), *GREEDY, "--max-tokens", "30", *extra], env=env, encoding="utf-8", timeout=120)
+    child.logfile_read = screen = io.StringIO()
+    child.expect(">>>")
+    child.sendline(QUESTION)
+    child.expect("tokens/s")
+    child.expect(">>>")
+    child.sendline("/thinking")
+    child.expect(">>>")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue()).replace("\r", "")
+    assert child.exitstatus == 0, text
+    reply = text[text.index(QUESTION) :]
+    if mode == "hidden":
+        assert "Thinking" not in reply and "thinking hidden (/thinking shows it)" in reply, reply
+        assert re.search(r"\nParis\. *\n", reply), reply
+    else:
+        assert re.search(r"Thinking…\nThe capital of France\n…done thinking\.\n\n+Paris\. *\n", reply), reply
+    assert "/thinking\nThe capital of France\n" in reply, reply  # shown again on demand
