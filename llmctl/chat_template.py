@@ -34,8 +34,6 @@ requests).
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import queue
@@ -425,11 +423,9 @@ def install() -> None:
 
     Idempotent and cheap: it does not import llama_cpp.
     """
-    module = sys.modules.get(_TARGET)
-    if module is not None:
-        _patch(module)
-    elif not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    from llmctl.importhook import after_import
+
+    after_import(_TARGET, _patch)
 
 
 def _patch(module: Any) -> None:
@@ -442,31 +438,3 @@ def _patch(module: Any) -> None:
         if hasattr(original, helper):
             setattr(BoundedChatFormatter, helper, original.__dict__.get(helper, getattr(original, helper)))
     module.Jinja2ChatFormatter = BoundedChatFormatter
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches llama_cpp.llama_chat_format right after it is first executed."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _TARGET:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        spec.loader = _PatchingLoader(spec.loader)
-        return spec
-
-
-class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: Any) -> Any:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self._loader.exec_module(module)
-        _patch(module)
-
-    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, … for tracebacks and inspect
-        return getattr(self._loader, name)

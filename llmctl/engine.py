@@ -11,8 +11,6 @@ tokens). llama.cpp's own log is dropped unless ``LLMCTL_DEBUG`` is set (see
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import sys
 import time
 from collections import deque
@@ -24,6 +22,7 @@ from llmctl import chat_template
 from llmctl.chat_template import ChatTemplateError, TemplateWorker
 from llmctl.config import debug_enabled
 from llmctl.errors import LlmctlError, UsageError
+from llmctl.importhook import after_import
 from llmctl.fit import LoadConfig, Plan
 
 # Every llama_cpp.Llama built in this process (here, in bench and in tune) renders GGUF chat
@@ -75,37 +74,7 @@ def quiet_llama_log() -> None:
     _log_state["callback"] = callback  # kept alive: llama.cpp holds only the C pointer
 
 
-class _QuietLogOnImport(importlib.abc.MetaPathFinder):
-    """Installs our callback right after llama-cpp-python has installed its own, whoever imports it."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _LOG_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenQuiet(spec.loader)
-        return spec
-
-
-class _ThenQuiet(importlib.abc.Loader):
-    def __init__(self, loader: Any) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: Any) -> Any:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self._loader.exec_module(module)
-        quiet_llama_log()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
-
-
-if _LOG_MODULE in sys.modules:
-    quiet_llama_log()
-elif not any(isinstance(finder, _QuietLogOnImport) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _QuietLogOnImport())
+after_import(_LOG_MODULE, lambda _module: quiet_llama_log())
 
 
 class EngineError(LlmctlError):
