@@ -8,7 +8,7 @@ DEMO_MODEL := $(DEMO_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_HOME := $(DEMO_DIR)/demo-home
 export LLMCTL_DEMO_MODEL := $(DEMO_MODEL)
 
-.PHONY: setup llama-cpp demo test bench bench-compare docs clean
+.PHONY: setup llama-cpp demo lint test bench bench-compare docs clean
 
 # llama-cpp-python is compiled once per machine and CMAKE_ARGS into $(DEMO_DIR)/wheels
 # (see tests/llama_wheel.py), not taken from pip's cache, which would hand one CPU's
@@ -41,7 +41,11 @@ demo: setup
 	printf 'My name is Ada.\nWhat is my name?\n' | LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl chat smollm2-demo --temperature 0 --max-tokens 40
 	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl bench smollm2-demo -p 128 -n 32 -r 3 -o md
 
-test: setup
+# ruff (pyflakes, import order) as configured in pyproject.toml; `make test`, and so CI, runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check llmctl tests benchmarks docs
+
+test: setup lint
 	$(PY) -m pytest
 
 bench: setup

@@ -34,8 +34,8 @@ from typing import Any, Callable
 from llmctl import __version__, fit, gguf
 from llmctl.bench import Measurement, measure, resolve_flash_attn, test_name
 from llmctl.errors import LlmctlError, NotFoundError, UsageError
-from llmctl.hardware import HardwareInfo
 from llmctl.fileio import now_iso
+from llmctl.hardware import HardwareInfo
 
 RUN_FORMAT = 1
 

@@ -22,8 +22,8 @@ from llmctl import chat_template
 from llmctl.chat_template import ChatTemplateError, TemplateWorker
 from llmctl.config import debug_enabled
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.importhook import after_import
 from llmctl.fit import LoadConfig, Plan
+from llmctl.importhook import after_import
 
 # Every llama_cpp.Llama built in this process (here, in bench and in tune) renders GGUF chat
 # templates within budgets; this does not import llama_cpp.

@@ -32,8 +32,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
 from llmctl import hubhttp
-from llmctl.fileio import exclusive_lock
 from llmctl.errors import EXIT_HUB, LlmctlError, NotFoundError, StoreError, UsageError
+from llmctl.fileio import exclusive_lock
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PARTIAL_SUFFIX = ".llmctl.partial"

@@ -11,8 +11,8 @@ from typing import Callable
 from llmctl import fit, hub
 from llmctl.catalog import HubRef, parse_ref, quant_of_filename, suggest
 from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, NotFoundError, StoreError, UsageError
-from llmctl.hardware import HardwareInfo
 from llmctl.fileio import now_iso
+from llmctl.hardware import HardwareInfo
 from llmctl.store import ModelEntry, Store, header_cache_entry, validate_name
 
 DISK_MARGIN = 64 * 1024**2

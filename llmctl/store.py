@@ -29,13 +29,13 @@ from typing import Any, Callable, Iterator
 
 from llmctl import gguf
 from llmctl.config import Settings
-from llmctl.fileio import atomic_write_text, exclusive_lock, lock_held, now_iso, unused_lock
 from llmctl.errors import (
     AmbiguousNameError,
     NotFoundError,
     StoreError,
     UsageError,
 )
+from llmctl.fileio import atomic_write_text, exclusive_lock, lock_held, now_iso, unused_lock
 
 INDEX_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:+-]{0,127}$")

@@ -14,8 +14,8 @@ from typing import Any, Callable
 from llmctl import fit
 from llmctl.bench import measure
 from llmctl.benchrun import BenchModel
-from llmctl.hardware import HardwareInfo
 from llmctl.fileio import now_iso
+from llmctl.hardware import HardwareInfo
 
 TG, PP, REPS = 32, 256, 2
 

@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+
 def _pinned_version() -> str:
     """The llama-cpp-python version pyproject.toml pins (one place to change it)."""
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()

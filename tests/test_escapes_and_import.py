@@ -296,8 +296,8 @@ def test_import_of_a_fifo_is_refused_without_opening_it(make_gguf, isolated: Pat
 
 def test_reading_a_fifo_never_blocks_whatever_the_command(tmp_path: Path) -> None:
     """The reader itself refuses non-files on the open descriptor: no window between a check and the read."""
-    from llmctl.gguf import FileSource
     from llmctl.errors import InvalidModelError
+    from llmctl.gguf import FileSource
 
     fifo = tmp_path / "swapped.gguf"
     os.mkfifo(fifo)

@@ -120,10 +120,10 @@ def test_piped_chat_turns_and_commands(cli, demo_model: Path, tmp_path: Path) ->
 
 
 def test_chat_reuses_the_prompt_prefix(demo_model: Path) -> None:
+    from llmctl import gguf, hardware
     from llmctl.chat import ChatSession
     from llmctl.engine import Engine, SamplingSettings
     from llmctl.fit import Candidate, make_plan
-    from llmctl import gguf, hardware
 
     info = gguf.read_model([demo_model])[1]
     plan = make_plan([Candidate("demo", info, demo_model.stat().st_size)], hardware.load_profile("laptop-8gb"))
@@ -137,10 +137,10 @@ def test_chat_reuses_the_prompt_prefix(demo_model: Path) -> None:
 
 
 def test_chat_drops_old_turns_when_the_context_fills(demo_model: Path) -> None:
+    from llmctl import gguf, hardware
     from llmctl.chat import ChatSession, ContextError
     from llmctl.engine import Engine, SamplingSettings
     from llmctl.fit import Candidate, Overrides, make_plan
-    from llmctl import gguf, hardware
 
     info = gguf.read_model([demo_model])[1]
     plan = make_plan([Candidate("demo", info, 1)], hardware.load_profile("laptop-8gb"), Overrides(n_ctx=512))

@@ -18,16 +18,15 @@ from typing import Any
 import pytest
 from gguf_factory import (
     T_STRING,
-    RawGGUF,
     T_UINT8,
     T_UINT32,
+    RawGGUF,
     many_arrays,
     many_keys,
     nested_arrays,
     string_array,
     write_huge,
 )
-
 from measure_rss import Run, run_llmctl
 
 from llmctl import gguf

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from gguf_factory import RawGGUF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from gguf_factory import RawGGUF
 from test_gguf_reader import VARIANTS
 
 from llmctl import gguf

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-
-from typing import TYPE_CHECKING
 
 from llmctl import gguf, output
 from llmctl.commands import open_store
@@ -125,7 +123,6 @@ def _reasons(failed: list[dict]) -> str:
 def _sweep(args: dict, hw) -> benchrun.Sweep:
     from llmctl import benchrun
     from llmctl.bench import parse_flash_attn, parse_pairs, parse_sweep
-
     from llmctl.commands.fit_cmd import _cache_type
 
     for name, flag in (("cache_type_k", "--cache-type-k"), ("cache_type_v", "--cache-type-v")):

@@ -12,8 +12,8 @@ from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import NotFoundError, UsageError
 from llmctl.hardware import get_hardware
-from llmctl.runner import merge_tuned
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
+from llmctl.runner import merge_tuned
 
 
 def fit_command(
