@@ -157,17 +157,6 @@ def _range(part: str, flag: str) -> list[int]:
     return out
 
 
-def parse_bools(text: str, flag: str) -> list[bool]:
-    mapping = {"0": False, "1": True, "off": False, "on": True, "false": False, "true": True}
-    out = []
-    for part in text.split(","):
-        key = part.strip().lower()
-        if key not in mapping:
-            raise UsageError(f"{flag} {text!r}: {part!r} is not 0/1", hint="e.g. --flash-attn 0,1")
-        out.append(mapping[key])
-    return list(dict.fromkeys(out))
-
-
 AUTO = None  # flash attention "auto": llama.cpp decides when the context is made
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmctl import benchreport, benchrun
-from llmctl.bench import Measurement, parse_bools, parse_pairs, parse_sweep
+from llmctl.bench import Measurement, parse_flash_attn, parse_pairs, parse_sweep
 from llmctl.errors import EXIT_USAGE, UsageError
 
 
@@ -32,7 +32,7 @@ def test_sweep_syntax() -> None:
     assert parse_sweep("0-32+8", "--gpu-layers") == [0, 8, 16, 24, 32]
     assert parse_sweep("1-64*2", "--batch-size") == [1, 2, 4, 8, 16, 32, 64]
     assert parse_sweep("2,1-3", "--threads") == [2, 1, 3]  # order kept, duplicates dropped
-    assert parse_bools("0,1", "--flash-attn") == [False, True]
+    assert parse_flash_attn("0,1", "--flash-attn") == [False, True]
     assert parse_pairs("512,128;64,16", "--prompt-gen") == [(512, 128), (64, 16)]
     assert parse_pairs("128,128", "--prompt-gen") == [(128, 128)]
     for bad in ("", "a", "4-1", "1-8*1", "1,,2", "3-x"):
@@ -41,7 +41,7 @@ def test_sweep_syntax() -> None:
     with pytest.raises(UsageError):
         parse_sweep("0", "--threads", minimum=1)
     with pytest.raises(UsageError):
-        parse_bools("maybe", "--flash-attn")
+        parse_flash_attn("maybe", "--flash-attn")
 
 
 def test_sweep_tests_follow_llama_bench_order() -> None:

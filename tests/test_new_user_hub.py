@@ -185,7 +185,8 @@ def test_a_rejected_token_gets_its_own_message(cli, hub, monkeypatch) -> None:
 # --- 4. Ctrl-C during a pull says how to resume ------------------------------------------------
 
 
-def test_ctrl_c_during_a_pull_says_how_to_resume(cli, hub, monkeypatch, tmp_path: Path) -> None:
+def _interrupt_after_20_chunks(monkeypatch) -> object:
+    """Ctrl-C in the middle of a download (at its 20th chunk); returns the real feed to put back."""
     from llmctl import hub as hubmod
 
     fed = {"n": 0}
@@ -198,6 +199,13 @@ def test_ctrl_c_during_a_pull_says_how_to_resume(cli, hub, monkeypatch, tmp_path
             raise KeyboardInterrupt
 
     monkeypatch.setattr(hubmod._Hasher, "feed", feed_then_interrupt)
+    return real_feed
+
+
+def test_ctrl_c_during_a_pull_says_how_to_resume(cli, hub, monkeypatch, tmp_path: Path) -> None:
+    from llmctl import hub as hubmod
+
+    real_feed = _interrupt_after_20_chunks(monkeypatch)
     r = cli("pull", DEMO_REPO, "--quant", "Q4_1")
     assert r.exit_code == EXIT_INTERRUPTED
     partial = tmp_path / "hf" / "hub" / DEMO_PARTIAL
@@ -248,16 +256,7 @@ def test_a_resumed_pull_counts_the_bytes_on_disk_apart_from_the_rate(cli, hub, m
     from llmctl import hub as hubmod
     from llmctl import output
 
-    fed = {"n": 0}
-    real_feed = hubmod._Hasher.feed
-
-    def feed_then_interrupt(self, chunk: bytes) -> None:
-        real_feed(self, chunk)
-        fed["n"] += 1
-        if fed["n"] == 20:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(hubmod._Hasher, "feed", feed_then_interrupt)
+    real_feed = _interrupt_after_20_chunks(monkeypatch)
     assert cli("pull", DEMO_REPO, "--quant", "Q4_1").exit_code == EXIT_INTERRUPTED
     kept = (tmp_path / "hf" / "hub" / DEMO_PARTIAL).stat().st_size
     monkeypatch.setattr(hubmod._Hasher, "feed", real_feed)
