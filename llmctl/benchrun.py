@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from llmctl import __version__, fit, gguf
 from llmctl.bench import Measurement, measure, resolve_flash_attn, test_name
-from llmctl.errors import LlmctlError, NotFoundError, UsageError
+from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, NotFoundError, UsageError
 from llmctl.fileio import now_iso
 from llmctl.hardware import HardwareInfo
 
@@ -167,6 +167,12 @@ class BenchRun:
             failed = [r for r in rows if r.status.startswith("failed")]
             if failed and not any(r.ok for r in rows) and model not in known:
                 self.fail_model(model, failed[0].status.removeprefix("failed: "))
+
+
+class BenchInterrupted(LlmctlError):
+    """Ctrl-C during a benchmark: the results measured so far are shown and saved, then the run stops."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 def fingerprint(hw: HardwareInfo) -> dict[str, Any]:
@@ -468,6 +474,18 @@ def load_tuned(home: Path, machine: str, paths: list[Path]) -> dict[str, Any] | 
         return None
     entry = data.get(machine, {}).get(model_key(paths))
     return entry if isinstance(entry, dict) else None
+
+
+def describe_tuned(profile: dict[str, Any]) -> str:
+    """A tuned profile in one phrase, the same wherever it is shown (bench --tune, fit, show)."""
+    return (
+        f"{_count(profile['threads'], 'thread')}, batch {profile['n_batch']}/{profile['n_ubatch']}, "
+        f"{_count(profile['n_gpu_layers'], 'GPU layer')} (tg {profile['tg_ts']:.1f} t/s, pp {profile['pp_ts']:.1f} t/s)"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def save_tuned(home: Path, machine: str, paths: list[Path], profile: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ class Planned:
     plan: Plan
     model: ResolvedModel
     info: gguf.ModelInfo
+    # Not plan.threads: None lets the engine take the plan's count, and after chat's `/set threads`
+    # it is the live count, which a model restored by reload_with_context must keep.
     threads: int | None
     overrides: Overrides | None = None  # what the plan was made with (the user's, then the tuned profile's)
     force: bool = False

@@ -187,6 +187,48 @@ def test_ctrl_c_prints_the_results_so_far(demo_model: Path, isolated: Path) -> N
     assert proc.returncode == 130, err
     doc = json.loads(out)
     assert doc["interrupted"] and 1 <= len(doc["results"]) < 4
-    assert "interrupted" in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "interrupted" in line] == ["error: interrupted"] and "Traceback" not in err
     (saved,) = benchrun.list_runs(isolated)
     assert saved.interrupted
+
+
+def test_ctrl_c_is_reported_once_after_the_results(cli, demo_model: Path, isolated: Path, monkeypatch) -> None:
+    """One "interrupted" line (not bench's and the CLI's both); what was measured is still shown and saved."""
+    monkeypatch.setenv("LLMCTL_HW_PROFILE", "laptop-8gb")
+
+    def one_row_then_ctrl_c(run, model, sweep, hw, **_) -> None:
+        run.rows.append(benchrun.Row(**_ROW))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchrun, "run_model", one_row_then_ctrl_c)
+    r = cli("bench", demo_model, "-o", "json")
+    assert r.exit_code == 130
+    assert [line for line in r.stderr.splitlines() if "interrupted" in line] == ["error: interrupted"]
+    assert "hint: the results above are those measured before Ctrl-C" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["interrupted"] and [row["test"] for row in doc["results"]] == ["tg128"]
+    (saved,) = benchrun.list_runs(isolated)
+    assert saved.interrupted
+
+
+_ROW = dict(
+    model="demo", model_filename="demo.gguf", model_type="llama 135M Q4_1", model_size=1, model_n_params=1, backend="CPU",
+    n_threads=1, n_gpu_layers=0, n_batch=2048, n_ubatch=512, flash_attn=False, type_k="f16", type_v="f16",
+    n_prompt=0, n_gen=128, n_depth=0, test="tg128", test_time="2025-01-01T00:00:00Z", samples_ts=[10.0], avg_ts=10.0,
+)  # fmt: skip
+
+
+def test_tuned_profile_reads_the_same_in_bench_fit_and_show(cli, demo_model: Path, isolated: Path, monkeypatch) -> None:
+    """bench --tune, fit and show describe a tuned profile with one phrase."""
+    from llmctl import tune
+
+    profile = {"threads": 1, "n_batch": 512, "n_ubatch": 256, "n_gpu_layers": 3, "tg_ts": 41.27, "pp_ts": 812.5}
+    monkeypatch.setattr(tune, "tune", lambda model, hw, on_step: dict(profile))
+    phrase = "1 thread, batch 512/256, 3 GPU layers (tg 41.3 t/s, pp 812.5 t/s)"
+    assert benchrun.describe_tuned(profile) == phrase
+    r = cli("bench", demo_model, "--tune")
+    assert r.exit_code == 0, r.stderr
+    assert f"Saved for this machine: {phrase}. run and chat use it." in r.stderr
+    fit_out, show_out = cli("fit", demo_model).stdout, cli("show", demo_model).stdout
+    assert f"tuned on this machine by `bench --tune`: {phrase}" in fit_out
+    assert phrase in show_out

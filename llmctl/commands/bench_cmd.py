@@ -12,7 +12,7 @@ import typer
 from llmctl import gguf, output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
-from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, UsageError
+from llmctl.errors import LlmctlError, UsageError
 from llmctl.hardware import _machine_key, get_hardware
 from llmctl.options import ModelsArg
 
@@ -77,8 +77,7 @@ def bench(
             for model in bench_models:
                 benchrun.run_model(run, model, sweep, hw, extras=not no_extras, on_row=progress.row)
     except KeyboardInterrupt:
-        run.interrupted = True
-        output.warn("interrupted: showing the results so far")
+        run.interrupted = True  # reported once, after the results (BenchInterrupted below)
     if not run.interrupted:
         run.note_failed_models()
     failed = [r for r in run.rows if r.status.startswith("failed")]
@@ -99,7 +98,7 @@ def bench(
         if chart_file:
             chart_file.write_text(benchreport.svg_chart(pairs, f"llmctl bench {run.run_id}"), encoding="utf-8")
     if run.interrupted:
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise benchrun.BenchInterrupted("interrupted", hint="the results above are those measured before Ctrl-C" if run.rows else None)
     if run.failed_models:
         _some_models_failed(run, len(models))
 
@@ -301,11 +300,4 @@ def _tune(home: Path, name: str, hw) -> None:
     with output.status(f"Tuning {resolved.name}…"):
         profile = tune.tune(model, hw, on_step=lambda text: output.info(text))
     benchrun.save_tuned(home, _machine_key(), resolved.paths, profile)
-    output.info(
-        f"Saved for this machine: {_count(profile['threads'], 'thread')}, batch {profile['n_batch']}/{profile['n_ubatch']}, "
-        f"{_count(profile['n_gpu_layers'], 'GPU layer')} (tg {profile['tg_ts']:.1f} t/s, pp {profile['pp_ts']:.1f} t/s). run and chat use it."
-    )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    output.info(f"Saved for this machine: {benchrun.describe_tuned(profile)}. run and chat use it.")

@@ -43,10 +43,9 @@ def fit_command(
         overrides = merge_tuned(overrides, tuned)
     plan = fit.make_plan(candidates, hw, overrides, force=True)
     if tuned:
-        plan.reasons.append(
-            f"tuned on this machine by `bench --tune`: {tuned['threads']} thread{'' if tuned['threads'] == 1 else 's'}, batch {tuned['n_batch']}, "
-            f"tg {tuned['tg_ts']} t/s, pp {tuned['pp_ts']} t/s"
-        )
+        from llmctl.benchrun import describe_tuned
+
+        plan.reasons.append(f"tuned on this machine by `bench --tune`: {describe_tuned(tuned)}")
     if json_output:
         output.emit_json(plan.to_dict())
         return

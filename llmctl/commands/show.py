@@ -85,18 +85,14 @@ def _fields(resolved: ResolvedModel, info: gguf.ModelInfo) -> list[tuple[str, An
 
 
 def _tuned(resolved: ResolvedModel) -> str:
-    from llmctl.benchrun import load_tuned
+    from llmctl.benchrun import describe_tuned, load_tuned
     from llmctl.config import get_settings
     from llmctl.hardware import _machine_key
 
     tuned = load_tuned(get_settings().home, _machine_key(), resolved.paths)
     if not tuned:
         return "- (`llmctl bench --tune` finds the fastest settings for this machine)"
-    return (
-        f"{tuned['threads']} thread{'' if tuned['threads'] == 1 else 's'}, batch {tuned['n_batch']}/{tuned['n_ubatch']}, "
-        f"{tuned['n_gpu_layers']} GPU layer{'' if tuned['n_gpu_layers'] == 1 else 's'} "
-        f"(tg {tuned['tg_ts']} t/s, pp {tuned['pp_ts']} t/s)"
-    )
+    return describe_tuned(tuned)
 
 
 def show_json(resolved: ResolvedModel, headers: list[gguf.GGUFHeader], info: gguf.ModelInfo) -> dict[str, Any]:
