@@ -10,7 +10,7 @@ from typing import Callable
 
 from llmctl import fit, hub
 from llmctl.catalog import HubRef, parse_ref, quant_of_filename, suggest
-from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, NotFoundError, StoreError, UsageError
+from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, NotFoundError, StoreError
 from llmctl.fileio import now_iso
 from llmctl.hardware import HardwareInfo
 from llmctl.store import ModelEntry, Store, header_cache_entry, validate_name
@@ -98,12 +98,7 @@ def plan_pull(
     plan = fit.make_plan(candidates, hw, overrides, force=force)
     model = next(m for m in models if m.label == plan.chosen.candidate.label)
     final_name = validate_name(name) if name else default_pull_name(ref, model)
-    taken = store.get(final_name)
-    if taken is not None and not (taken.source.get("type") == "hub" and str(taken.source.get("repo", "")).lower() == ref.repo_id.lower()):
-        raise UsageError(
-            f"a model named '{final_name}' already exists (from {taken.source_label})",
-            hint="pull under another name with --name, or remove it with `llmctl rm`",
-        )
+    store.check_pull_name(final_name, ref.repo_id)
     cache = store.settings.hf_hub_cache
     missing = sum(f.size - _present_bytes(cache, ref.repo_id, f) for f in model.files)
     return PullPlan(ref, listing, plan, model, final_name, missing)

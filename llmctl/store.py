@@ -64,12 +64,28 @@ class ModelEntry:
 
     @property
     def source_label(self) -> str:
-        kind = self.source.get("type")
-        if kind == "hub":
-            return f"hf:{self.source.get('repo')}"
-        if kind == "copy":
-            return "import (copy)"
-        return "import"
+        return source_label(self.source)
+
+
+def source_label(source: dict[str, Any]) -> str:
+    """Where a registered model came from, as `list` shows it."""
+    kind = source.get("type")
+    if kind == "hub":
+        return f"hf:{source.get('repo')}"
+    if kind == "copy":
+        return "import (copy)"
+    return "import"
+
+
+def _check_pull_name(name: str, taken: dict[str, Any] | None, repo: str) -> None:
+    """A pull of ``repo`` may take ``name`` if it is free or holds an earlier pull of the same repo
+    (which it replaces); ``taken`` is the source of the model that holds the name now, if any."""
+    if taken is None or (taken.get("type") == "hub" and str(taken.get("repo", "")).lower() == repo.lower()):
+        return
+    raise UsageError(
+        f"a model named '{name}' already exists (from {source_label(taken)})",
+        hint="pull under another name with --name, or remove it with `llmctl rm`",
+    )
 
 
 @dataclass
@@ -190,6 +206,15 @@ class Store:
         data.setdefault("discovered_headers", {})
         return data
 
+    def index_stamp(self) -> tuple[int, int, int] | None:
+        """What changes whenever the index is written (it is replaced whole), from a stat alone:
+        callers that remember what they resolved know when to resolve again. None: no index."""
+        try:
+            st = self.index_path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     def _write_index(self, data: dict[str, Any]) -> None:
         data["version"] = INDEX_VERSION
         data["models"].sort(key=lambda m: m["name"])
@@ -245,17 +270,17 @@ class Store:
             for index, existing in enumerate(data["models"]):
                 if existing["name"] != entry.name:
                     continue
-                source = existing.get("source", {})
-                if source.get("type") == "hub" and source.get("repo", "").lower() == entry.source["repo"].lower():
-                    entry.added = existing.get("added", entry.added)
-                    entry.last_used = existing.get("last_used")
-                    data["models"][index] = asdict(entry)
-                    return
-                raise UsageError(
-                    f"a model named '{entry.name}' already exists (from {existing.get('source', {}).get('type', 'import')})",
-                    hint="pull under another name with --name, or remove it with `llmctl rm`",
-                )
+                _check_pull_name(entry.name, existing.get("source", {}), entry.source["repo"])
+                entry.added = existing.get("added", entry.added)
+                entry.last_used = existing.get("last_used")
+                data["models"][index] = asdict(entry)
+                return
             data["models"].append(asdict(entry))
+
+    def check_pull_name(self, name: str, repo: str) -> None:
+        """Refuse ``name`` for a pull of ``repo`` before downloading, as ``upsert_hub`` would after."""
+        taken = self.get(name)
+        _check_pull_name(name, None if taken is None else taken.source, repo)
 
     def remove_entry(self, name: str) -> None:
         with self.transaction() as data:

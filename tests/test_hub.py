@@ -443,3 +443,25 @@ def test_invalid_repo_ids_and_hub_settings(cli, hub, monkeypatch) -> None:
     monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "-1")
     r = cli("pull", "test/Tiny-GGUF")
     assert r.exit_code == 2 and "LLMCTL_HUB_TIMEOUT" in r.stderr
+
+
+def test_a_taken_name_is_refused_in_the_same_words_before_and_after_downloading(cli, make_gguf) -> None:
+    """plan_pull's early check and upsert_hub's final one are one check: same refusal, same message;
+    an earlier pull of the same repo under the name is replaced by both."""
+    from llmctl.commands import open_store
+    from llmctl.errors import UsageError
+    from llmctl.store import ModelEntry
+
+    assert cli("import", make_gguf(), "--name", "taken").exit_code == 0
+    store = open_store()
+    with pytest.raises(UsageError) as early:
+        store.check_pull_name("taken", "test/Tiny-GGUF")  # what plan_pull calls
+    entry = ModelEntry("taken", [], {"type": "hub", "repo": "test/Tiny-GGUF"}, False, 0, [], "now")
+    with pytest.raises(UsageError) as late:
+        store.upsert_hub(entry)
+    assert early.value.message == late.value.message == "a model named 'taken' already exists (from import)"
+    assert early.value.hint == late.value.hint
+    store.upsert_hub(ModelEntry("mine", [], {"type": "hub", "repo": "test/Tiny-GGUF"}, False, 0, [], "now"))
+    store.check_pull_name("mine", "TEST/tiny-gguf")  # the same repo: may be replaced
+    store.upsert_hub(ModelEntry("mine", [], {"type": "hub", "repo": "TEST/tiny-gguf"}, False, 1, [], "now"))
+    assert store.get("mine").size == 1
