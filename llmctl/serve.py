@@ -135,6 +135,11 @@ class ModelPool:
         self._guard = threading.Lock()  # the dict, busy counts, load/unload decisions
         self._load_lock = threading.Lock()  # one load at a time
         self._waiting_loads: dict[str, int] = {}
+        # Names clients used for loaded models → the store's name, valid while the index is unchanged
+        # (``index_stamp``): repeated requests do not read the index; any change to it (`rm`, an
+        # import) resolves afresh, so answers stay what resolving every time would give.
+        self._names: dict[str, str] = {}
+        self._names_stamp: Any = None
         self.control = ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="llmctl-control")
         self._loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmctl-load")
 
@@ -159,6 +164,30 @@ class ModelPool:
     def canonical(self, name: str) -> str:
         """The store's name for what a client asked for. Paths, directories and unknown names all
         get the same 404: the API tells nothing about this machine's files."""
+        return self._canonical(name)[0]
+
+    def _canonical(self, name: str) -> tuple[str, Any]:
+        """``canonical``, and the index stamp it was resolved under (for ``_remember``)."""
+        stamp = self.store.index_stamp()
+        with self._guard:
+            if stamp != self._names_stamp:
+                self._names.clear()
+                self._names_stamp = stamp
+            known = self._names.get(name)
+        if known is not None:
+            return known, stamp
+        return self._resolve(name), stamp
+
+    def _remember(self, name: str, canonical: str, stamp: Any) -> None:
+        """Answer ``name`` from the pool from now on, while ``canonical`` stays loaded and the index unchanged."""
+        with self._guard:
+            if stamp != self._names_stamp:
+                self._names.clear()
+                self._names_stamp = stamp
+            if canonical in self.models:
+                self._names[name] = canonical
+
+    def _resolve(self, name: str) -> str:
         if looks_like_path(name):
             raise self.missing(name)
         try:
@@ -199,9 +228,10 @@ class ModelPool:
     async def acquire_async(self, name: str) -> Loaded:
         """``acquire`` for the event loop: waiting for the store or for a load holds no shared thread."""
         loop = asyncio.get_running_loop()
-        canonical = await loop.run_in_executor(self.control, self.canonical, name)
+        canonical, stamp = await loop.run_in_executor(self.control, self._canonical, name)
         model = self._claim(canonical)
         if model is not None:
+            self._remember(name, canonical, stamp)
             return model
         with self._guard:
             waiting = self._waiting_loads.get(canonical, 0)
@@ -210,7 +240,9 @@ class ModelPool:
             self._waiting_loads[canonical] = waiting + 1
         future = self._loading.submit(self._load, canonical)
         try:
-            return await asyncio.wrap_future(future)  # cancelling this cancels the load if it has not begun
+            model = await asyncio.wrap_future(future)  # cancelling this cancels the load if it has not begun
+            self._remember(name, canonical, stamp)
+            return model
         except asyncio.CancelledError:
             # If it had begun, the request is counted on the model when it ends: give that back.
             future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self.release(f.result()))
@@ -275,6 +307,8 @@ class ModelPool:
 
     def _unload(self, name: str, why: str) -> None:
         model = self.models.pop(name, None)
+        for client_name in [k for k, v in self._names.items() if v == name]:
+            del self._names[client_name]
         if model is not None:
             model.executor.shutdown(wait=False)  # idle: its thread ends at once
             # frees llama.cpp's memory (and the engine's helpers) now, not at garbage collection

@@ -603,3 +603,48 @@ def test_a_real_server_answers_hostile_requests_with_400s_and_logs_no_traceback(
     finally:
         log = server.stop()
     assert "Traceback" not in log and " 400 " in log, log
+
+
+# --- a loaded model is found without reading the index ---------------------------------------
+
+
+def test_repeated_requests_to_a_loaded_model_do_not_read_the_index(models, log_check, monkeypatch) -> None:
+    """Only a name not yet seen for a loaded model is resolved through the store; an unload forgets
+    it, and any change to the index (here `rm` of a loaded model) resolves afresh, so the answer is
+    what resolving every time gives: 404 for a removed model, as before."""
+    from llmctl.commands import open_store
+    from llmctl.store import Store
+
+    counts = {"resolve": 0, "read": 0}
+    for method, key in (("resolve", "resolve"), ("_read_index", "read")):
+        original = getattr(Store, method)
+
+        def counting(self: Store, *args: Any, _o: Any = original, _k: str = key, **kwargs: Any) -> Any:
+            counts[_k] += 1
+            return _o(self, *args, **kwargs)
+
+        monkeypatch.setattr(Store, method, counting)
+
+    def ask(name: str) -> int:
+        return client.call("POST", "/v1/chat/completions", {**CHAT, "model": name})[0]
+
+    with serving({"a": FakeEngine("a"), "b": FakeEngine("b")}) as client:
+        assert ask("a") == 200  # resolved, then loaded
+        first = dict(counts)
+        assert first["resolve"] == 1 and first["read"] >= 1
+        for _ in range(5):
+            assert ask("a") == 200
+        assert counts == first  # answered from the pool
+        assert ask("A") == 200  # another name for it: resolved once, then remembered
+        assert counts["resolve"] == 2
+        assert ask("A") == 200 and counts["resolve"] == 2
+        assert client.call("POST", "/api/stop", {"model": "A"})[0] == 200  # no index read either
+        assert counts["resolve"] == 2
+        assert ask("a") == 200 and counts["resolve"] == 3  # unloaded: resolved (and loaded) again
+        assert ask("b") == 200 and counts["resolve"] == 4
+        open_store().remove_entry("b")  # `llmctl rm b` while it is loaded
+        status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "model": "b"})
+        assert status == 404 and _is_openai_error(body, 404) and "model 'b' not found" in body["error"]["message"]
+        assert ask("a") == 200  # the index changed: resolved afresh, still served
+        assert counts["resolve"] == 6
+        assert ask("a") == 200 and counts["resolve"] == 6
