@@ -112,10 +112,11 @@ class ChatSession:
                 dropped += 1
         return dropped
 
-    def send(self, text: str, *, response_format: dict[str, Any] | None = None) -> Iterator[str | Result]:
-        """Add a user message and stream the reply; the reply joins the history as it was shown."""
+    def send(self, text: str, *, grammar: Any = None) -> Iterator[str | Result]:
+        """Add a user message and stream the reply (constrained by ``grammar``, from ``engine.grammar_for``, if
+        given); the reply joins the history as it was shown."""
         self.messages.append({"role": "user", "content": text})
-        return self._generate(response_format)
+        return self._generate(grammar)
 
     def retry(self) -> Iterator[str | Result]:
         if self.messages and self.messages[-1]["role"] == "assistant":
@@ -124,7 +125,7 @@ class ChatSession:
             raise UsageError("nothing to retry yet")
         return self._generate(None)
 
-    def _generate(self, response_format: dict[str, Any] | None) -> Iterator[str | Result]:
+    def _generate(self, grammar: Any) -> Iterator[str | Result]:
         self._trim()
         pieces: list[str] = []
         thoughts: list[str] = []
@@ -132,7 +133,8 @@ class ChatSession:
         thinking = self.thinking or reasoning.ThinkingSetup(None)
         if thinking.variables is not None:
             chat_template.set_variables(self.engine.llm, thinking.variables)  # again after a reload
-        stream = self.engine.chat(self.conversation(), self.sampling, response_format=response_format)
+        constrained = {"grammar": grammar} if grammar is not None else {}  # an unconstrained reply: no keyword at all
+        stream = self.engine.chat(self.conversation(), self.sampling, **constrained)
         if thinking.format is not None:
             stream = reasoning.split(self.engine.llm, stream, thinking.format)
         finished = False

@@ -381,13 +381,14 @@ class Engine:
         messages: list[dict[str, str]],
         sampling: SamplingSettings,
         *,
-        response_format: dict[str, Any] | None = None,
+        grammar: Any = None,
         on_first_token: Callable[[], None] | None = None,
     ) -> Iterator[str | Result]:
-        """Stream a chat reply: text pieces, then one ``Result`` with the finish reason and timings."""
+        """Stream a chat reply: text pieces, then one ``Result`` with the finish reason and timings.
+        ``grammar`` (from ``grammar_for``, built once where the request is checked) constrains the output."""
         kwargs = self._sampling_kwargs(sampling)
-        if response_format is not None:
-            kwargs["grammar"] = grammar_for(response_format)  # the schema itself, not just "some JSON"
+        if grammar is not None:
+            kwargs["grammar"] = grammar
         return self._stream(
             lambda: self.llm.create_chat_completion(messages, stream=True, **kwargs),
             lambda chunk: chunk["choices"][0]["delta"].get("content") or "",

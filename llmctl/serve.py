@@ -453,11 +453,16 @@ def response_format_from(body: dict[str, Any]) -> dict[str, Any] | None:
         result = {"type": "json_object", "schema": schema}
     else:
         result = {"type": "json_object", **({"schema": fmt["schema"]} if isinstance(fmt.get("schema"), dict) else {})}
+    return result
+
+
+def grammar_from(body: dict[str, Any]) -> Any:
+    """The request's response_format as a ready llama.cpp grammar (None for plain text): built once, here,
+    so that a bad schema is a 400 before anything queues or loads, and the worker reuses it."""
     try:
-        grammar_for(result)
+        return grammar_for(response_format_from(body))
     except LlmctlError as exc:
         raise ApiError(400, exc.message, param="response_format") from None
-    return result
 
 
 def messages_from(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -501,7 +506,7 @@ class Job:
     kind: str  # "chat" or "text"
     model: str
     sampling: SamplingSettings
-    response_format: dict[str, Any] | None
+    grammar: Any  # from the response_format, built once when the request is checked; None: plain text
     messages: list[dict[str, str]] | None
     prompt: str | None
     stream: bool
@@ -527,7 +532,7 @@ def job_from(kind: str, body: dict[str, Any]) -> Job:
         kind,
         name,
         sampling_from(body),
-        response_format_from(body),
+        grammar_from(body),
         messages_from(body) if kind == "chat" else None,
         prompt_from(body) if kind == "text" else None,
         bool(stream),
@@ -538,9 +543,10 @@ def job_from(kind: str, body: dict[str, Any]) -> Job:
 def generate(engine: Engine, job: Job) -> Iterator[str | Result]:
     if job.kind == "chat":
         assert job.messages is not None
-        return engine.chat(job.messages, job.sampling, response_format=job.response_format)
+        constrained = {"grammar": job.grammar} if job.grammar is not None else {}  # plain text: no keyword at all
+        return engine.chat(job.messages, job.sampling, **constrained)
     assert job.prompt is not None
-    return engine.complete(job.prompt, job.sampling, grammar=grammar_for(job.response_format))
+    return engine.complete(job.prompt, job.sampling, grammar=job.grammar)
 
 
 def context_error(exc: Exception) -> ApiError | None:

@@ -69,7 +69,7 @@ def run(
     sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
     text = _read_prompt(prompt, file)
     response_format = _response_format(format_, json_schema)
-    grammar_for(response_format)  # a bad schema is a usage error before anything loads
+    grammar = grammar_for(response_format)  # built once; a bad schema is a usage error before anything loads
     warnings: list[str] = []  # said on stderr as they happen; --json repeats them
     if raw:
         for flag, value in (("--system", system), ("--chat-format", chat_format), ("--think", think)):
@@ -81,7 +81,7 @@ def run(
     warnings += [*loaded.plan.warnings, *loaded.engine.notes]  # already said by the loader
     engine = loaded.engine
     if raw:
-        stream = engine.complete(text, sampling, grammar=grammar_for(response_format))
+        stream = engine.complete(text, sampling, grammar=grammar)
     else:
         if not engine.has_chat_template and chat_format is None:
             _warn(warnings, "this model has no chat template; using a generic format (choose one with --chat-format, or use --raw)")
@@ -89,7 +89,7 @@ def run(
         for warning in said:
             _warn(warnings, warning)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        stream = reasoning.split(engine.llm, engine.chat(messages, sampling, response_format=response_format), setup.format)
+        stream = reasoning.split(engine.llm, engine.chat(messages, sampling, grammar=grammar), setup.format)
     live = not (no_stream or json_output)
     reply = output.ReplyWriter()  # exact on a pipe; escape sequences neutralised on a terminal
     thinking = output.ThinkingWriter(show=not (hide_thinking or json_output))  # stderr, on a terminal only
