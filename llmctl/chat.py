@@ -133,8 +133,7 @@ class ChatSession:
         thinking = self.thinking or reasoning.ThinkingSetup(None)
         if thinking.variables is not None:
             chat_template.set_variables(self.engine.llm, thinking.variables)  # again after a reload
-        constrained = {"grammar": grammar} if grammar is not None else {}  # an unconstrained reply: no keyword at all
-        stream = self.engine.chat(self.conversation(), self.sampling, **constrained)
+        stream = self.engine.chat(self.conversation(), self.sampling, grammar=grammar)
         if thinking.format is not None:
             stream = reasoning.split(self.engine.llm, stream, thinking.format)
         finished = False

@@ -543,8 +543,7 @@ def job_from(kind: str, body: dict[str, Any]) -> Job:
 def generate(engine: Engine, job: Job) -> Iterator[str | Result]:
     if job.kind == "chat":
         assert job.messages is not None
-        constrained = {"grammar": job.grammar} if job.grammar is not None else {}  # plain text: no keyword at all
-        return engine.chat(job.messages, job.sampling, **constrained)
+        return engine.chat(job.messages, job.sampling, grammar=job.grammar)
     assert job.prompt is not None
     return engine.complete(job.prompt, job.sampling, grammar=job.grammar)
 

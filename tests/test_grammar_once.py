@@ -44,14 +44,14 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 class GrammarEngine(FakeEngine):
-    """The serve tests' fake engine, noting the grammar each reply was asked for ("none": no keyword at all)."""
+    """The serve tests' fake engine, noting the grammar each reply was asked for."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.grammars: list[Any] = []
 
-    def chat(self, messages: Any, sampling: Any, **kwargs: Any) -> Iterator[Any]:
-        self.grammars.append(kwargs.get("grammar", "none"))
+    def chat(self, messages: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
+        self.grammars.append(grammar)
         return self._run()
 
     def complete(self, prompt: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
@@ -84,7 +84,7 @@ def test_serve_builds_a_requests_grammar_once(model_a: str, builds: list[str]) -
         assert status == 200 and builds == ["json"]
         builds.clear()
         status, _ = client.call("POST", "/v1/chat/completions", chat)  # plain text: nothing built, no grammar passed
-        assert status == 200 and builds == [] and engine.grammars[-1] == "none"
+        assert status == 200 and builds == [] and engine.grammars[-1] is None
         started = engine.started
         bad = {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}
         status, answer = client.call("POST", "/v1/chat/completions", {**chat, "response_format": bad})

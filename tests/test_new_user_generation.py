@@ -86,7 +86,7 @@ class FakeEngine:
     def close(self) -> None:
         self.closed = True
 
-    def chat(self, messages, sampling, response_format=None):
+    def chat(self, messages, sampling, grammar=None):
         reply = self.replies.pop(0)
         pieces = [word + " " for word in reply.split()]
         sent = 0

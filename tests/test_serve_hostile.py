@@ -52,7 +52,7 @@ class FakeEngine:
         self.pieces = 0
         self.started = 0
 
-    def chat(self, messages: Any, sampling: Any, *, response_format: Any = None) -> Iterator[Any]:
+    def chat(self, messages: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
         return self._run()
 
     def complete(self, prompt: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
