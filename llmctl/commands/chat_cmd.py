@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import ExitStack
-from typing import Annotated, Iterator
+from typing import Annotated, Callable, Iterator
 
 import typer
 
@@ -223,8 +223,21 @@ def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool)
     return True
 
 
-def _show_reply(stream: Iterator[str | reasoning.Thought | Result], *, markdown: bool, interactive: bool, hide_thinking: bool = False) -> None:
+def _route(stream: Iterator[str | reasoning.Thought | Result], thinking: output.ThinkingWriter, on_answer: Callable[[str], None]) -> Result | None:
+    """Send reasoning to ``thinking`` and answer text to ``on_answer``; the stream's closing Result."""
     result: Result | None = None
+    for piece in stream:
+        if isinstance(piece, Result):
+            result = piece
+        elif isinstance(piece, reasoning.Thought):
+            thinking.write(piece.text)
+        else:
+            thinking.finish()
+            on_answer(piece)
+    return result
+
+
+def _show_reply(stream: Iterator[str | reasoning.Thought | Result], *, markdown: bool, interactive: bool, hide_thinking: bool = False) -> None:
     thinking = output.ThinkingWriter(show=not hide_thinking)  # stderr, on a terminal only; stdout has the answers
     with ExitStack() as stack:
         stack.callback(thinking.finish)
@@ -233,29 +246,18 @@ def _show_reply(stream: Iterator[str | reasoning.Thought | Result], *, markdown:
             from rich.markdown import Markdown
 
             rendered = output.ReplyWriter(terminal=True)  # Markdown is drawn for a terminal: always neutralised
-            text = ""
-            live = None  # drawn from the first words of the answer, after any thinking
-            for piece in stream:
-                if isinstance(piece, Result):
-                    result = piece
-                elif isinstance(piece, reasoning.Thought):
-                    thinking.write(piece.text)
-                else:
-                    thinking.finish()
-                    if live is None:
-                        live = stack.enter_context(Live(Markdown(""), console=output._make_console(stderr=False), refresh_per_second=8))
-                    text += rendered.filter(piece)
-                    live.update(Markdown(text))
+            shown = {"text": "", "live": None}  # drawn from the first words of the answer, after any thinking
+
+            def draw(piece: str) -> None:
+                if shown["live"] is None:
+                    shown["live"] = stack.enter_context(Live(Markdown(""), console=output._make_console(stderr=False), refresh_per_second=8))
+                shown["text"] += rendered.filter(piece)
+                shown["live"].update(Markdown(shown["text"]))
+
+            result = _route(stream, thinking, draw)
         else:
             reply = output.ReplyWriter()  # exact on a pipe; escape sequences neutralised on a terminal
-            for piece in stream:
-                if isinstance(piece, Result):
-                    result = piece
-                elif isinstance(piece, reasoning.Thought):
-                    thinking.write(piece.text)
-                else:
-                    thinking.finish()
-                    reply.write(piece)
+            result = _route(stream, thinking, reply.write)
             thinking.finish()
             reply.finish()
     if result is not None and interactive:
