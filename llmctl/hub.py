@@ -72,16 +72,21 @@ def _token() -> str | None:
     return get_token()
 
 
-def read_timeout() -> float:
+def _positive_seconds(variable: str, default: str) -> float:
     import math
 
     try:
-        value = float(os.environ.get("LLMCTL_HUB_TIMEOUT", "30"))
+        value = float(os.environ.get(variable, default))
     except ValueError:
         value = -1.0
     if not math.isfinite(value) or value <= 0:
-        raise UsageError("LLMCTL_HUB_TIMEOUT must be a positive number of seconds")
+        raise UsageError(f"{variable} must be a positive number of seconds")
     return value
+
+
+def read_timeout() -> float:
+    """LLMCTL_HUB_TIMEOUT: the longest wait for the next bytes of an answer."""
+    return _positive_seconds("LLMCTL_HUB_TIMEOUT", "30")
 
 
 def deadline() -> float:
@@ -90,15 +95,7 @@ def deadline() -> float:
     An API answer (search, repo info, file metadata) or one remote header
     with all its range requests. A download's body has no such deadline.
     """
-    import math
-
-    try:
-        value = float(os.environ.get("LLMCTL_HUB_DEADLINE", "120"))
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError("LLMCTL_HUB_DEADLINE must be a positive number of seconds")
-    return value
+    return _positive_seconds("LLMCTL_HUB_DEADLINE", "120")
 
 
 def _session() -> Any:
