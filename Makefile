@@ -43,7 +43,8 @@ demo: setup
 
 # ruff (pyflakes, import order) as configured in pyproject.toml; `make test`, and so CI, runs it first.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check llmctl tests benchmarks docs
+	$(VENV)/bin/ruff check llmctl tests tools benchmarks docs
+	$(VENV)/bin/ruff format --check llmctl tests tools benchmarks docs
 
 test: setup lint
 	$(PY) -m pytest

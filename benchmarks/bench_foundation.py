@@ -24,9 +24,7 @@ def bench_header(model: Path) -> list[Row]:
 
     ours = median_seconds(lambda: gguf.read_model([model]), repeat=20, warmup=2)
     theirs = median_seconds(lambda: ggufpkg.GGUFReader(model), repeat=3, warmup=0)
-    return [
-        Row("GGUF header read, demo model", ours * 1e3, "ms", theirs * 1e3, "gguf.GGUFReader", "< 20 ms", ours < 0.020)
-    ]
+    return [Row("GGUF header read, demo model", ours * 1e3, "ms", theirs * 1e3, "gguf.GGUFReader", "< 20 ms", ours < 0.020)]
 
 
 def bench_startup(model: Path) -> list[Row]:

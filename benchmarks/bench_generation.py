@@ -89,10 +89,7 @@ def run() -> list[Row]:
     model = ensure_demo_model()
     os.environ.setdefault("LLMCTL_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / "llmctl-bench-home"))
     raw = _raw_tg(model)
-    rates = [
-        _run_json(model, "Count from 1 to 300, separated by commas.", "--max-tokens", "128")["timings"]["generation_tokens_per_second"]
-        for _ in range(3)
-    ]
+    rates = [_run_json(model, "Count from 1 to 300, separated by commas.", "--max-tokens", "128")["timings"]["generation_tokens_per_second"] for _ in range(3)]
     run_rate = statistics.median(rates)
     walls = [_first_byte_wall(model) for _ in range(3)]
     first_token = statistics.median(walls)

@@ -230,8 +230,15 @@ def compare_table(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]])
     extra_cols = varying([x for x, _, _ in pairs])
     columns = ["model", "test", "threads", *extra_cols, f"{a.run_id} t/s", f"{b.run_id} t/s", "ratio"]
     rows = [
-        [_model_name(x, y), x.test, str(x.n_threads), *[param_cell(getattr(x, c)) for c in extra_cols],
-         f"{x.avg_ts:.2f}", f"{y.avg_ts:.2f}", f"{ratio:.3f}"]  # fmt: skip
+        [
+            _model_name(x, y),
+            x.test,
+            str(x.n_threads),
+            *[param_cell(getattr(x, c)) for c in extra_cols],
+            f"{x.avg_ts:.2f}",
+            f"{y.avg_ts:.2f}",
+            f"{ratio:.3f}",
+        ]  # fmt: skip
         for x, y, ratio in pairs
     ]
     return columns, rows
@@ -277,9 +284,7 @@ def chart_pairs(run: BenchRun) -> list[tuple[str, float]]:
     for r in run.rows:
         if not (r.ok and r.avg_ts):
             continue
-        label = " ".join(
-            [*([r.model] if multi else []), r.test, f"t{r.n_threads}", *[f"{c}={param_cell(getattr(r, c))}" for c in extra_cols]]
-        )
+        label = " ".join([*([r.model] if multi else []), r.test, f"t{r.n_threads}", *[f"{c}={param_cell(getattr(r, c))}" for c in extra_cols]])
         pairs.append((label, r.avg_ts))
     return pairs
 

@@ -42,10 +42,7 @@ class HubRef:
 @lru_cache(maxsize=1)
 def catalog() -> dict[str, CatalogEntry]:
     data = json.loads((Path(__file__).parent / "catalog.json").read_text(encoding="utf-8"))
-    return {
-        name: CatalogEntry(name, entry["repo"], entry.get("description", ""))
-        for name, entry in data["models"].items()
-    }
+    return {name: CatalogEntry(name, entry["repo"], entry.get("description", "")) for name, entry in data["models"].items()}
 
 
 def search_catalog(query: str, author: str | None = None) -> list[CatalogEntry]:

@@ -314,8 +314,7 @@ class ChatSession:
         except ValueError as exc:
             raise UsageError(f"{path} is not JSON: {exc}") from None
         if not isinstance(data, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-            for m in data
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str) for m in data
         ):
             raise UsageError(f"{path} is not a list of {{role, content}} messages", hint="load a file written by /save")
         self.system = next((m["content"] for m in data if m["role"] == "system"), None)

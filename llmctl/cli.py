@@ -46,9 +46,7 @@ class LlmctlGroup(TyperGroup):
     ) -> Any:
         self.subcommand_path = None
         code = _guarded(
-            lambda: super(LlmctlGroup, self).main(
-                args=args, prog_name=prog_name or "llmctl", complete_var=complete_var, standalone_mode=False, **extra
-            ),
+            lambda: super(LlmctlGroup, self).main(args=args, prog_name=prog_name or "llmctl", complete_var=complete_var, standalone_mode=False, **extra),
             lambda: self.subcommand_path,
         )
         if standalone_mode:

@@ -138,9 +138,7 @@ def load_settings(home: str | None = None) -> Settings:
     config_file = Path(resolve(None, ENV_CONFIG, {}, None, home_path / "config.toml")).expanduser()
     config = _read_config_file(config_file)
     # HF_HUB_CACHE, then HF_HOME/hub, count as the environment level.
-    hub_env = os.environ.get("HF_HUB_CACHE") or (
-        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
-    )
+    hub_env = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
     hub_cache = Path(resolve(hub_env, None, config, "hf_hub_cache", _default_hf_hub_cache)).expanduser()
     return Settings(
         home=home_path,

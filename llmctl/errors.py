@@ -78,7 +78,6 @@ class StoreError(LlmctlError):
     """The model index or the files it tracks cannot be read or written."""
 
 
-
 class DoesNotFitError(LlmctlError):
     """No way to load the model within this machine's memory."""
 

@@ -238,10 +238,7 @@ def estimate_memory(
 
     cpu = DeviceEstimate("CPU", available=None if hw is None else max(hw.ram_available - RAM_MARGIN, 0))
     cpu.bandwidth_gbs = hw.cpu.bandwidth_gbs if hw else None
-    gpu_estimates = [
-        DeviceEstimate(f"GPU {g.index}: {g.name}", available=max(g.memory_free - GPU_MARGIN, 0), bandwidth_gbs=g.bandwidth_gbs)
-        for g in gpus
-    ]
+    gpu_estimates = [DeviceEstimate(f"GPU {g.index}: {g.name}", available=max(g.memory_free - GPU_MARGIN, 0), bandwidth_gbs=g.bandwidth_gbs) for g in gpus]
 
     def device(index: int) -> DeviceEstimate:
         return cpu if index < 0 else gpu_estimates[index]
@@ -472,9 +469,7 @@ def _most_layers_that_fit(info: ModelInfo, config: LoadConfig, hw: HardwareInfo)
     while low <= high:
         middle = (low + high) // 2
         estimate = estimate_memory(info, replace(config, n_gpu_layers=middle), hw)
-        if all(d.fits for d in estimate.devices[1:]) and (
-            estimate.unified_total_available is None or estimate.total <= estimate.unified_total_available
-        ):
+        if all(d.fits for d in estimate.devices[1:]) and (estimate.unified_total_available is None or estimate.total <= estimate.unified_total_available):
             best = estimate
             low = middle + 1
         else:
@@ -546,10 +541,7 @@ def make_plan(
     if trained and cfg.n_ctx > trained:
         warnings.append(f"context {cfg.n_ctx} is longer than the {trained} tokens the model was trained on")
     elif o.n_ctx is None and trained and cfg.n_ctx < trained:
-        reasons.append(
-            f"context {cfg.n_ctx} of the model's {trained}"
-            + (" (the default cap)" if cfg.n_ctx == DEFAULT_CTX else " (more does not fit)")
-        )
+        reasons.append(f"context {cfg.n_ctx} of the model's {trained}" + (" (the default cap)" if cfg.n_ctx == DEFAULT_CTX else " (more does not fit)"))
     if hw.gpus and not hw.usable_gpus:
         warnings.append("a GPU is present but the installed llama.cpp cannot use it (see `llmctl hwinfo`)")
     return Plan(chosen, plans, threads, hw.source, reasons, warnings)
@@ -561,7 +553,7 @@ def _pick_quality(pool: list[CandidatePlan]) -> CandidatePlan:
         if fastest:
             pool = [p for p in pool if (p.tokens_per_second or 0) >= fastest / 2] or pool
     capped = [p for p in pool if p.candidate.bits_per_weight <= QUALITY_CAP_BPW]
-    return max(capped or pool, key=lambda p: (p.candidate.bits_per_weight if capped else -p.candidate.bits_per_weight))
+    return max(capped or pool, key=lambda p: p.candidate.bits_per_weight if capped else -p.candidate.bits_per_weight)
 
 
 def _why_chosen(chosen: CandidatePlan, pool: list[CandidatePlan]) -> str:

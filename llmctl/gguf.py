@@ -754,8 +754,7 @@ def _summarize(headers: list[GGUFHeader]) -> ModelInfo:
     merges_count = merges.count if isinstance(merges, ArraySummary) else len(merges) if isinstance(merges, list) else None
     pattern = first.metadata.get(f"{arch}.attention.sliding_window_pattern")
     if pattern is not None and not (
-        (isinstance(pattern, int) and not isinstance(pattern, bool))
-        or (isinstance(pattern, list) and all(isinstance(v, bool) for v in pattern))
+        (isinstance(pattern, int) and not isinstance(pattern, bool)) or (isinstance(pattern, list) and all(isinstance(v, bool) for v in pattern))
     ):
         raise _Problem(f"metadata '{arch}.attention.sliding_window_pattern' must be an integer or a bool array")
 

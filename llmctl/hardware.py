@@ -411,8 +411,7 @@ def reinstall_hint(hw: HardwareInfo) -> str | None:
         arch = (gpu.compute_capability or "").replace(".", "")
         args = "-DGGML_CUDA=on" + (f" -DCMAKE_CUDA_ARCHITECTURES={arch}" if arch else "")
     return (
-        f'CMAKE_ARGS="{args}" {Path(sys.executable).parent / "pip"} install --force-reinstall '
-        f"--no-cache-dir llama-cpp-python=={hw.build.version or '0.3.36'}"
+        f'CMAKE_ARGS="{args}" {Path(sys.executable).parent / "pip"} install --force-reinstall --no-cache-dir llama-cpp-python=={hw.build.version or "0.3.36"}'
     )
 
 

@@ -142,9 +142,7 @@ def _is_network_error(exc: BaseException) -> bool:
     if type(exc).__name__ == "HTTPStatusError":
         return False
     module = type(exc).__module__
-    return module.startswith(("httpx", "httpcore", "httpx2", "httpcore2", "h11", "ssl", "socket")) or isinstance(
-        exc, (ConnectionError, TimeoutError)
-    )
+    return module.startswith(("httpx", "httpcore", "httpx2", "httpcore2", "h11", "ssl", "socket")) or isinstance(exc, (ConnectionError, TimeoutError))
 
 
 def _cause(exc: BaseException) -> BaseException | None:
@@ -501,9 +499,10 @@ class HubSource:
                 raise self._too_big()
             try:
                 self.requests += 1
-                with hubhttp.limited(self._seconds, deadline=self._deadline, what=what), _session().stream(
-                    "GET", self.url, headers=headers, follow_redirects=True, timeout=read_timeout()
-                ) as response:
+                with (
+                    hubhttp.limited(self._seconds, deadline=self._deadline, what=what),
+                    _session().stream("GET", self.url, headers=headers, follow_redirects=True, timeout=read_timeout()) as response,
+                ):
                     if response.status_code == 206:
                         _check_content_range(response, offset, self.name)
                         body = self._read(response, want)
@@ -765,9 +764,10 @@ def _transfer(
             if have:
                 headers["Range"] = f"bytes={have}-"
             try:
-                with hubhttp.limited(deadline(), what=f"the Hub's answer for {remote.path}") as limits, _session().stream(
-                    "GET", url, headers=headers, follow_redirects=True, timeout=read_timeout()
-                ) as response:
+                with (
+                    hubhttp.limited(deadline(), what=f"the Hub's answer for {remote.path}") as limits,
+                    _session().stream("GET", url, headers=headers, follow_redirects=True, timeout=read_timeout()) as response,
+                ):
                     # The answer has begun within the deadline; its body may take as long as it needs
                     # while it keeps moving (the stall timeout and the progress rule below).
                     limits.lift_deadline()
@@ -833,8 +833,7 @@ def _transfer(
     if have != remote.size or size != remote.size or digest != sha:
         partial.unlink(missing_ok=True)
         raise ChecksumError(
-            f"{remote.path}: downloaded file does not match the Hub's checksum (sha256 {digest[:16]}…, "
-            f"expected {sha[:16]}…); it was deleted",
+            f"{remote.path}: downloaded file does not match the Hub's checksum (sha256 {digest[:16]}…, expected {sha[:16]}…); it was deleted",
             hint="run `llmctl pull` again; if it keeps failing, the repo or a proxy is serving bad data",
         )
 

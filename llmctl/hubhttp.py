@@ -123,9 +123,7 @@ def current() -> Limits | None:
 
 
 @contextmanager
-def limited(
-    seconds: float | None = None, max_bytes: int | None = None, *, what: str = "the Hub's answer", deadline: float | None = None
-) -> Iterator[Limits]:
+def limited(seconds: float | None = None, max_bytes: int | None = None, *, what: str = "the Hub's answer", deadline: float | None = None) -> Iterator[Limits]:
     """Run the requests made in this block (by this thread) under a deadline and a body cap.
 
     ``deadline`` (a ``time.monotonic()`` value) shares one deadline between

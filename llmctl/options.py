@@ -48,26 +48,27 @@ GpuLayersOpt = Annotated[
     int | None,
     typer.Option("--gpu-layers", "-ngl", min=0, help="Layers to offload to the GPU (default: as many as fit; the output layer counts as one)."),
 ]
-ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", "-t", min=1, help="CPU threads (default: physical cores).")
-]
-CacheTypeKOpt = Annotated[
-    str | None, typer.Option("--cache-type-k", help="KV cache type for keys: f16, q8_0, q4_0, … (default f16).")
-]
-CacheTypeVOpt = Annotated[
-    str | None, typer.Option("--cache-type-v", help="KV cache type for values: f16, q8_0, q4_0, … (default f16).")
-]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", min=1, help="CPU threads (default: physical cores).")]
+CacheTypeKOpt = Annotated[str | None, typer.Option("--cache-type-k", help="KV cache type for keys: f16, q8_0, q4_0, … (default f16).")]
+CacheTypeVOpt = Annotated[str | None, typer.Option("--cache-type-v", help="KV cache type for values: f16, q8_0, q4_0, … (default f16).")]
 TemperatureOpt = Annotated[float | None, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 picks the likeliest token (default 0.8).")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling: keep tokens up to this cumulative probability (default 0.95).")]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep only the K likeliest tokens (default 40).")]
 MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Drop tokens less likely than this fraction of the likeliest (default 0.05).")]
 RepeatPenaltyOpt = Annotated[float | None, typer.Option("--repeat-penalty", help="Penalty for repeated tokens (default 1.0: off, as in llama.cpp).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed; with --temperature 0 output is reproducible.")]
-MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Stop after this many tokens (default: when the model stops or the context is full).")]
+MaxTokensOpt = Annotated[
+    int | None, typer.Option("--max-tokens", "-n", help="Stop after this many tokens (default: when the model stops or the context is full).")
+]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable).")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing summary on stderr (load, prompt, generation, time to first token). LLMCTL_DEBUG=1 adds llama.cpp's own log.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Timing summary on stderr (load, prompt, generation, time to first token). LLMCTL_DEBUG=1 adds llama.cpp's own log."),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Load even if the planner says it does not fit.")]
-ChatFormatOpt = Annotated[str | None, typer.Option("--chat-format", help="llama-cpp-python chat format to use instead of the model's template (e.g. chatml, llama-2).")]
+ChatFormatOpt = Annotated[
+    str | None, typer.Option("--chat-format", help="llama-cpp-python chat format to use instead of the model's template (e.g. chatml, llama-2).")
+]
 ThinkOpt = Annotated[
     str | None,
     typer.Option(

@@ -53,9 +53,7 @@ def _escape_char(ch: str) -> str:
 def _escape(text: str, keep: frozenset[str]) -> str:
     if text.isprintable():
         return text
-    return "".join(
-        _escape_char(ch) if ch not in keep and unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in text
-    )
+    return "".join(_escape_char(ch) if ch not in keep and unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in text)
 
 
 def safe(text: str, keep_layout: bool = False) -> str:
@@ -87,9 +85,7 @@ def json_text(data: Any, indent: int | None = 2) -> str:
 
 
 def _json_escape_line(line: str) -> str:
-    return "".join(
-        json.dumps(ch)[1:-1] if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in line
-    )
+    return "".join(json.dumps(ch)[1:-1] if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in line)
 
 
 class ReplyWriter:
@@ -256,7 +252,6 @@ def emit_table(
     _print_block(table, stderr=stderr)
 
 
-
 def emit_fields(pairs: Iterable[tuple[str, Any]], *, title: str | None = None) -> None:
     """A two-column key/value listing on stdout."""
     from rich import box
@@ -419,10 +414,7 @@ class ByteProgress:
     def _plain_line(self, now: float) -> str:
         if self.total:
             pct = 100.0 * self.done / self.total
-            return (
-                f"{self.description}: {human_bytes(self.done)} of {human_bytes(self.total)} "
-                f"({pct:.0f}%, {self.rate_text(now)})"
-            )
+            return f"{self.description}: {human_bytes(self.done)} of {human_bytes(self.total)} ({pct:.0f}%, {self.rate_text(now)})"
         return f"{self.description}: {human_bytes(self.done)} ({self.rate_text(now)})"
 
     def __exit__(self, *exc: object) -> None:

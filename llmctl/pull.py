@@ -178,10 +178,7 @@ def execute(
     cache = store.settings.hf_hub_cache
     listing, model = pull_plan.listing, pull_plan.model
     check_disk(cache, pull_plan.to_download)
-    paths = [
-        hub.download_file(listing.repo_id, listing.commit, remote, cache, progress=progress, resumed=resumed, on_wait=on_wait)
-        for remote in model.files
-    ]
+    paths = [hub.download_file(listing.repo_id, listing.commit, remote, cache, progress=progress, resumed=resumed, on_wait=on_wait) for remote in model.files]
     hub.write_ref(cache, listing.repo_id, pull_plan.ref.revision or "main", listing.commit)
     _, info = gguf.read_model(paths)  # the downloaded bytes must read as the header did
     entry = ModelEntry(
@@ -219,4 +216,3 @@ def already_pulled(store: Store, ref: HubRef, commit: str, label: str | None) ->
             continue
         return entry
     return None
-

@@ -316,9 +316,7 @@ def _partial_suffix(text: str, markers: Iterable[str]) -> int:
     return best
 
 
-def separate(
-    stream: Iterable[Any], fmt: ReasoningFormat, prompt: Callable[[], str | None] = lambda: None
-) -> Iterator[Any]:
+def separate(stream: Iterable[Any], fmt: ReasoningFormat, prompt: Callable[[], str | None] = lambda: None) -> Iterator[Any]:
     """An engine stream (``str`` pieces, then a ``Result``) with its reasoning split off.
 
     Yields ``Thought`` pieces, answer ``str`` pieces and, last, the ``Result`` with
@@ -420,8 +418,7 @@ def thinking_setup(
     if think == "off":
         if switch is None:
             raise UsageError(
-                "this model's chat template has no switch to turn thinking off"
-                + (" (gpt-oss reasons at a level: low, medium or high)" if levels else ""),
+                "this model's chat template has no switch to turn thinking off" + (" (gpt-oss reasons at a level: low, medium or high)" if levels else ""),
                 hint="--think low gives the least reasoning" if levels else "--hide-thinking hides it; run prints only the answer anyway",
             )
         variables[switch] = False
@@ -529,9 +526,13 @@ def no_answer(result: Result, command: str = "run") -> str | None:
         return None
     if result.finish_reason == "length":
         what = "the reply ended inside the model's reasoning (finish_reason: length): there is no answer"
-        todo = "raise --max-tokens (or --ctx): the reasoning used them all" if command == "run" else "raise max_tokens (/set max_tokens N) or the context (/set ctx N)"
+        todo = (
+            "raise --max-tokens (or --ctx): the reasoning used them all"
+            if command == "run"
+            else "raise max_tokens (/set max_tokens N) or the context (/set ctx N)"
+        )
     else:
         what = "the model gave no answer after its reasoning"
         todo = "try again, or --think off where the template allows it" if command == "run" else "/retry, or /set think off where the template allows it"
-    where = "; the reasoning is in --json's \"reasoning\"" if command == "run" else "; /thinking shows the reasoning"
+    where = '; the reasoning is in --json\'s "reasoning"' if command == "run" else "; /thinking shows the reasoning"
     return f"{what}; {todo}{where}"

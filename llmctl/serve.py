@@ -115,13 +115,7 @@ def looks_like_path(name: str) -> bool:
     The server serves models of the store by name; such names are answered as
     unknown before the store (which would look at the disk) sees them.
     """
-    return (
-        name.startswith(("/", "~", ".", "\\"))
-        or "\\" in name
-        or bool(_DRIVE.match(name))
-        or ".." in name.split("/")
-        or not name.isprintable()
-    )
+    return name.startswith(("/", "~", ".", "\\")) or "\\" in name or bool(_DRIVE.match(name)) or ".." in name.split("/") or not name.isprintable()
 
 
 class ModelPool:
@@ -296,9 +290,7 @@ class ModelPool:
         """Unload idle models, least recently used first, until one more model of ``memory`` bytes fits
         both ``--max-loaded`` and the memory budget (per the planner's estimates)."""
         budget = self._memory_budget()
-        while self.models and (
-            len(self.models) + 1 > self.settings.max_loaded or sum(m.memory for m in self.models.values()) + memory > budget
-        ):
+        while self.models and (len(self.models) + 1 > self.settings.max_loaded or sum(m.memory for m in self.models.values()) + memory > budget):
             idle = [m for m in self.models.values() if m.busy == 0]
             if not idle:
                 raise ApiError(503, "every loaded model is busy; try again shortly", "server_error", headers={"Retry-After": "2"})

@@ -39,9 +39,7 @@ from llmctl.fileio import atomic_write_text, exclusive_lock, lock_held, now_iso,
 
 INDEX_VERSION = 1
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._:+-]{0,127}$")
-QUANT_IN_NAME_RE = re.compile(
-    r"[-._](?P<quant>(?:I?Q\d(?:_[0-9A-Z]+)*)|BF16|F16|F32|MXFP4(?:_MOE)?)$", re.IGNORECASE
-)
+QUANT_IN_NAME_RE = re.compile(r"[-._](?P<quant>(?:I?Q\d(?:_[0-9A-Z]+)*)|BF16|F16|F32|MXFP4(?:_MOE)?)$", re.IGNORECASE)
 
 
 @dataclass
@@ -197,7 +195,9 @@ class Store:
             ) from None
         version = data.get("version", 0)
         if not isinstance(version, int):
-            raise StoreError(f"model index {self.index_path} is corrupt (bad version)", hint="move it aside and re-import your models; model files are untouched")
+            raise StoreError(
+                f"model index {self.index_path} is corrupt (bad version)", hint="move it aside and re-import your models; model files are untouched"
+            )
         if version > INDEX_VERSION:
             raise StoreError(
                 f"model index {self.index_path} was written by a newer llmctl",
@@ -451,9 +451,7 @@ class Store:
         # (owner/repo/FILE@REVISION) keeps meaning it once it is shown by its short name.
         names = {row.name.lower(): row for row in rows}
         full_names = {
-            discovered_full_name(row.extra["repo"], row.extra["revision"], row.extra["filename"]).lower(): row
-            for row in rows
-            if row.kind == "discovered"
+            discovered_full_name(row.extra["repo"], row.extra["revision"], row.extra["filename"]).lower(): row for row in rows if row.kind == "discovered"
         }
         exact = names.get(lowered) or full_names.get(lowered)
         if exact is not None:
@@ -470,18 +468,11 @@ class Store:
         if len(candidates) > 1:
             raise AmbiguousNameError(text, sorted(candidates))
         close = difflib.get_close_matches(lowered, list(names), n=3, cutoff=0.5)
-        hint = (
-            f"did you mean {', '.join(close)}?"
-            if close
-            else "run `llmctl list` to see your models, or `llmctl pull NAME` to download one"
-        )
+        hint = f"did you mean {', '.join(close)}?" if close else "run `llmctl list` to see your models, or `llmctl pull NAME` to download one"
         raise NotFoundError(f"no model named '{text}'", hint=hint)
 
     def listing_for_resolution(self, entries: list[ModelEntry]) -> list[Listing]:
-        rows = [
-            Listing(e.name, e.paths, e.source_label, "registered", None, "ok", e.size, entry=e)
-            for e in entries
-        ]
+        rows = [Listing(e.name, e.paths, e.source_label, "registered", None, "ok", e.size, entry=e) for e in entries]
         return rows + self._discovered_rows(entries)
 
     def _from_row(self, row: Listing) -> ResolvedModel:
@@ -844,9 +835,7 @@ def _check_name_free(store: Store, name: str) -> None:
         )
 
 
-def _new_entry(
-    name: str, files: list[Path], source: dict[str, Any], owned: bool, size: int, hashes: list[str | None], info: gguf.ModelInfo
-) -> ModelEntry:
+def _new_entry(name: str, files: list[Path], source: dict[str, Any], owned: bool, size: int, hashes: list[str | None], info: gguf.ModelInfo) -> ModelEntry:
     return ModelEntry(
         name=name,
         files=[str(f) for f in files],
@@ -865,9 +854,7 @@ def _progress_for(progress: Callable[[str, int], Any] | None, path: Path) -> Cal
     return lambda n: progress(path.name, n)
 
 
-def _copy_parts(
-    store: Store, parts: list[Path], dest_dir: Path, progress: Callable[[str, int], Any] | None
-) -> tuple[list[Path], list[str | None]]:
+def _copy_parts(store: Store, parts: list[Path], dest_dir: Path, progress: Callable[[str, int], Any] | None) -> tuple[list[Path], list[str | None]]:
     """Copy under the folder's lock (held by the caller), hashing as the bytes pass."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     needed = sum(p.stat().st_size for p in parts)
@@ -907,4 +894,3 @@ def _copy_parts(
             dest_dir.rmdir()
         raise
     return files, hashes
-

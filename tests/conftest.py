@@ -113,9 +113,7 @@ def hub_server(hub_files: dict[str, Path]):
         parameters=134515008,
     )
     hub.add_repo("test/Tiny-GGUF", {"Tiny-Q8_0.gguf": hub_files["q8"], "Tiny-F16.gguf": hub_files["f16"]}, downloads=10)
-    hub.add_repo(
-        "test/Split-GGUF", {k.split(":", 1)[1]: v for k, v in hub_files.items() if k.startswith("split:")}, downloads=5
-    )
+    hub.add_repo("test/Split-GGUF", {k.split(":", 1)[1]: v for k, v in hub_files.items() if k.startswith("split:")}, downloads=5)
     hub.add_repo("test/Gated-GGUF", {"Gated-Q8_0.gguf": hub_files["q8"]}, gated=True)
     hub.add_repo("test/NoGGUF", {}, extra_siblings=["README.md", "model.safetensors"])
     hub.add_repo("test/Hostile-GGUF", {"../../escape-Q8_0.gguf": hub_files["q8"]})

@@ -295,12 +295,7 @@ def write_huge(path: Path, *, kvs: tuple[int, Any] = (0, ()), tensors: int = 0) 
         # Named x.00000000, x.00000001, ...: 1-D F32 tensors of 32 elements, 128 bytes each.
         info = struct.Struct("<Q10sIQIQ")
         for start in range(0, tensors, _BATCH):
-            fh.write(
-                b"".join(
-                    info.pack(10, b"x.%08d" % i, 1, 32, 0, offset + 128 * i)
-                    for i in range(start, min(start + _BATCH, tensors))
-                )
-            )
+            fh.write(b"".join(info.pack(10, b"x.%08d" % i, 1, 32, 0, offset + 128 * i) for i in range(start, min(start + _BATCH, tensors))))
         offset += 128 * tensors
         pos = fh.seek(0, 1)
         fh.seek(-pos % 32, 1)
@@ -332,9 +327,7 @@ def many_keys(count: int) -> tuple[int, Any]:
     return count, chunks()
 
 
-def string_array(
-    count: int, length: int = 0, key: str = "tokenizer.ggml.tokens", declared: int | None = None
-) -> tuple[int, Any]:
+def string_array(count: int, length: int = 0, key: str = "tokenizer.ggml.tokens", declared: int | None = None) -> tuple[int, Any]:
     """One key holding ``count`` strings of ``length`` bytes (zeros: holes when long).
 
     ``declared``: the count the array's header claims, if not ``count`` (a lie

@@ -237,8 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         auth = self.headers.get("Authorization")
         if faults.valid_tokens is not None and auth is not None and auth.removeprefix("Bearer ") not in faults.valid_tokens:
-            return self._json(401, {"error": "Invalid credentials in Authorization header"},
-                              {"X-Error-Message": "Invalid credentials in Authorization header"})
+            return self._json(401, {"error": "Invalid credentials in Authorization header"}, {"X-Error-Message": "Invalid credentials in Authorization header"})
         if faults.api_body is not None and path.startswith("/api/"):
             return self._raw(200, faults.api_body, "text/html; charset=utf-8")
         if faults.retry_after is not None and path.startswith("/api/"):
@@ -260,11 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
         words = (query.get("search", [""])[0]).lower()
         author = query.get("author", [None])[0]
         limit = int(query.get("limit", ["1000"])[0])
-        hits = [
-            r
-            for r in self.hub.repos.values()
-            if words in r.repo_id.lower() and (author is None or r.repo_id.split("/")[0].lower() == author.lower())
-        ]
+        hits = [r for r in self.hub.repos.values() if words in r.repo_id.lower() and (author is None or r.repo_id.split("/")[0].lower() == author.lower())]
         hits.sort(key=lambda r: -r.downloads)
         self._json(
             200,

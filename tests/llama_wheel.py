@@ -78,9 +78,7 @@ def cpu_identity() -> str:
     except OSError:
         pass
     try:
-        brand = subprocess.run(
-            ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False
-        ).stdout.strip()
+        brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         brand = ""
     return brand or platform.processor() or platform.machine()

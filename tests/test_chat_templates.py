@@ -417,7 +417,9 @@ def test_serve_answers_a_hostile_template_with_an_error_and_keeps_serving(tmp_pa
     try:
         for model in ("hostile", "bomb"):
             start = time.monotonic()
-            status, body, _ = server.raw("POST", "/v1/chat/completions", json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode())
+            status, body, _ = server.raw(
+                "POST", "/v1/chat/completions", json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+            )
             assert status >= 400 and "chat template failed" in body["error"]["message"], (status, body)
             assert time.monotonic() - start < 60
         # streamed: the stream ends with an error event

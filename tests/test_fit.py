@@ -167,8 +167,10 @@ def test_planner_decisions(shapes, profile: str, shape: str) -> None:
     # a better-quality candidate that was passed over was either a worse fit class or too slow
     for other in plan.candidates:
         if other.candidate.bits_per_weight > plan.chosen.candidate.bits_per_weight and other.candidate.bits_per_weight <= fit.QUALITY_CAP_BPW:
-            assert (not other.fits) or fit._CLASS_RANK[other.fit] > fit._CLASS_RANK[plan.chosen.fit] or (
-                (other.tokens_per_second or 0) < max(p.tokens_per_second or 0 for p in plan.candidates if p.fit == plan.chosen.fit) / 2
+            assert (
+                (not other.fits)
+                or fit._CLASS_RANK[other.fit] > fit._CLASS_RANK[plan.chosen.fit]
+                or ((other.tokens_per_second or 0) < max(p.tokens_per_second or 0 for p in plan.candidates if p.fit == plan.chosen.fit) / 2)
             )
 
 
@@ -209,6 +211,7 @@ def test_plan_json_is_serialisable(shapes) -> None:
 
 
 # --- the estimate against the real engine -------------------------------------------------
+
 
 @pytest.mark.slow
 def test_estimate_tracks_measured_rss_of_the_demo_model(demo_model: Path) -> None:

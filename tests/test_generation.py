@@ -46,9 +46,7 @@ def test_max_tokens_and_length_finish(cli, demo_model: Path) -> None:
 
 def test_piped_stdin_is_content_after_the_instruction(cli, demo_model: Path) -> None:
     alone = json.loads(cli("run", demo_model, "Summarise:", *GREEDY, "--max-tokens", "4", "--json").stdout)
-    piped = json.loads(
-        cli("run", demo_model, "Summarise:", *GREEDY, "--max-tokens", "4", "--json", input="A long text about cats and dogs.\n").stdout
-    )
+    piped = json.loads(cli("run", demo_model, "Summarise:", *GREEDY, "--max-tokens", "4", "--json", input="A long text about cats and dogs.\n").stdout)
     assert piped["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"] + 5
     only = cli("run", demo_model, "-", *GREEDY, "--max-tokens", "4", input="Hello there")
     assert only.exit_code == 0 and only.stdout.strip()

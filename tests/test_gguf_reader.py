@@ -33,9 +33,7 @@ def _reference_scalars(reader) -> dict:
 
 
 def _ours(header: gguf.GGUFHeader) -> dict:
-    return {
-        k: ("array", v.count) if isinstance(v, gguf.ArraySummary) else v for k, v in header.metadata.items()
-    }
+    return {k: ("array", v.count) if isinstance(v, gguf.ArraySummary) else v for k, v in header.metadata.items()}
 
 
 def _assert_matches_reference(path: Path) -> gguf.GGUFHeader:
@@ -317,7 +315,6 @@ def test_metadata_for_json_is_serialisable(demo_model: Path) -> None:
     assert doc["general.architecture"] == "llama"
 
 
-
 # --- huge headers, scaled down: every limit, property-tested --------------------------
 
 # The reader's limits shrunk ~1000x, drawn per example so that small generated files
@@ -333,9 +330,7 @@ _SMALL_RANGES = {
     "MAX_MATERIALISED_BYTES": (5_000, 60_000),
 }
 _SMALL_READS = {"MAX_ARRAY_MATERIALISE": 16, "READ_CHUNK": 64}
-SMALL_LIMITS = st.fixed_dictionaries({name: st.integers(*bounds) for name, bounds in _SMALL_RANGES.items()}).map(
-    lambda limits: limits | _SMALL_READS
-)
+SMALL_LIMITS = st.fixed_dictionaries({name: st.integers(*bounds) for name, bounds in _SMALL_RANGES.items()}).map(lambda limits: limits | _SMALL_READS)
 # Half the examples read under the real limits: then only the exact read-back is tested.
 LIMITS = st.one_of(SMALL_LIMITS, st.just(_SMALL_READS))
 _NUMBER_KINDS = [T_UINT8, T_UINT32, T_UINT64, 5, 7]  # u8, u32, u64, i32, bool
@@ -412,12 +407,9 @@ def test_huge_header_shapes_are_read_exactly_or_refused_by_a_limit(shape, patche
         "metadata keys (limit": len(raw.kvs) > limits["MAX_METADATA_KEYS"],
         "tensors (limit": len(raw.tensors) > limits["MAX_TENSORS"],
         "entries (limit": any(len(v[1]) > limits["MAX_ARRAY_LENGTH"] for _, k, v in extra if k == T_ARRAY),
-        "values inside arrays of arrays": sum(
-            len(v[1]) + sum(len(inner[1]) for inner in v[1]) for _, k, v in extra if k == T_ARRAY and v[0] == T_ARRAY
-        )
+        "values inside arrays of arrays": sum(len(v[1]) + sum(len(inner[1]) for inner in v[1]) for _, k, v in extra if k == T_ARRAY and v[0] == T_ARRAY)
         > limits["MAX_NESTED_VALUES"],
-        "strings in long arrays": sum(len(items) for items in long_arrays if items and isinstance(items[0], str))
-        > limits["MAX_SKIPPED_STRINGS"],
+        "strings in long arrays": sum(len(items) for items in long_arrays if items and isinstance(items[0], str)) > limits["MAX_SKIPPED_STRINGS"],
     }
     source = _RecordingSource(data)
     with mock.patch.multiple(gguf, **patched):

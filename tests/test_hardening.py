@@ -177,7 +177,9 @@ def test_concurrent_pulls_lists_and_a_run_during_rm(cli, hub, demo_model: Path) 
     assert hub.bytes_served().count(None) == 1  # one download
     (entry,) = _models(cli)
     # a model removed while it runs: the run keeps working from its open file
-    run = subprocess.Popen([EXE, "run", entry["name"], "Tell a long story.", "--max-tokens", "200"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [EXE, "run", entry["name"], "Tell a long story.", "--max-tokens", "200"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(1.0)
     assert cli("rm", entry["name"], "-y").exit_code == 0
     out, err = run.communicate(timeout=120)

@@ -284,9 +284,7 @@ def test_an_absurd_file_size_is_refused_before_any_read(cli, hub, size: int) -> 
     hub.faults.claimed_size = size if size > 0 else None
     if size < 0:
         hub.faults.claimed_size = None
-        hub.faults.api_body = json.dumps(
-            {"id": TINY, "sha": "0" * 40, "siblings": [{"rfilename": "Tiny-Q8_0.gguf", "size": -1}]}
-        ).encode()
+        hub.faults.api_body = json.dumps({"id": TINY, "sha": "0" * 40, "siblings": [{"rfilename": "Tiny-Q8_0.gguf", "size": -1}]}).encode()
     for args in (["pull", f"{TINY}:Q8_0"], ["search", TINY, "--files"], ["fit", TINY]):
         r = cli(*args)
         assert r.exit_code == EXIT_HUB, (args, r.stderr)

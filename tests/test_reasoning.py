@@ -98,9 +98,7 @@ def test_reasoning_and_answer_are_the_same_however_the_stream_is_cut(data) -> No
     assert shown(events) == (thought, answer)  # what streamed is what the result says
 
 
-HARMONY_REPLY = (
-    "<|channel|>analysis<|message|>User greets. Answer briefly.<|start|>assistant<|channel|>final<|message|>Hello! How can I help?"
-)
+HARMONY_REPLY = "<|channel|>analysis<|message|>User greets. Answer briefly.<|start|>assistant<|channel|>final<|message|>Hello! How can I help?"
 
 
 @settings(max_examples=300, deadline=None)

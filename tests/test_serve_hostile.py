@@ -204,7 +204,9 @@ def test_a_busy_model_does_not_stall_other_routes_or_models(models, log_check) -
         outcomes: list[int] = []
 
         def ask_a(stream: bool) -> None:
-            status, _ = client.call("POST", "/v1/chat/completions", {"model": "a", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}, timeout=90)
+            status, _ = client.call(
+                "POST", "/v1/chat/completions", {"model": "a", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}, timeout=90
+            )
             outcomes.append(status)
 
         threads = [threading.Thread(target=ask_a, args=(i % 8 == 0,)) for i in range(waiting)]
@@ -238,7 +240,9 @@ def test_a_busy_model_does_not_stall_other_routes_or_models(models, log_check) -
 def test_requests_past_the_queue_get_503_without_waiting(models, log_check) -> None:
     engines = {"a": FakeEngine("a", wait=True)}
     with serving(engines, max_queue=2) as client:
-        threads = [threading.Thread(target=client.call, args=("POST", "/v1/completions", {"model": "a", "prompt": "x"}), kwargs={"timeout": 60}) for _ in range(3)]
+        threads = [
+            threading.Thread(target=client.call, args=("POST", "/v1/completions", {"model": "a", "prompt": "x"}), kwargs={"timeout": 60}) for _ in range(3)
+        ]
         for t in threads:
             t.start()
         deadline = time.time() + 20
@@ -493,7 +497,7 @@ def test_a_failing_generation_answers_500_and_frees_the_model(models, log_check,
         client.wait_idle()
         status, stream = client.call("POST", "/v1/chat/completions", {**CHAT, "stream": True})
         assert status == 200
-        events = [line[len("data: "):] for line in stream.splitlines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in stream.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]", stream
         error = json.loads(events[-2])
         assert _is_openai_error(error, 500), stream

@@ -33,7 +33,9 @@ def bench(
     gpu_layers: Annotated[str | None, typer.Option("--gpu-layers", "-ngl", help="GPU layer counts (default: the plan's, all that fit).")] = None,
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Logical batch sizes.")] = "2048",
     ubatch_size: Annotated[str, typer.Option("--ubatch-size", "-ub", help="Physical batch sizes.")] = "512",
-    flash_attn: Annotated[str, typer.Option("--flash-attn", "-fa", help="Flash attention: auto (on wherever llama.cpp has it), on/1, off/0; 0,1 compares.")] = "auto",
+    flash_attn: Annotated[
+        str, typer.Option("--flash-attn", "-fa", help="Flash attention: auto (on wherever llama.cpp has it), on/1, off/0; 0,1 compares.")
+    ] = "auto",
     cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk", help="KV cache types for keys.")] = "f16",
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV cache types for values.")] = "f16",
     output_format: Annotated[str, typer.Option("--output", "-o", help="table, md, csv, json or jsonl (also for --history and --compare).")] = "table",
@@ -64,9 +66,18 @@ def bench(
         return
     sweep = _sweep(
         {
-            "threads": threads, "gpu_layers": gpu_layers, "batch_size": batch_size, "ubatch_size": ubatch_size,
-            "flash_attn": flash_attn, "cache_type_k": cache_type_k, "cache_type_v": cache_type_v,
-            "n_prompt": n_prompt, "n_gen": n_gen, "depth": depth, "prompt_gen": prompt_gen, "repetitions": repetitions,
+            "threads": threads,
+            "gpu_layers": gpu_layers,
+            "batch_size": batch_size,
+            "ubatch_size": ubatch_size,
+            "flash_attn": flash_attn,
+            "cache_type_k": cache_type_k,
+            "cache_type_v": cache_type_v,
+            "n_prompt": n_prompt,
+            "n_gen": n_gen,
+            "depth": depth,
+            "prompt_gen": prompt_gen,
+            "repetitions": repetitions,
         },  # fmt: skip
         hw,
     )
@@ -263,10 +274,7 @@ def _history(home: Path, fmt: str = "table") -> None:
         return
     output.emit_table(
         ["RUN", "DATE", "MODELS", "TESTS", "CPU"],
-        [
-            [r.run_id, r.created, ", ".join(sorted({row.model for row in r.rows})), len(r.rows), r.fingerprint.get("cpu_info", "-")]
-            for r in runs
-        ],
+        [[r.run_id, r.created, ", ".join(sorted({row.model for row in r.rows})), len(r.rows), r.fingerprint.get("cpu_info", "-")] for r in runs],
     )
 
 

@@ -265,6 +265,10 @@ def _show_reply(stream: Iterator[str | reasoning.Thought | Result], *, markdown:
         rate = t.generation_tokens_per_second
         hidden = " · thinking hidden (/thinking shows it)" if hide_thinking and result.reasoning else ""
         output.dim(
-            (f"{t.generated_tokens} tokens · {rate:.1f} tokens/s · first token {t.ttft_s:.2f}s" if rate else f"{t.generated_tokens} tokens · first token {t.ttft_s:.2f}s")
+            (
+                f"{t.generated_tokens} tokens · {rate:.1f} tokens/s · first token {t.ttft_s:.2f}s"
+                if rate
+                else f"{t.generated_tokens} tokens · first token {t.ttft_s:.2f}s"
+            )
             + hidden
         )

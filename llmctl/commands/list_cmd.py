@@ -22,26 +22,18 @@ def list_models(json_output: JsonOpt = False) -> None:
         output.emit_json(
             {
                 "models": [listing_json(row) for row in rows],
-                "partial_downloads": [
-                    {"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size, "in_use": p.in_use} for p in partials
-                ],
+                "partial_downloads": [{"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size, "in_use": p.in_use} for p in partials],
                 "partial_imports": [{"path": str(p.path), "size_bytes": p.size, "in_use": p.in_use} for p in copies],
             }
         )
         return
     if partials:
         total = sum(p.size for p in partials)
-        output.info(
-            f"{len(partials)} unfinished download(s) ({output.human_bytes(total)}): resume with `llmctl pull`, "
-            "or remove with `llmctl rm --partials`"
-        )
+        output.info(f"{len(partials)} unfinished download(s) ({output.human_bytes(total)}): resume with `llmctl pull`, or remove with `llmctl rm --partials`")
     stale = [p for p in copies if not p.in_use]
     if stale:
         total = sum(p.size for p in stale)
-        output.info(
-            f"{len(stale)} unfinished `import --copy` file(s) ({output.human_bytes(total)}): "
-            "remove with `llmctl rm --partials`"
-        )
+        output.info(f"{len(stale)} unfinished `import --copy` file(s) ({output.human_bytes(total)}): remove with `llmctl rm --partials`")
     if not rows:
         output.info("No models yet. Try `llmctl pull smollm2-135m-instruct` or `llmctl import FILE.gguf`.")
         return

@@ -65,7 +65,7 @@ def pull_command(
     if json_output:
         output.emit_json(_json(pull_plan, entry.name, False))
         return
-    output.info(f"Pulled {entry.name}. Try: llmctl run {entry.name} \"Hello\"  or  llmctl chat {entry.name}")
+    output.info(f'Pulled {entry.name}. Try: llmctl run {entry.name} "Hello"  or  llmctl chat {entry.name}')
     output.emit_text(entry.name)
 
 

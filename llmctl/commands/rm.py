@@ -29,9 +29,7 @@ def rm(
         bool,
         typer.Option("--delete-files", help="Also delete files llmctl does not own (imported in place, or found in the HF cache)."),
     ] = False,
-    partials: Annotated[
-        bool, typer.Option("--partials", help="Remove unfinished downloads and import copies (none in use).")
-    ] = False,
+    partials: Annotated[bool, typer.Option("--partials", help="Remove unfinished downloads and import copies (none in use).")] = False,
     json_output: JsonOpt = False,
 ) -> None:
     """Remove models: their index entry, and the files llmctl owns (others only with --delete-files)."""
@@ -63,9 +61,7 @@ def rm(
     for removal in plan:
         _apply(store, removal)
     if json_output:
-        output.emit_json(
-            {"removed": [{"name": r.resolved.name, "deleted_files": [str(p) for p in r.delete]} for r in plan]}
-        )
+        output.emit_json({"removed": [{"name": r.resolved.name, "deleted_files": [str(p) for p in r.delete]} for r in plan]})
     else:
         output.info(f"Removed {', '.join(r.resolved.name for r in plan)}")
 

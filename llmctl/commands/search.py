@@ -47,10 +47,7 @@ def search(
         return
     output.emit_table(
         ["REPO", "CATALOG NAME", "DOWNLOADS", "LIKES", "UPDATED", "PARAMS"],
-        [
-            [h.repo_id, h.catalog_name or "", _count(h.downloads), _count(h.likes), h.updated or "-", output.human_count(h.parameters)]
-            for h in rows
-        ],
+        [[h.repo_id, h.catalog_name or "", _count(h.downloads), _count(h.likes), h.updated or "-", output.human_count(h.parameters)] for h in rows],
         right_align=("DOWNLOADS", "LIKES", "PARAMS"),
     )
 

@@ -21,7 +21,9 @@ ServerOpt = Annotated[
 
 
 def serve(
-    models: Annotated[list[str] | None, typer.Argument(help="Models to load now (any model in the store loads on its first request).", show_default=False, metavar="MODEL...")] = None,
+    models: Annotated[
+        list[str] | None, typer.Argument(help="Models to load now (any model in the store loads on its first request).", show_default=False, metavar="MODEL...")
+    ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback should have --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="LLMCTL_API_KEY", help="Require 'Authorization: Bearer KEY' (LLMCTL_API_KEY).")] = None,
@@ -57,8 +59,14 @@ def ps(server: ServerOpt = f"http://127.0.0.1:{DEFAULT_PORT}", json_output: Anno
     output.emit_table(
         ["NAME", "MEMORY", "CONTEXT", "GPU LAYERS", "BUSY", "EXPIRES"],
         [
-            [m["name"], output.human_bytes(m["memory_bytes"]), m["n_ctx"], m["n_gpu_layers"], m["busy"],
-             "never" if m["expires_in_s"] is None else f"in {m['expires_in_s']:.0f}s"]  # fmt: skip
+            [
+                m["name"],
+                output.human_bytes(m["memory_bytes"]),
+                m["n_ctx"],
+                m["n_gpu_layers"],
+                m["busy"],
+                "never" if m["expires_in_s"] is None else f"in {m['expires_in_s']:.0f}s",
+            ]  # fmt: skip
             for m in data["models"]
         ],
         right_align=("MEMORY", "CONTEXT", "GPU LAYERS", "BUSY"),
@@ -142,4 +150,6 @@ def _call(server: str, method: str, path: str, body: dict[str, Any] | None = Non
     except ValueError as exc:  # a malformed address, or something that is not an llmctl server answering
         raise LlmctlError(f"no llmctl server at {server} ({exc})", hint="check --server / LLMCTL_SERVER") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise LlmctlError(f"no llmctl server at {server} ({getattr(exc, 'reason', exc)})", hint="start one with `llmctl serve`, or set --server / LLMCTL_SERVER") from None
+        raise LlmctlError(
+            f"no llmctl server at {server} ({getattr(exc, 'reason', exc)})", hint="start one with `llmctl serve`, or set --server / LLMCTL_SERVER"
+        ) from None

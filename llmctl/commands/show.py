@@ -39,10 +39,7 @@ def show(
     total = info.total_tensor_bytes or 1
     output.emit_table(
         ["TENSOR TYPE", "TENSORS", "BYTES", "SHARE"],
-        [
-            [name, slot["count"], output.human_bytes(slot["bytes"]), f"{100 * slot['bytes'] / total:.1f}%"]
-            for name, slot in info.tensor_types.items()
-        ],
+        [[name, slot["count"], output.human_bytes(slot["bytes"]), f"{100 * slot['bytes'] / total:.1f}%"] for name, slot in info.tensor_types.items()],
         right_align=("TENSORS", "BYTES", "SHARE"),
     )
 
