@@ -11,12 +11,12 @@ export LLMCTL_DEMO_MODEL := $(DEMO_MODEL)
 .PHONY: setup llama-cpp demo lint test bench bench-compare docs clean
 
 # llama-cpp-python is compiled once per machine and CMAKE_ARGS into $(DEMO_DIR)/wheels
-# (see tests/llama_wheel.py), not taken from pip's cache, which would hand one CPU's
+# (see tools/llama_wheel.py), not taken from pip's cache, which would hand one CPU's
 # native build to another. Runs every time (a no-op when the right wheel is installed),
 # so `CMAKE_ARGS=... make setup` switches the build, and always before the install below.
 llama-cpp:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) tests/llama_wheel.py --cache $(DEMO_DIR) --venv-python $(PY) >/dev/null
+	@$(PY) tools/llama_wheel.py --cache $(DEMO_DIR) --venv-python $(PY) >/dev/null
 
 # Reinstalls only when pyproject.toml changes.
 $(STAMP): pyproject.toml | llama-cpp
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | llama-cpp
 	touch $@
 
 $(DEMO_MODEL): | $(STAMP)
-	$(PY) tests/demo_model.py --dest $(DEMO_DIR)
+	$(PY) tools/demo_model.py --dest $(DEMO_DIR)
 
 setup: llama-cpp $(STAMP) $(DEMO_MODEL)
 
@@ -58,7 +58,7 @@ bench-compare: setup
 
 # Regenerates docs/commands.md from the commands' --help (a test fails when it is stale).
 docs: $(STAMP)
-	$(PY) docs/gen_commands.py > docs/commands.md
+	$(PY) tools/gen_commands.py > docs/commands.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

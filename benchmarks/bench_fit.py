@@ -2,7 +2,7 @@
 
 Estimate vs measured: the process's resident-memory growth from before the
 load to after a 512-token prompt batch and 4 generated tokens (llama-cpp-python
-defaults otherwise), measured in a fresh process by tests/measure_rss.py,
+defaults otherwise), measured in a fresh process by tests/support/measure_rss.py,
 against ``fit.estimate_memory(..., depth=512, n_outputs=1)`` — the estimate for
 that same point. Target: within 10%. Models: the demo model at three context
 sizes, and two synthetic models of other shapes and architectures.
@@ -19,17 +19,18 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, Row, wall_of_command
-from demo_model import DEFAULT_DIR, ensure_demo_model
-from loadable_models import build
 
-from llmctl import fit, gguf
+from llmctl import gguf
+from llmctl.plan import fit
+from tests.support.loadable_models import build
+from tools.demo_model import DEFAULT_DIR, ensure_demo_model
 
 MIB = 1024**2
 LLMCTL = str(Path(sys.executable).with_name("llmctl"))
 
 
 def measured_rss(model: Path, n_ctx: int) -> int:
-    script = ROOT / "tests" / "measure_rss.py"
+    script = ROOT / "tests" / "support" / "measure_rss.py"
     out = subprocess.run([sys.executable, str(script), str(model), str(n_ctx)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["rss_growth"]
 

@@ -12,9 +12,9 @@ import tempfile
 from pathlib import Path
 
 from common import Row, median_seconds, wall_of_command
-from demo_model import ensure_demo_model
 
 from llmctl import gguf
+from tools.demo_model import ensure_demo_model
 
 LLMCTL = str(Path(sys.executable).with_name("llmctl"))
 

@@ -2,7 +2,7 @@
 
 - run's generation rate (tokens after the first ÷ time from first to last
   token, from `llmctl run --json`, median of 3) against the engine's raw decode
-  rate measured with llama-bench's tg128 method (llmctl.bench, 5 repetitions
+  rate measured with llama-bench's tg128 method (llmctl.bench.measure, 5 repetitions
   after a warm-up), same threads. Target >= 95%.
 - Command start to first token for a short prompt (wall clock from spawning
   `llmctl run` to its first byte on stdout), with its breakdown: interpreter
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from common import Row
-from demo_model import ensure_demo_model
+
+from tools.demo_model import ensure_demo_model
 
 LLMCTL = str(Path(sys.executable).with_name("llmctl"))
 THREADS = 2
@@ -40,7 +41,7 @@ def _run_json(model: Path, prompt: str, *args: str) -> dict:
 def _raw_tg(model: Path) -> float:
     import llama_cpp
 
-    from llmctl.bench import measure
+    from llmctl.bench.measure import measure
 
     llm = llama_cpp.Llama(str(model), n_ctx=1024, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
     return measure(llm, n_gen=128, repetitions=5).avg_ts
@@ -69,10 +70,11 @@ def _imports_wall() -> float:
 
 
 def _chat_turns(model: Path) -> tuple[float, float, int, int]:
-    from llmctl import gguf, hardware
-    from llmctl.chat import ChatSession
-    from llmctl.engine import Engine, SamplingSettings
-    from llmctl.fit import Candidate, make_plan
+    from llmctl import gguf
+    from llmctl.engine.chat import ChatSession
+    from llmctl.engine.llama import Engine, SamplingSettings
+    from llmctl.plan import hardware
+    from llmctl.plan.fit import Candidate, make_plan
 
     info = gguf.read_model([model])[1]
     plan = make_plan([Candidate("demo", info, model.stat().st_size)], hardware.load_profile("laptop-8gb"))

@@ -1,4 +1,4 @@
-"""Download speed and remote header reads, against the local Hub server (tests/hub_server.py).
+"""Download speed and remote header reads, against the local Hub server (tests/support/hub_server.py).
 
 - Transfer: llmctl's download (``hub.download_file``: a Range-capable stream
   into the partial file, then placed in the HF cache layout) of a 512 MiB
@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from common import ROOT, Row
-from demo_model import ensure_demo_model
 
-from llmctl import hub
+from llmctl.models import hub
+from tools.demo_model import ensure_demo_model
 
 SIZE = 512 * 1024 * 1024
 ROUNDS = 5
@@ -47,7 +47,7 @@ def run() -> list[Row]:
         demo = ensure_demo_model()
         # The server runs in its own process, as a real one would: no GIL shared with the client.
         server = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "hub_server.py"), str(big), str(demo)],
+            [sys.executable, str(ROOT / "tests" / "support" / "hub_server.py"), str(big), str(demo)],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -24,7 +24,8 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, Row
-from demo_model import ensure_demo_model
+
+from tools.demo_model import ensure_demo_model
 
 LLMCTL = str(Path(sys.executable).with_name("llmctl"))
 ROUNDS = 6

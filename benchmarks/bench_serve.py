@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 
 from common import Row
-from demo_model import ensure_demo_model
+
+from tools.demo_model import ensure_demo_model
 
 LLMCTL = str(Path(sys.executable).with_name("llmctl"))
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -38,9 +39,10 @@ def _port() -> int:
 
 
 def _engine(model: Path):
-    from llmctl import gguf, hardware
-    from llmctl.engine import Engine
-    from llmctl.fit import Candidate, make_plan
+    from llmctl import gguf
+    from llmctl.engine.llama import Engine
+    from llmctl.plan import hardware
+    from llmctl.plan.fit import Candidate, make_plan
 
     info = gguf.read_model([model])[1]
     plan = make_plan([Candidate("demo", info, model.stat().st_size)], hardware.load_profile("laptop-8gb"))
@@ -48,7 +50,7 @@ def _engine(model: Path):
 
 
 def _in_process(engine) -> tuple[float, float]:
-    from llmctl.engine import Result, SamplingSettings
+    from llmctl.engine.llama import Result, SamplingSettings
 
     result = [p for p in engine.chat(MESSAGES, SamplingSettings(temperature=0, max_tokens=TOKENS, seed=1)) if isinstance(p, Result)][0]
     return result.timings.ttft_s, result.timings.generation_tokens_per_second

@@ -5,7 +5,7 @@
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 # Same CPU options as the llama-cpp-python wheel `make setup` builds
-# (tests/llama_wheel.py): native, without the AMX kernels on x86-64.
+# (tools/llama_wheel.py): native, without the AMX kernels on x86-64.
 NO_AMX=""
 case "$(uname -m)" in x86_64|amd64) NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" ;; esac
 CACHE="${LLMCTL_DEV_CACHE:-$HOME/.cache/llmctl-dev}/llama-bench-$VERSION${NO_AMX:+-noamx}"

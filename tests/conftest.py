@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from demo_model import ensure_demo_model  # noqa: E402
-
-from llmctl import config  # noqa: E402
+from llmctl import config
+from tools.demo_model import ensure_demo_model
 
 # Resolved before any test changes HOME or XDG_CACHE_HOME.
 _DEMO_ENV = os.environ.get("LLMCTL_DEMO_MODEL")
@@ -69,7 +65,7 @@ def cli():
 @pytest.fixture
 def make_gguf(tmp_path: Path):
     """Write a small valid llama-style GGUF with the gguf package; returns its path."""
-    from gguf_factory import write_model
+    from tests.support.gguf_factory import write_model
 
     counter = iter(range(10_000))
 
@@ -84,7 +80,7 @@ def make_gguf(tmp_path: Path):
 @pytest.fixture(scope="session")
 def hub_files(tmp_path_factory, demo_model: Path) -> dict[str, Path]:
     """GGUF files the local hub serves: the demo model and generated variants."""
-    from gguf_factory import write_model
+    from tests.support.gguf_factory import write_model
 
     folder = tmp_path_factory.mktemp("hub-files")
     files = {"demo": demo_model}
@@ -102,7 +98,7 @@ def hub_files(tmp_path_factory, demo_model: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def hub_server(hub_files: dict[str, Path]):
     """The local Hub, serving a handful of repos (see tests/hub_server.py)."""
-    from hub_server import FakeHub
+    from tests.support.hub_server import FakeHub
 
     hub = FakeHub()
     hub.add_repo(
@@ -126,7 +122,7 @@ def hub_server(hub_files: dict[str, Path]):
 @pytest.fixture
 def hub(hub_server, monkeypatch: pytest.MonkeyPatch):
     """The local Hub for one test: HF_ENDPOINT points at it, faults and log reset, fast retries."""
-    from hub_server import Faults
+    from tests.support.hub_server import Faults
 
     hub_server.faults = Faults()
     hub_server.log.clear()
@@ -135,7 +131,7 @@ def hub(hub_server, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "5")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("llmctl.hub._backoff", lambda attempt: None)
+    monkeypatch.setattr("llmctl.models.hub._backoff", lambda attempt: None)
     yield hub_server
     # A bug in the fake Hub itself must not pass silently (clients hanging up
     # are expected and are not recorded).

@@ -129,9 +129,9 @@ def test_safe_escapes_terminal_controls() -> None:
 
 
 def test_docs_command_reference_is_current() -> None:
+    from tools.gen_commands import render
+
     root = Path(__file__).parent.parent
-    sys.path.insert(0, str(root / "docs"))
-    from gen_commands import render
 
     assert (root / "docs" / "commands.md").read_text() == render(), "run `make docs`"
 

@@ -20,9 +20,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmctl import benchreport, benchrun, output
+from llmctl import output
+from llmctl.bench import report as benchreport
+from llmctl.bench import run as benchrun
 from llmctl.errors import EXIT_USAGE
-from llmctl.store import sha256_file
+from llmctl.models.store import sha256_file
 
 EXE = str(Path(sys.executable).with_name("llmctl"))
 
@@ -164,7 +166,7 @@ def _with_strings(src: Path, dst: Path, strings: dict[str, str]) -> Path:
 @pytest.fixture
 def tiny_model(demo_model: Path, tmp_path: Path) -> Path:
     """A model llama.cpp loads in a blink (random weights, the demo model's tokenizer)."""
-    from loadable_models import build
+    from tests.support.loadable_models import build
 
     return build(demo_model, tmp_path, "tiny-llama")
 

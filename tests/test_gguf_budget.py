@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gguf_factory import (
+
+from llmctl import gguf
+from llmctl.errors import InvalidModelError
+from tests.support.gguf_factory import (
     T_STRING,
     T_UINT8,
     T_UINT32,
@@ -27,10 +30,7 @@ from gguf_factory import (
     string_array,
     write_huge,
 )
-from measure_rss import Run, run_llmctl
-
-from llmctl import gguf
-from llmctl.errors import InvalidModelError
+from tests.support.measure_rss import Run, run_llmctl
 
 # Generous for a loaded 2-core machine: the reader itself takes well under a
 # second; before these limits the same files took 14-60 s and 0.5-1 GB.
@@ -167,7 +167,7 @@ def test_a_string_that_would_widen_in_memory_is_charged_before_decoding(tmp_path
 
 
 def gguf_kv_string(key: str, text: str) -> bytes:
-    from gguf_factory import _kv_head, gstr
+    from tests.support.gguf_factory import _kv_head, gstr
 
     return _kv_head(key, T_STRING) + gstr(text)
 

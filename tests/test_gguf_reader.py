@@ -7,12 +7,12 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from gguf_factory import T_ARRAY, T_STRING, T_UINT8, T_UINT32, T_UINT64, RawGGUF, RawTensor, gstr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmctl import gguf
 from llmctl.errors import InvalidModelError
+from tests.support.gguf_factory import T_ARRAY, T_STRING, T_UINT8, T_UINT32, T_UINT64, RawGGUF, RawTensor, gstr
 
 
 def _reference_scalars(reader) -> dict:

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from gguf_factory import RawGGUF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_gguf_reader import VARIANTS
 
 from llmctl import gguf
 from llmctl.errors import InvalidModelError, NotFoundError
+from tests.support.gguf_factory import RawGGUF
+from tests.test_gguf_reader import VARIANTS
 
 DEMO_REPO = "bartowski/SmolLM2-135M-Instruct-GGUF"
 DEMO_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -89,7 +89,7 @@ def test_fuzzed_headers_never_crash_the_reader(tmp_path_factory, data) -> None:
 
 @pytest.fixture(scope="module")
 def hostile_template_model(tmp_path_factory, demo_model: Path) -> Path:
-    from loadable_models import build
+    from tests.support.loadable_models import build
 
     template = (
         "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -152,7 +152,7 @@ def test_disk_filling_up_mid_download(cli, hub, tmp_path: Path, monkeypatch) -> 
         monkeypatch.setenv("HF_HUB_CACHE", str(small))
         r = cli("pull", DEMO_REPO)  # 98 MB into 40 MB: refused before downloading
         assert r.exit_code == 1 and "not enough disk space" in r.stderr
-        monkeypatch.setattr("llmctl.pull.check_disk", lambda *_a: None)  # as if the disk filled up meanwhile
+        monkeypatch.setattr("llmctl.models.pull.check_disk", lambda *_a: None)  # as if the disk filled up meanwhile
         r = cli("pull", DEMO_REPO)
         assert r.exit_code == 1 and "No space left on device" in r.stderr and "Traceback" not in r.stderr
         assert _models(cli) == []

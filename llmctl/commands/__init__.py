@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llmctl.config import get_settings
-from llmctl.store import Store
+from llmctl.models.store import Store
 
 
 def open_store() -> Store:

@@ -13,11 +13,11 @@ from llmctl import gguf, output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import LlmctlError, UsageError
-from llmctl.hardware import _machine_key, get_hardware
 from llmctl.options import ModelsArg
+from llmctl.plan.hardware import _machine_key, get_hardware
 
 if TYPE_CHECKING:
-    from llmctl import benchrun
+    from llmctl.bench import run as benchrun
 
 OUTPUTS = ("table", "md", "csv", "json", "jsonl")
 
@@ -47,7 +47,8 @@ def bench(
     tune: Annotated[bool, typer.Option("--tune", help="Find the fastest threads / batch / GPU layers for MODEL and save them for run and chat.")] = False,
 ) -> None:
     """Benchmark models like llama-bench (pp/tg tokens per second, its defaults), with roofline, load and first-token figures."""
-    from llmctl import benchreport, benchrun
+    from llmctl.bench import report as benchreport
+    from llmctl.bench import run as benchrun
 
     home = get_settings().home
     if output_format not in OUTPUTS:
@@ -131,8 +132,8 @@ def _reasons(failed: list[dict]) -> str:
 
 
 def _sweep(args: dict, hw) -> benchrun.Sweep:
-    from llmctl import benchrun
-    from llmctl.bench import parse_flash_attn, parse_pairs, parse_sweep
+    from llmctl.bench import run as benchrun
+    from llmctl.bench.measure import parse_flash_attn, parse_pairs, parse_sweep
     from llmctl.commands.fit_cmd import _cache_type
 
     for name, flag in (("cache_type_k", "--cache-type-k"), ("cache_type_v", "--cache-type-v")):
@@ -157,7 +158,7 @@ def _sweep(args: dict, hw) -> benchrun.Sweep:
 def _models(names: list[str], run: benchrun.BenchRun) -> list[benchrun.BenchModel]:
     """Resolve every model; with several, one that fails is reported and the others still run
     (the command then exits 1, naming it)."""
-    from llmctl import benchrun
+    from llmctl.bench import run as benchrun
 
     store = open_store()
     found = []
@@ -201,7 +202,7 @@ class _Progress:
         from rich.console import Group
         from rich.table import Table
 
-        from llmctl import benchreport
+        from llmctl.bench import report as benchreport
 
         columns, rows = benchreport.table_rows(self.run)
         table = Table(box=box.SIMPLE_HEAD)
@@ -212,7 +213,7 @@ class _Progress:
         return Group(table, self.bar)
 
     def row(self, row: benchrun.Row) -> None:
-        from llmctl import benchreport
+        from llmctl.bench import report as benchreport
 
         if self.live is not None:
             self.bar.update(self.task, advance=1, description=row.test)
@@ -229,7 +230,7 @@ class _Progress:
 
 
 def _render(run: benchrun.BenchRun, fmt: str, *, extras: bool = True) -> None:
-    from llmctl import benchreport
+    from llmctl.bench import report as benchreport
 
     if fmt == "md":
         output.emit_text(benchreport.to_markdown(run))
@@ -261,7 +262,7 @@ def _render(run: benchrun.BenchRun, fmt: str, *, extras: bool = True) -> None:
 
 
 def _history(home: Path, fmt: str = "table") -> None:
-    from llmctl import benchrun
+    from llmctl.bench import run as benchrun
 
     runs = benchrun.list_runs(home)
     if fmt in ("json", "jsonl"):
@@ -279,7 +280,8 @@ def _history(home: Path, fmt: str = "table") -> None:
 
 
 def _compare(home: Path, ids: tuple[str, str], fmt: str = "table") -> None:
-    from llmctl import benchreport, benchrun
+    from llmctl.bench import report as benchreport
+    from llmctl.bench import run as benchrun
 
     a, b = (benchrun.load_run(home, run_id) for run_id in ids)
     pairs = benchrun.compare(a, b)
@@ -300,7 +302,8 @@ def _compare(home: Path, ids: tuple[str, str], fmt: str = "table") -> None:
 
 
 def _tune(home: Path, name: str, hw) -> None:
-    from llmctl import benchrun, tune
+    from llmctl.bench import run as benchrun
+    from llmctl.bench import tune
 
     resolved = open_store().resolve(name)
     _, info = gguf.read_model(resolved.paths)

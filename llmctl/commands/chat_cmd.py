@@ -8,12 +8,14 @@ from typing import Annotated, Callable, Iterator
 
 import typer
 
-from llmctl import output, reasoning
-from llmctl.chat import ChatSession, Command
+from llmctl import output
 from llmctl.commands import open_store
 from llmctl.commands.generation import overrides_from_flags, sampling_from_flags
 from llmctl.config import get_settings
-from llmctl.engine import Engine, ReloadError, Result
+from llmctl.engine import reasoning
+from llmctl.engine.chat import ChatSession, Command
+from llmctl.engine.llama import Engine, ReloadError, Result
+from llmctl.engine.runner import Loaded, open_model, reload_with_context
 from llmctl.errors import LlmctlError
 from llmctl.options import (
     ChatFormatOpt,
@@ -33,7 +35,6 @@ from llmctl.options import (
     TopKOpt,
     TopPOpt,
 )
-from llmctl.runner import Loaded, open_model, reload_with_context
 
 BLOCK = '"""'
 

@@ -7,13 +7,15 @@ from typing import Annotated
 
 import typer
 
-from llmctl import fit, gguf, hub, output
+from llmctl import gguf, output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
+from llmctl.engine.runner import merge_tuned
 from llmctl.errors import NotFoundError, UsageError
-from llmctl.hardware import get_hardware
+from llmctl.models import hub
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
-from llmctl.runner import merge_tuned
+from llmctl.plan import fit
+from llmctl.plan.hardware import get_hardware
 
 
 def fit_command(
@@ -43,7 +45,7 @@ def fit_command(
         overrides = merge_tuned(overrides, tuned)
     plan = fit.make_plan(candidates, hw, overrides, force=True)
     if tuned:
-        from llmctl.benchrun import describe_tuned
+        from llmctl.bench.run import describe_tuned
 
         plan.reasons.append(f"tuned on this machine by `bench --tune`: {describe_tuned(tuned)}")
     if json_output:
@@ -55,8 +57,8 @@ def fit_command(
 
 
 def _tuned_for(candidates: list[fit.Candidate]) -> dict | None:
-    from llmctl.benchrun import load_tuned
-    from llmctl.hardware import _machine_key
+    from llmctl.bench.run import load_tuned
+    from llmctl.plan.hardware import _machine_key
 
     if len(candidates) != 1 or not candidates[0].location or not Path(candidates[0].location).exists():
         return None
@@ -68,8 +70,8 @@ def _local_or_remote(model: str) -> list[fit.Candidate]:
     try:
         resolved = open_store().resolve(model)
     except NotFoundError:
-        from llmctl import pull
-        from llmctl.catalog import parse_ref
+        from llmctl.models import pull
+        from llmctl.models.catalog import parse_ref
 
         ref = parse_ref(model)
         if ref is None or model.startswith((".", "/", "~")) or model.lower().endswith(".gguf") and ref.filename is None:

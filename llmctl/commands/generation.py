@@ -6,8 +6,8 @@ import os
 import sys
 
 from llmctl import output
-from llmctl.engine import SamplingSettings, Timings
-from llmctl.fit import Overrides
+from llmctl.engine.llama import SamplingSettings, Timings
+from llmctl.plan.fit import Overrides
 
 
 def sampling_from_flags(

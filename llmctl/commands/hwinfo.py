@@ -8,8 +8,8 @@ import typer
 
 from llmctl import output
 from llmctl.config import get_settings
-from llmctl.hardware import HardwareInfo, build_warnings, get_hardware, probe, reinstall_hint
 from llmctl.options import HwProfileOpt, JsonOpt
+from llmctl.plan.hardware import HardwareInfo, build_warnings, get_hardware, probe, reinstall_hint
 
 
 def hwinfo(

@@ -9,8 +9,8 @@ import typer
 
 from llmctl import gguf, output
 from llmctl.commands import open_store
+from llmctl.models.store import import_model
 from llmctl.options import JsonOpt
-from llmctl.store import import_model
 
 
 def import_(

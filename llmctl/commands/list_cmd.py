@@ -6,13 +6,13 @@ from typing import Any
 
 from llmctl import output
 from llmctl.commands import open_store
+from llmctl.models.store import Listing, find_import_partials
 from llmctl.options import JsonOpt
-from llmctl.store import Listing, find_import_partials
 
 
 def list_models(json_output: JsonOpt = False) -> None:
     """List local models: registered ones and GGUF files found in the Hugging Face cache."""
-    from llmctl import hub
+    from llmctl.models import hub
 
     store = open_store()
     rows = store.listing()

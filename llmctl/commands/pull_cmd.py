@@ -6,13 +6,14 @@ from typing import Annotated
 
 import typer
 
-from llmctl import output, pull
+from llmctl import output
 from llmctl.commands import open_store
 from llmctl.commands.fit_cmd import render_candidates
 from llmctl.config import get_settings
-from llmctl.fit import Overrides
-from llmctl.hardware import get_hardware
+from llmctl.models import pull
 from llmctl.options import CtxOpt, HwProfileOpt, JsonOpt
+from llmctl.plan.fit import Overrides
+from llmctl.plan.hardware import get_hardware
 
 
 def pull_command(

@@ -12,8 +12,8 @@ import typer
 from llmctl import output
 from llmctl.commands import open_store
 from llmctl.errors import UsageError
+from llmctl.models.store import ResolvedModel, Store, find_import_partials, remove_download_partial, remove_import_partial
 from llmctl.options import JsonOpt, ModelsArg, YesOpt
-from llmctl.store import ResolvedModel, Store, find_import_partials, remove_download_partial, remove_import_partial
 
 
 @dataclass
@@ -109,7 +109,7 @@ def _in_hf_cache(removal: Removal) -> bool:
 
 
 def _remove_partials(store: Store, json_output: bool) -> None:
-    from llmctl import hub
+    from llmctl.models import hub
 
     removed: list[tuple[Path, str | None, int]] = []  # path, repo (None: an import's copy), size
     for partial in hub.find_partials(store.settings.hf_hub_cache):

@@ -10,10 +10,12 @@ from typing import Annotated, Any, Iterable
 
 import typer
 
-from llmctl import output, reasoning
+from llmctl import output
 from llmctl.commands import open_store
 from llmctl.commands.generation import end_partial_line, overrides_from_flags, print_summary, sampling_from_flags
-from llmctl.engine import Result, grammar_for
+from llmctl.engine import reasoning
+from llmctl.engine.llama import Result, grammar_for
+from llmctl.engine.runner import open_model
 from llmctl.errors import NotFoundError, UsageError
 from llmctl.options import (
     ChatFormatOpt,
@@ -35,7 +37,6 @@ from llmctl.options import (
     TopPOpt,
     VerboseOpt,
 )
-from llmctl.runner import open_model
 
 
 def run(

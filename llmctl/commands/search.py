@@ -6,11 +6,13 @@ from typing import Annotated, Any
 
 import typer
 
-from llmctl import fit, hub, output
-from llmctl.catalog import CatalogEntry, parse_ref, search_catalog
+from llmctl import output
 from llmctl.config import get_settings
 from llmctl.errors import UsageError
+from llmctl.models import hub
+from llmctl.models.catalog import CatalogEntry, parse_ref, search_catalog
 from llmctl.options import HwProfileOpt, JsonOpt
+from llmctl.plan import fit
 
 
 def search(
@@ -99,8 +101,8 @@ def _hit_json(hit: hub.SearchHit) -> dict[str, Any]:
 
 
 def _files(query: str, hw_profile: str | None, json_output: bool) -> None:
-    from llmctl import pull
-    from llmctl.hardware import get_hardware
+    from llmctl.models import pull
+    from llmctl.plan.hardware import get_hardware
 
     ref = parse_ref(query)
     if ref is None:

@@ -33,7 +33,7 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a busy model before 503.")] = 8,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (chat, completions, streaming, JSON mode)."""
-    from llmctl.serve import ModelPool, ServerSettings, run_server
+    from llmctl.serve.app import ModelPool, ServerSettings, run_server
 
     if not _is_loopback(host) and not api_key:
         output.warn(f"binding to {host} without --api-key: anyone who can reach this port can use your models")

@@ -9,8 +9,8 @@ import typer
 from llmctl import gguf, output
 from llmctl.commands import open_store
 from llmctl.errors import LlmctlError
+from llmctl.models.store import ResolvedModel
 from llmctl.options import JsonOpt, ModelArg
-from llmctl.store import ResolvedModel
 
 
 def show(
@@ -82,9 +82,9 @@ def _fields(resolved: ResolvedModel, info: gguf.ModelInfo) -> list[tuple[str, An
 
 
 def _tuned(resolved: ResolvedModel) -> str:
-    from llmctl.benchrun import describe_tuned, load_tuned
+    from llmctl.bench.run import describe_tuned, load_tuned
     from llmctl.config import get_settings
-    from llmctl.hardware import _machine_key
+    from llmctl.plan.hardware import _machine_key
 
     tuned = load_tuned(get_settings().home, _machine_key(), resolved.paths)
     if not tuned:

@@ -1,0 +1,308 @@
+"""Benchmark results as text: llama-bench's markdown, CSV, JSON, JSONL; bar charts (terminal and SVG).
+
+Field names and types follow llama-bench's JSON/CSV output where they exist,
+so tools that read llama-bench's files read these (``flash_attn`` is a
+number, 0 or 1, as there; CSV writes every boolean as 0 or 1, as llama-bench
+does); llmctl's own fields are added after them (docs/json.md lists both).
+
+Text cells come from model files (``general.*`` metadata, file names) and are
+untrusted. JSON and JSONL escape every non-ASCII character and so stay exact.
+Markdown is read on terminals and in documents: control and bidi characters
+are shown escaped and ``|`` cannot split a cell. CSV is data but is often
+opened in a terminal or a spreadsheet: control and bidi characters are shown
+escaped, and a text cell that a spreadsheet would run as a formula (one that
+starts with ``=``, ``+``, ``-``, ``@``) gets a leading ``'``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from html import escape
+from typing import Any
+
+from llmctl.bench.run import BenchRun, Row
+from llmctl.output import safe
+
+LLAMA_BENCH_FIELDS = [
+    "build_commit", "build_number", "cpu_info", "gpu_info", "backends", "model_filename", "model_type",
+    "model_size", "model_n_params", "n_batch", "n_ubatch", "n_threads", "type_k", "type_v", "n_gpu_layers",
+    "flash_attn", "n_prompt", "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts",
+]  # fmt: skip
+LLMCTL_FIELDS = ["test", "noisy", "bytes_per_token", "bandwidth_gbs", "roofline_pct", "status", "model", "run_id", "llmctl_version"]
+
+
+def record(run: BenchRun, row: Row) -> dict[str, Any]:
+    """One result as a flat record: llama-bench's fields, then llmctl's, then the samples."""
+    data = asdict(row)
+    fp = run.fingerprint
+    out: dict[str, Any] = {}
+    for name in LLAMA_BENCH_FIELDS:
+        out[name] = fp.get(name) if name in ("build_commit", "build_number", "cpu_info", "gpu_info", "backends") else data.get(name)
+    out["flash_attn"] = int(row.flash_attn)  # llama-bench's is a number: 0, 1 (or -1, auto, which llmctl resolves)
+    for name in LLMCTL_FIELDS:
+        out[name] = run.run_id if name == "run_id" else fp.get(name) if name == "llmctl_version" else data.get(name)
+    out["samples_ns"] = data["samples_ns"]
+    out["samples_ts"] = data["samples_ts"]
+    return out
+
+
+def to_json(run: BenchRun) -> str:
+    doc = {
+        "run_id": run.run_id,
+        "created": run.created,
+        "interrupted": run.interrupted,
+        "fingerprint": run.fingerprint,
+        "results": [record(run, r) for r in run.rows],
+        "extras": [asdict(e) for e in run.extras],
+        "failed_models": run.failed_models,
+    }
+    return json.dumps(doc, indent=2)
+
+
+def to_jsonl(run: BenchRun) -> str:
+    return "".join(json.dumps(record(run, r)) + "\n" for r in run.rows)
+
+
+def to_csv(run: BenchRun) -> str:
+    buffer = io.StringIO()
+    fields = LLAMA_BENCH_FIELDS + LLMCTL_FIELDS + ["samples_ns", "samples_ts"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in run.rows:
+        rec = record(run, row)
+        rec["samples_ns"] = ";".join(str(v) for v in rec["samples_ns"])
+        rec["samples_ts"] = ";".join(str(v) for v in rec["samples_ts"])
+        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
+    return buffer.getvalue()
+
+
+FORMULA_STARTS = ("=", "+", "-", "@")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell made harmless for terminals and spreadsheets; booleans as 0 and 1, as llama-bench writes
+    them; numbers and other values pass as they are."""
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, str):
+        return value
+    text = safe(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def md_cell(text: str) -> str:
+    """A Markdown table cell: control and bidi characters escaped, ``|`` unable to end the cell."""
+    return safe(text).replace("|", "\\|")
+
+
+def human_size(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.2f} MiB"
+
+
+def human_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def ts_cell(row: Row) -> str:
+    if not row.ok:
+        return row.status
+    cell = f"{row.avg_ts:.2f} ± {row.stddev_ts:.2f}"
+    return cell + " (noisy)" if row.noisy else cell
+
+
+def varying(rows: list[Row]) -> list[str]:
+    """Parameters that differ between rows: shown as columns, as llama-bench does for swept ones."""
+    names = ["n_gpu_layers", "n_batch", "n_ubatch", "flash_attn", "type_k", "type_v"]
+    return [n for n in names if len({getattr(r, n) for r in rows}) > 1]
+
+
+def param_cell(value: Any) -> str:
+    """A swept parameter in a table: flash attention as llama-bench shows it, 0 or 1."""
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def table_rows(run: BenchRun) -> tuple[list[str], list[list[str]]]:
+    extra_cols = varying(run.rows)
+    columns = ["model", "size", "params", "backend", "threads", *extra_cols, "test", "t/s", "% of bw bound"]
+    rows = []
+    for r in run.rows:
+        rows.append(
+            [
+                r.model_type,
+                human_size(r.model_size),
+                human_params(r.model_n_params),
+                r.backend,
+                str(r.n_threads),
+                *[param_cell(getattr(r, c)) for c in extra_cols],
+                r.test,
+                ts_cell(r),
+                f"{r.roofline_pct:.0f}%" if r.roofline_pct is not None else "",
+            ]
+        )
+    return columns, rows
+
+
+def to_markdown(run: BenchRun) -> str:
+    columns, rows = table_rows(run)
+    right = {"size", "params", "threads", "t/s", "% of bw bound"}
+    lines = ["| " + " | ".join(columns) + " |"]
+    lines.append("| " + " | ".join("---:" if c in right else "---" for c in columns) + " |")
+    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    extras = [e for e in run.extras if e.status == "ok"]
+    if extras:
+        text += "\n| model | load cold | load warm | TTFT (run path) | generation (run path) | peak RSS |\n|---|---:|---:|---:|---:|---:|\n"
+        for e in extras:
+            text += (
+                f"| {md_cell(e.model)} | {_s(e.load_cold_s)} | {_s(e.load_warm_s)} | {_s(e.ttft_s)} | "
+                f"{e.e2e_tokens_per_second or '-'} t/s | {human_size(e.peak_rss_bytes) if e.peak_rss_bytes else '-'} |\n"
+            )
+    bw = run.fingerprint.get("bandwidth_gbs")
+    if bw:
+        text += f"\nMemory bandwidth (measured, one core reading): {bw} GB/s. build: {md_cell(str(run.fingerprint.get('build_commit')))}\n"
+    return text
+
+
+# --- comparing two runs -------------------------------------------------------------------
+
+COMPARE_FIELDS = ["model", "model_type", "test", "n_threads", "n_gpu_layers", "n_batch", "n_ubatch", "flash_attn", "type_k",
+                  "type_v", "avg_ts_a", "stddev_ts_a", "avg_ts_b", "stddev_ts_b", "ratio", "run_a", "run_b"]  # fmt: skip
+
+
+def _model_name(a: Row, b: Row) -> str:
+    """The model's name as the runs knew it (what was typed, or the store's name)."""
+    return a.model if a.model == b.model else f"{a.model} → {b.model}"
+
+
+def compare_records(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> list[dict[str, Any]]:
+    """One record per test measured in both runs: the configuration, both speeds, B's ÷ A's."""
+    return [
+        {
+            "model": _model_name(x, y),
+            "model_type": x.model_type,
+            "test": x.test,
+            "n_threads": x.n_threads,
+            "n_gpu_layers": x.n_gpu_layers,
+            "n_batch": x.n_batch,
+            "n_ubatch": x.n_ubatch,
+            "flash_attn": int(x.flash_attn),
+            "type_k": x.type_k,
+            "type_v": x.type_v,
+            "avg_ts_a": x.avg_ts,
+            "stddev_ts_a": x.stddev_ts,
+            "avg_ts_b": y.avg_ts,
+            "stddev_ts_b": y.stddev_ts,
+            "ratio": round(ratio, 4),
+            "run_a": a.run_id,
+            "run_b": b.run_id,
+        }
+        for x, y, ratio in pairs
+    ]
+
+
+def compare_json(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
+    doc = {
+        "run_a": {"run_id": a.run_id, "created": a.created, "cpu_info": a.fingerprint.get("cpu_info")},
+        "run_b": {"run_id": b.run_id, "created": b.created, "cpu_info": b.fingerprint.get("cpu_info")},
+        "results": compare_records(a, b, pairs),
+    }
+    return json.dumps(doc, indent=2)
+
+
+def compare_jsonl(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in compare_records(a, b, pairs))
+
+
+def compare_csv(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COMPARE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for rec in compare_records(a, b, pairs):
+        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
+    return buffer.getvalue()
+
+
+def compare_table(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> tuple[list[str], list[list[str]]]:
+    """The terminal's and markdown's table: model names, the swept parameters, both speeds, the ratio."""
+    extra_cols = varying([x for x, _, _ in pairs])
+    columns = ["model", "test", "threads", *extra_cols, f"{a.run_id} t/s", f"{b.run_id} t/s", "ratio"]
+    rows = [
+        [
+            _model_name(x, y),
+            x.test,
+            str(x.n_threads),
+            *[param_cell(getattr(x, c)) for c in extra_cols],
+            f"{x.avg_ts:.2f}",
+            f"{y.avg_ts:.2f}",
+            f"{ratio:.3f}",
+        ]  # fmt: skip
+        for x, y, ratio in pairs
+    ]
+    return columns, rows
+
+
+def compare_chart_pairs(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> list[tuple[str, float]]:
+    """B's speed as a percentage of A's, per test (and model, when the runs hold several)."""
+    multi = len({x.model for x, _, _ in pairs}) > 1
+    arrow = f"({a.run_id[-4:]}→{b.run_id[-4:]})"
+    return [(" ".join([*([_model_name(x, y)] if multi else []), x.test, arrow]), ratio * 100) for x, y, ratio in pairs]
+
+
+def compare_markdown(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
+    columns, rows = compare_table(a, b, pairs)
+    left = {"model", "test", "type_k", "type_v"}
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" if c in left else "---:" for c in columns) + " |"]
+    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _s(value: float | None) -> str:
+    return f"{value:.3f} s" if value is not None else "-"
+
+
+def bar_chart(pairs: list[tuple[str, float]], width: int = 40) -> str:
+    """Horizontal bars for the terminal: label, bar, value."""
+    if not pairs:
+        return ""
+    top = max(v for _, v in pairs) or 1
+    label_width = max(len(label) for label, _ in pairs)
+    lines = []
+    for label, value in pairs:
+        filled = value / top * width
+        bar = "█" * int(filled) + ("▌" if filled - int(filled) >= 0.5 else "")
+        lines.append(f"{label.ljust(label_width)}  {bar.ljust(width)}  {value:.1f}")
+    return "\n".join(lines)
+
+
+def chart_pairs(run: BenchRun) -> list[tuple[str, float]]:
+    multi = len({r.model for r in run.rows}) > 1
+    extra_cols = varying(run.rows)
+    pairs = []
+    for r in run.rows:
+        if not (r.ok and r.avg_ts):
+            continue
+        label = " ".join([*([r.model] if multi else []), r.test, f"t{r.n_threads}", *[f"{c}={param_cell(getattr(r, c))}" for c in extra_cols]])
+        pairs.append((label, r.avg_ts))
+    return pairs
+
+
+def svg_chart(pairs: list[tuple[str, float]], title: str) -> str:
+    """The same bars as an SVG image, for sharing."""
+    bar_h, gap, left, width = 22, 8, 260, 420
+    height = 40 + len(pairs) * (bar_h + gap)
+    top = max((v for _, v in pairs), default=1) or 1
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 90}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(safe(title))}</text>',
+    ]
+    for i, (label, value) in enumerate(pairs):
+        y = 34 + i * (bar_h + gap)
+        w = max(int(value / top * width), 1)
+        parts.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{escape(safe(label))}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{w}" height="{bar_h}" fill="#4a7bd0"/>')
+        parts.append(f'<text x="{left + w + 6}" y="{y + 15}">{value:.1f} t/s</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,146 @@
+"""From a model name to a loaded engine: resolve, read the header, plan, load, record use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from llmctl import gguf, output
+from llmctl.config import debug_enabled, get_settings
+from llmctl.engine.llama import Engine, ReloadError
+from llmctl.errors import LlmctlError
+from llmctl.models.store import ResolvedModel, Store
+from llmctl.plan.fit import Candidate, Overrides, Plan, make_plan
+from llmctl.plan.hardware import get_hardware
+
+
+@dataclass
+class Planned:
+    plan: Plan
+    model: ResolvedModel
+    info: gguf.ModelInfo
+    # Not plan.threads: None lets the engine take the plan's count, and after chat's `/set threads`
+    # it is the live count, which a model restored by reload_with_context must keep.
+    threads: int | None
+    overrides: Overrides | None = None  # what the plan was made with (the user's, then the tuned profile's)
+    force: bool = False
+
+
+@dataclass
+class Loaded:
+    engine: Engine
+    plan: Plan
+    model: ResolvedModel
+    info: gguf.ModelInfo
+    planned: Planned | None = None
+
+
+def plan_model(store: Store, name: str, overrides: Overrides, *, force: bool = False) -> Planned:
+    """Resolve, read the header (llama.cpp never sees a file we reject) and plan; nothing is loaded."""
+    return _plan_resolved(store.resolve(name), overrides, force=force)
+
+
+def _plan_resolved(resolved: ResolvedModel, overrides: Overrides, *, force: bool) -> Planned:
+    _, info = gguf.read_model(resolved.paths)
+    hw = get_hardware(get_settings())
+    overrides = apply_tuned(overrides, resolved.paths)
+    size = sum(p.stat().st_size for p in resolved.paths)
+    plan = make_plan([Candidate(resolved.name, info, size, str(resolved.paths[0]))], hw, overrides, force=force)
+    return Planned(plan, resolved, info, overrides.threads, overrides, force)
+
+
+def check_chat_format(name: str | None) -> None:
+    """An unknown --chat-format is a usage error before anything loads."""
+    if name is None:
+        return
+    from llama_cpp import llama_chat_format
+
+    known = sorted(llama_chat_format.LlamaChatCompletionHandlerRegistry()._chat_handlers)
+    if name not in known:
+        from llmctl.errors import UsageError
+
+        raise UsageError(f"--chat-format {name!r} is not a known chat format", hint="one of: " + ", ".join(known))
+
+
+def load_planned(store: Store, planned: Planned, *, chat_format: str | None = None) -> Loaded:
+    for warning in planned.plan.warnings:
+        output.warn(warning)
+    resolved = planned.model
+    with output.status(f"Loading {resolved.name}…"):
+        engine = Engine.load(
+            resolved.name,
+            resolved.paths,
+            planned.plan,
+            threads=planned.threads,
+            verbose=debug_enabled(),  # llama.cpp's own log; --verbose is the timing summary
+            chat_format=chat_format,
+        )
+    for note in engine.notes:
+        output.warn(note)
+    if resolved.entry is not None:
+        try:
+            store.touch(resolved.entry.name)
+        except OSError:
+            pass  # a read-only store still runs
+    return Loaded(engine, planned.plan, resolved, planned.info, planned)
+
+
+def reload_with_context(store: Store, loaded: Loaded, n_ctx: int) -> Loaded:
+    """The same model with another context size, for chat's ``/set ctx``.
+
+    The new size is planned first: one that does not fit is refused while the
+    current model stays loaded. Then the current model is freed (two copies
+    might not fit) and the new one loaded; if that fails, the previous size is
+    loaded again and ReloadError carries it.
+    """
+    before = loaded.planned or Planned(loaded.plan, loaded.model, loaded.info, loaded.engine.threads)
+    threads = loaded.engine.threads or before.threads
+    overrides = replace(before.overrides or Overrides(), n_ctx=n_ctx, threads=threads)
+    planned = _plan_resolved(loaded.model, overrides, force=before.force)
+    chat_format = loaded.engine.chat_format
+    previous_ctx = loaded.engine.n_ctx
+    loaded.engine.close()
+    try:
+        return load_planned(store, planned, chat_format=chat_format)
+    except LlmctlError as exc:
+        failure = exc
+    before = replace(before, threads=threads)
+    try:
+        restored = load_planned(store, before, chat_format=chat_format)
+    except LlmctlError:
+        raise ReloadError(f"{failure.message}; the previous {previous_ctx}-token context could not be loaded again either", failure.hint, None) from None
+    raise ReloadError(f"{failure.message}; kept the {previous_ctx}-token context", failure.hint, restored.engine)
+
+
+def open_model(
+    store: Store,
+    name: str,
+    overrides: Overrides,
+    *,
+    force: bool = False,
+    chat_format: str | None = None,
+) -> Loaded:
+    check_chat_format(chat_format)
+    return load_planned(store, plan_model(store, name, overrides, force=force), chat_format=chat_format)
+
+
+def apply_tuned(overrides: Overrides, paths: list) -> Overrides:
+    """This machine's `bench --tune` result for the model, where the user did not say otherwise."""
+    from llmctl.bench.run import load_tuned
+    from llmctl.plan.hardware import _machine_key
+
+    return merge_tuned(overrides, load_tuned(get_settings().home, _machine_key(), paths))
+
+
+def merge_tuned(overrides: Overrides, tuned: dict | None) -> Overrides:
+    """A tuned profile (from `load_tuned`) under the user's own overrides."""
+    from dataclasses import replace
+
+    if not tuned:
+        return overrides
+    return replace(
+        overrides,
+        threads=overrides.threads or tuned.get("threads"),
+        n_batch=overrides.n_batch or tuned.get("n_batch"),
+        n_ubatch=overrides.n_ubatch or tuned.get("n_ubatch"),
+        n_gpu_layers=overrides.n_gpu_layers if overrides.n_gpu_layers is not None else tuned.get("n_gpu_layers") or None,
+    )

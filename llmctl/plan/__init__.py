@@ -1,0 +1,1 @@
+"""What this machine can hold: the hardware probe and profiles, the memory planner, and tuned settings."""

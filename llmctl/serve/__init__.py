@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: the model pool and the HTTP app."""

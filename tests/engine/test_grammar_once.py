@@ -1,0 +1,109 @@
+"""A response format's grammar is built once per request: where the request (or run's flags) is
+checked, then handed to the engine as it is. Converting a JSON schema is not free, and building it
+again in the worker and the engine repeated work on every request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from llmctl.errors import EXIT_USAGE
+from tests.serve.test_serve_hostile import FakeEngine, serving
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+@pytest.fixture
+def builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every grammar llama.cpp is asked to build, by kind ("schema" or "json")."""
+    from llama_cpp import LlamaGrammar
+
+    made: list[str] = []
+    from_schema, from_string = LlamaGrammar.from_json_schema, LlamaGrammar.from_string
+
+    inside = []  # from_json_schema builds through from_string: that is one build, not two
+
+    def counted_schema(json_schema: str, verbose: bool = True) -> Any:
+        made.append("schema")
+        inside.append(True)
+        try:
+            return from_schema(json_schema, verbose=verbose)
+        finally:
+            inside.pop()
+
+    def counted_string(grammar: str, verbose: bool = True) -> Any:
+        if not inside:
+            made.append("json")
+        return from_string(grammar, verbose=verbose)
+
+    monkeypatch.setattr(LlamaGrammar, "from_json_schema", staticmethod(counted_schema))
+    monkeypatch.setattr(LlamaGrammar, "from_string", staticmethod(counted_string))
+    return made
+
+
+class GrammarEngine(FakeEngine):
+    """The serve tests' fake engine, noting the grammar each reply was asked for."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.grammars: list[Any] = []
+
+    def chat(self, messages: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
+        self.grammars.append(grammar)
+        return self._run()
+
+    def complete(self, prompt: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
+        self.grammars.append(grammar)
+        return self._run()
+
+
+@pytest.fixture
+def model_a(cli, make_gguf) -> str:
+    r = cli("import", make_gguf("a.Q8_0.gguf"), "--name", "a")
+    assert r.exit_code == 0, r.stderr
+    return "a"
+
+
+def test_serve_builds_a_requests_grammar_once(model_a: str, builds: list[str]) -> None:
+    from llama_cpp import LlamaGrammar
+
+    engine = GrammarEngine(model_a)
+    chat = {"model": model_a, "messages": [{"role": "user", "content": "hi"}]}
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    with serving({model_a: engine}) as client:
+        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"model": model_a, "prompt": "hi"})):
+            for stream in (False, True):
+                builds.clear()
+                status, _ = client.call("POST", path, {**body, "stream": stream, "response_format": schema_format})
+                assert status == 200 and builds == ["schema"], (path, stream, builds)
+                assert isinstance(engine.grammars[-1], LlamaGrammar)  # the one built, handed down as it is
+        builds.clear()
+        status, _ = client.call("POST", "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}})
+        assert status == 200 and builds == ["json"]
+        builds.clear()
+        status, _ = client.call("POST", "/v1/chat/completions", chat)  # plain text: nothing built, no grammar passed
+        assert status == 200 and builds == [] and engine.grammars[-1] is None
+        started = engine.started
+        bad = {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}
+        status, answer = client.call("POST", "/v1/chat/completions", {**chat, "response_format": bad})
+        assert status == 400 and answer["error"]["param"] == "response_format"
+        assert engine.started == started  # refused before any generation
+
+
+def test_run_builds_the_grammar_once(cli, demo_model: Path, tmp_path: Path, builds: list[str]) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}')
+    for extra in ((), ("--raw",)):
+        builds.clear()
+        r = cli("run", demo_model, "A person as JSON.", "--temperature", "0", "--max-tokens", "8", "--json-schema", schema, *extra)
+        assert r.exit_code == 0, r.stderr
+        assert builds == ["schema"], (extra, builds)
+    builds.clear()
+    r = cli("run", demo_model, "JSON please.", "--temperature", "0", "--max-tokens", "8", "--format", "json")
+    assert r.exit_code == 0 and builds == ["json"], (r.stderr, builds)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "foo"}')
+    r = cli("run", demo_model, "x", "--json-schema", bad)
+    assert r.exit_code == EXIT_USAGE and "JSON schema" in r.stderr
