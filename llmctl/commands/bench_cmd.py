@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmctl import gguf, output
+from llmctl.bench.report import ReportFormat
 from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import LlmctlError, UsageError
@@ -18,8 +19,6 @@ from llmctl.plan.hardware import _machine_key, get_hardware
 
 if TYPE_CHECKING:
     from llmctl.bench import run as benchrun
-
-OUTPUTS = ("table", "md", "csv", "json", "jsonl")
 
 
 def bench(
@@ -38,7 +37,9 @@ def bench(
     ] = "auto",
     cache_type_k: Annotated[str, typer.Option("--cache-type-k", "-ctk", help="KV cache types for keys.")] = "f16",
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", "-ctv", help="KV cache types for values.")] = "f16",
-    output_format: Annotated[str, typer.Option("--output", "-o", help="table, md, csv, json or jsonl (also for --history and --compare).")] = "table",
+    output_format: Annotated[
+        ReportFormat, typer.Option("--output", "-o", help="Format of the results (also for --history and --compare).")
+    ] = ReportFormat.table,
     no_extras: Annotated[bool, typer.Option("--no-extras", help="Skip load times, TTFT and the run-path rate.")] = False,
     chart: Annotated[bool, typer.Option("--chart", help="Draw a bar chart of the results on stderr.")] = False,
     chart_file: Annotated[Path | None, typer.Option("--chart-file", help="Also write the chart as an SVG image.")] = None,
@@ -51,8 +52,6 @@ def bench(
     from llmctl.bench import run as benchrun
 
     home = get_settings().home
-    if output_format not in OUTPUTS:
-        raise UsageError(f"--output {output_format!r} is not one of {', '.join(OUTPUTS)}")
     if history:
         _history(home, output_format)
         return

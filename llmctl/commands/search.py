@@ -19,14 +19,12 @@ def search(
     query: Annotated[str, typer.Argument(help="Words to search for, or a repo (owner/repo) with --files.", show_default=False, metavar="QUERY")],
     author: Annotated[str | None, typer.Option("--author", help="Only repos of this user or organisation.")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=500, help="At most this many Hub results.")] = 20,
-    sort: Annotated[str, typer.Option("--sort", help="downloads, likes, updated or trending.")] = "downloads",
+    sort: Annotated[hub.SearchSort, typer.Option("--sort", help="What orders the results, largest or newest first.")] = hub.SearchSort.downloads,
     files: Annotated[bool, typer.Option("--files", help="List each GGUF file of the repo (QUERY, or the best match) with its size and fit here.")] = False,
     hw_profile: HwProfileOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Search the Hugging Face Hub (GGUF repos only) and llmctl's catalog."""
-    if sort not in hub.SORTS:
-        raise UsageError(f"--sort {sort!r} is not one of {', '.join(hub.SORTS)}", hint="use --sort downloads")
     if files:
         _files(query, hw_profile, json_output)
         return
@@ -54,7 +52,7 @@ def search(
     )
 
 
-def merge_hits(catalog_hits: list[CatalogEntry], hub_hits: list[hub.SearchHit], sort: str) -> list[hub.SearchHit]:
+def merge_hits(catalog_hits: list[CatalogEntry], hub_hits: list[hub.SearchHit], sort: hub.SearchSort) -> list[hub.SearchHit]:
     """Catalog and Hub rows in one list, ordered by ``sort`` (largest or newest first).
 
     A catalog repo the Hub returned is one row, with the Hub's figures. A
@@ -106,7 +104,7 @@ def _files(query: str, hw_profile: str | None, json_output: bool) -> None:
 
     ref = parse_ref(query)
     if ref is None:
-        hits = hub.search_models(query, author=None, limit=1, sort="downloads")
+        hits = hub.search_models(query, author=None, limit=1, sort=hub.SearchSort.downloads)
         if not hits:
             raise UsageError(f"no GGUF repo matches '{query}'", hint="give a repo as owner/repo")
         ref = parse_ref(hits[0].repo_id)

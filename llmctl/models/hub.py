@@ -28,6 +28,7 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator
 
@@ -265,7 +266,17 @@ def _quiet_library() -> None:
 
 # --- search --------------------------------------------------------------------------
 
-SORTS = {"downloads": "downloads", "likes": "likes", "updated": "last_modified", "trending": "trending_score"}
+
+class SearchSort(str, Enum):
+    """``search --sort``: what orders the results (largest or newest first)."""
+
+    downloads = "downloads"
+    likes = "likes"
+    updated = "updated"
+    trending = "trending"
+
+
+_HUB_SORT_KEY = {SearchSort.downloads: "downloads", SearchSort.likes: "likes", SearchSort.updated: "last_modified", SearchSort.trending: "trending_score"}
 
 
 @dataclass
@@ -278,7 +289,7 @@ class SearchHit:
     catalog_name: str | None = None
 
 
-def search_models(query: str, *, author: str | None, limit: int, sort: str) -> list[SearchHit]:
+def search_models(query: str, *, author: str | None, limit: int, sort: SearchSort) -> list[SearchHit]:
     _check_online()
     api = _api()
     with hub_errors(answer=True), _api_call("the Hub's search answer"):
@@ -287,7 +298,7 @@ def search_models(query: str, *, author: str | None, limit: int, sort: str) -> l
                 search=query or None,
                 author=author,
                 filter="gguf",
-                sort=SORTS[sort],
+                sort=_HUB_SORT_KEY[sort],
                 limit=limit,
                 expand=["downloads", "likes", "lastModified", "gguf"],
             )
