@@ -16,7 +16,8 @@ import sys
 import time
 import unicodedata
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from llmctl.config import no_color
 
@@ -250,6 +251,43 @@ def emit_table(
         style = "dim" if index in dim else ""
         table.add_row(*(Text(safe("" if cell is None else str(cell)), style=style) for cell in row))
     _print_block(table, stderr=stderr)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column over records: its title, and the cell text drawn from one record."""
+
+    title: str
+    cell: Callable[[dict[str, Any]], Any]
+    right: bool = False
+
+
+def emit_records(
+    records: Sequence[dict[str, Any]],
+    columns: Sequence[Column],
+    *,
+    json_output: bool,
+    document: dict[str, Any] | None = None,
+    empty: str | None = None,
+) -> None:
+    """One list of records, shown as a table or printed as JSON: the two views of the same data.
+
+    ``document`` is the JSON printed with ``--json`` (the records inside an envelope with whatever
+    else the command reports); without it the records are printed as a JSON list. ``empty`` is said
+    on stderr instead of an empty table.
+    """
+    if json_output:
+        emit_json(document if document is not None else list(records))
+        return
+    if not records:
+        if empty:
+            info(empty)
+        return
+    emit_table(
+        [c.title for c in columns],
+        [["-" if (value := c.cell(record)) is None else value for c in columns] for record in records],
+        right_align=[c.title for c in columns if c.right],
+    )
 
 
 def emit_fields(pairs: Iterable[tuple[str, Any]], *, title: str | None = None) -> None:

@@ -6,8 +6,21 @@ from typing import Any
 
 from llmctl import output
 from llmctl.commands import open_store
-from llmctl.models.store import Listing, find_import_partials
+from llmctl.models.store import Listing, find_import_partials, source_label
 from llmctl.options import JsonOpt
+from llmctl.output import Column
+
+COLUMNS = [
+    Column("NAME", lambda r: r["name"]),
+    Column("QUANT", lambda r: r["quant"]),
+    Column("SIZE", lambda r: output.human_bytes(r["size_bytes"]), right=True),
+    Column("PARAMS", lambda r: output.human_count(r["parameters"]) if r["parameters"] else None, right=True),
+    Column("ARCH", lambda r: r["architecture"]),
+    Column("CONTEXT", lambda r: r["context_length"] or None, right=True),
+    Column("SOURCE", lambda r: source_label(r["source"]) + (" (not pulled by llmctl)" if r["kind"] == "discovered" else "")),
+    Column("LAST USED", lambda r: output.relative_time(r["last_used"]) if r["kind"] == "registered" else None),
+]
+STATUS = Column("STATUS", lambda r: r["status"])
 
 
 def list_models(json_output: JsonOpt = False) -> None:
@@ -18,46 +31,30 @@ def list_models(json_output: JsonOpt = False) -> None:
     rows = store.listing()
     partials = hub.find_partials(store.settings.hf_hub_cache)
     copies = find_import_partials(store.settings.models_dir)
-    if json_output:
-        output.emit_json(
-            {
-                "models": [listing_json(row) for row in rows],
-                "partial_downloads": [{"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size, "in_use": p.in_use} for p in partials],
-                "partial_imports": [{"path": str(p.path), "size_bytes": p.size, "in_use": p.in_use} for p in copies],
-            }
-        )
-        return
-    if partials:
-        total = sum(p.size for p in partials)
-        output.info(f"{len(partials)} unfinished download(s) ({output.human_bytes(total)}): resume with `llmctl pull`, or remove with `llmctl rm --partials`")
-    stale = [p for p in copies if not p.in_use]
-    if stale:
-        total = sum(p.size for p in stale)
-        output.info(f"{len(stale)} unfinished `import --copy` file(s) ({output.human_bytes(total)}): remove with `llmctl rm --partials`")
-    if not rows:
-        output.info("No models yet. Try `llmctl pull smollm2-135m-instruct` or `llmctl import FILE.gguf`.")
-        return
-    show_status = any(row.status != "ok" for row in rows)
-    columns = ["NAME", "QUANT", "SIZE", "PARAMS", "ARCH", "CONTEXT", "SOURCE", "LAST USED"]
-    if show_status:
-        columns.append("STATUS")
-    table = []
-    for row in rows:
-        info = row.info
-        cells = [
-            row.name,
-            info.quant if info else "-",
-            output.human_bytes(row.size),
-            output.human_count(info.parameter_count) if info else "-",
-            info.architecture if info else "-",
-            str(info.context_length) if info and info.context_length else "-",
-            row.source + (" (not pulled by llmctl)" if row.kind == "discovered" else ""),
-            output.relative_time(row.last_used) if row.kind == "registered" else "-",
-        ]
-        if show_status:
-            cells.append(row.status)
-        table.append(cells)
-    output.emit_table(columns, table, right_align=("SIZE", "PARAMS", "CONTEXT"))
+    records = [listing_json(row) for row in rows]
+    document = {
+        "models": records,
+        "partial_downloads": [{"path": str(p.path), "repo": p.repo_id, "size_bytes": p.size, "in_use": p.in_use} for p in partials],
+        "partial_imports": [{"path": str(p.path), "size_bytes": p.size, "in_use": p.in_use} for p in copies],
+    }
+    if not json_output:
+        if partials:
+            total = sum(p.size for p in partials)
+            output.info(
+                f"{len(partials)} unfinished download(s) ({output.human_bytes(total)}): resume with `llmctl pull`, or remove with `llmctl rm --partials`"
+            )
+        stale = [p for p in copies if not p.in_use]
+        if stale:
+            total = sum(p.size for p in stale)
+            output.info(f"{len(stale)} unfinished `import --copy` file(s) ({output.human_bytes(total)}): remove with `llmctl rm --partials`")
+    columns = COLUMNS + [STATUS] if any(row.status != "ok" for row in rows) else COLUMNS
+    output.emit_records(
+        records,
+        columns,
+        json_output=json_output,
+        document=document,
+        empty="No models yet. Try `llmctl pull smollm2-135m-instruct` or `llmctl import FILE.gguf`.",
+    )
 
 
 def listing_json(row: Listing) -> dict[str, Any]:

@@ -70,6 +70,8 @@ def source_label(source: dict[str, Any]) -> str:
     kind = source.get("type")
     if kind == "hub":
         return f"hf:{source.get('repo')}"
+    if kind == "hf-cache":
+        return f"hf-cache:{source.get('repo')}"
     if kind == "copy":
         return "import (copy)"
     return "import"
@@ -397,7 +399,7 @@ class Store:
                 Listing(
                     name=discovered_full_name(repo, revision, filename),
                     paths=parts,
-                    source=f"hf-cache:{repo}",
+                    source=source_label({"type": "hf-cache", "repo": repo}),
                     kind="discovered",
                     info=info,
                     status=status,
