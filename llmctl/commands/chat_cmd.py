@@ -13,8 +13,8 @@ from llmctl.commands import open_store
 from llmctl.commands.generation import overrides_from_flags, sampling_from_flags
 from llmctl.config import get_settings
 from llmctl.engine import reasoning
+from llmctl.engine.base import Engine, ReloadError, Result
 from llmctl.engine.chat import ChatSession, Command
-from llmctl.engine.llama import Engine, ReloadError, Result
 from llmctl.engine.runner import Loaded, open_model, reload_with_context
 from llmctl.errors import LlmctlError
 from llmctl.options import (

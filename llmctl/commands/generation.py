@@ -6,7 +6,8 @@ import os
 import sys
 
 from llmctl import output
-from llmctl.engine.llama import SamplingSettings, Timings
+from llmctl.engine.base import Timings
+from llmctl.engine.llama import SamplingSettings
 from llmctl.plan.fit import Overrides
 
 

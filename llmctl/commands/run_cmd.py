@@ -14,7 +14,8 @@ from llmctl import output
 from llmctl.commands import open_store
 from llmctl.commands.generation import end_partial_line, overrides_from_flags, print_summary, sampling_from_flags
 from llmctl.engine import reasoning
-from llmctl.engine.llama import Result, grammar_for
+from llmctl.engine.base import Result
+from llmctl.engine.llama import grammar_for
 from llmctl.engine.runner import open_model
 from llmctl.errors import NotFoundError, UsageError
 from llmctl.options import (

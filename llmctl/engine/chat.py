@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from llmctl.engine import chat_template, reasoning
-from llmctl.engine.llama import Engine, ReloadError, Result, SamplingSettings, Timings
+from llmctl.engine.base import Engine, ReloadError, Result, Timings
+from llmctl.engine.llama import SamplingSettings
 from llmctl.errors import LlmctlError, UsageError
 
 MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators a chat template adds per message
@@ -129,11 +130,11 @@ class ChatSession:
         self._trim()
         pieces: list[str] = []
         thoughts: list[str] = []
-        earlier = getattr(self.engine, "last_timings", None)
+        earlier = self.engine.last_timings
         thinking = self.thinking or reasoning.ThinkingSetup(None)
         if thinking.variables is not None:
             chat_template.set_variables(self.engine.llm, thinking.variables)  # again after a reload
-        stream = self.engine.chat(self.conversation(), self.sampling, grammar=grammar)
+        stream: Iterable[Any] = self.engine.chat(self.conversation(), self.sampling, grammar=grammar)
         if thinking.format is not None:
             stream = reasoning.split(self.engine.llm, stream, thinking.format)
         finished = False
@@ -164,7 +165,7 @@ class ChatSession:
                 close = getattr(stream, "close", None)
                 if close is not None:
                     close()  # the engine records the stopped reply's timings as it closes
-                timings = getattr(self.engine, "last_timings", None)
+                timings = self.engine.last_timings
                 if timings is not None and timings is not earlier:
                     self.history.append(timings)
             raise
@@ -250,7 +251,7 @@ class ChatSession:
 
     def set_think(self, value: str) -> str:
         """``/set think on|off|low|medium|high``: from the next reply (UsageError where the template has no such switch)."""
-        think = reasoning.check_think(value, getattr(self.engine, "chat_format", None))
+        think = reasoning.check_think(value, self.engine.chat_format)
         template = (self.engine.llm.metadata or {}).get("tokenizer.chat_template")
         setup, said = reasoning.apply(self.engine.llm, reasoning.setup_for(self.engine.llm, template, think))
         self.notices.extend(said)
@@ -260,7 +261,7 @@ class ChatSession:
     def describe(self) -> str:
         s = self.sampling
         cfg = self.engine.config
-        threads = getattr(self.engine, "threads", None)
+        threads = self.engine.threads
         return "\n".join(
             [
                 f"model:       {self.engine.name}",

@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterator
 
 from llmctl.config import debug_enabled
 from llmctl.engine import chat_template
+from llmctl.engine.base import EngineError, Result, Timings, empty_reply_advice
 from llmctl.engine.chat_template import ChatTemplateError, TemplateWorker
-from llmctl.errors import LlmctlError, UsageError
+from llmctl.errors import UsageError
 from llmctl.importhook import after_import
 from llmctl.plan.fit import LoadConfig, Plan
 
@@ -75,18 +76,6 @@ def quiet_llama_log() -> None:
 
 
 after_import(_LOG_MODULE, lambda _module: quiet_llama_log())
-
-
-class EngineError(LlmctlError):
-    """llama.cpp could not load or run the model."""
-
-
-class ReloadError(EngineError):
-    """Loading a model again (another context size) failed; ``engine`` is the one loaded instead, if any."""
-
-    def __init__(self, message: str, hint: str | None, engine: Engine | None) -> None:
-        super().__init__(message, hint)
-        self.engine = engine
 
 
 class SettingError(UsageError):
@@ -168,54 +157,6 @@ class SamplingSettings:
             raise
 
 
-@dataclass
-class Timings:
-    load_s: float = 0.0
-    prompt_tokens: int = 0  # tokens of the whole prompt
-    prompt_eval_tokens: int = 0  # of which evaluated now (the rest came from the reused KV prefix)
-    prompt_eval_s: float = 0.0
-    generated_tokens: int = 0
-    generation_s: float = 0.0  # first token to last
-    ttft_s: float = 0.0  # request to first token
-    total_s: float = 0.0
-
-    @property
-    def prompt_tokens_per_second(self) -> float | None:
-        return self.prompt_eval_tokens / self.prompt_eval_s if self.prompt_eval_s > 0 else None
-
-    @property
-    def generation_tokens_per_second(self) -> float | None:
-        if self.generated_tokens > 1 and self.generation_s > 0:
-            return (self.generated_tokens - 1) / self.generation_s
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "load_s": round(self.load_s, 4),
-            "ttft_s": round(self.ttft_s, 4),
-            "prompt_tokens": self.prompt_tokens,
-            "prompt_eval_tokens": self.prompt_eval_tokens,
-            "prompt_eval_s": round(self.prompt_eval_s, 4),
-            "prompt_tokens_per_second": _round(self.prompt_tokens_per_second),
-            "generated_tokens": self.generated_tokens,
-            "generation_s": round(self.generation_s, 4),
-            "generation_tokens_per_second": _round(self.generation_tokens_per_second),
-            "total_s": round(self.total_s, 4),
-        }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
-
-
-@dataclass
-class Result:
-    text: str
-    finish_reason: str
-    timings: Timings
-    reasoning: str | None = None  # a thinking model's reasoning, when run and chat split it off (llmctl/reasoning.py)
-
-
 def _is_memory_error(message: str) -> bool:
     lowered = message.lower()
     return any(word in lowered for word in ("memory", "alloc", "oom", "cuda error", "failed to create context"))
@@ -243,6 +184,7 @@ class Engine:
         self.notes = notes  # what the loader had to change (fewer GPU layers, smaller context)
         self.chat_format = chat_format  # None: the model's template, or llama-cpp-python's fallback
         self.threads = threads
+        self.last_timings: Timings | None = None  # the last reply's, also when it was stopped early
         self._first = True
         self._counts = {"prompt": 0, "sampled": 0}
         self._count_tokens_of(llm)
@@ -362,16 +304,7 @@ class Engine:
 
     def empty_reply_advice(self, *, raw: bool = False, command: str = "run") -> str:
         """What to tell a user whose reply came back without text: usually a prompt format the model does not know."""
-        if raw:
-            return "the reply is empty: the model ended the text before writing anything; try another prompt, or drop --raw"
-        if self.chat_format:
-            used = f"the chat format '{self.chat_format}'"
-        elif self.has_chat_template:
-            used = "the model's chat template"
-        else:
-            used = "the generic chat format used for a model without a chat template"
-        options = "another --chat-format (e.g. chatml) or --raw" if command == "run" else "restarting chat with another --chat-format (e.g. chatml)"
-        return f"the reply is empty: the model ended it before writing any text; {used} may not suit it: try {options}"
+        return empty_reply_advice(self.chat_format, self.has_chat_template, raw=raw, command=command)
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))

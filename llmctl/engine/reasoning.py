@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 from llmctl.errors import UsageError
 
 if TYPE_CHECKING:
-    from llmctl.engine.llama import Result
+    from llmctl.engine.base import Result
 
 # (open, close) tags of the reasoning block, as templates write them; the first whose
 # close tag the template mentions wins.
@@ -323,7 +323,7 @@ def separate(stream: Iterable[Any], fmt: ReasoningFormat, prompt: Callable[[], s
     ``text`` the answer and ``reasoning`` set. ``prompt`` gives the rendered prompt
     (asked when the first piece arrives, once the template has rendered).
     """
-    from llmctl.engine.llama import Result
+    from llmctl.engine.base import Result
 
     splitter: Splitter | None = None
     try:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 
 from llmctl import gguf, output
 from llmctl.config import debug_enabled, get_settings
-from llmctl.engine.llama import Engine, ReloadError
+from llmctl.engine.base import ReloadError
+from llmctl.engine.llama import Engine
 from llmctl.errors import LlmctlError
 from llmctl.models.store import ResolvedModel, Store
 from llmctl.plan.fit import Candidate, Overrides, Plan, make_plan

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterator
 from fastapi import Request  # at module level: FastAPI resolves endpoint annotations from here
 
 from llmctl.config import debug_enabled
-from llmctl.engine.llama import Engine, EngineError, Result, SamplingSettings, SettingError, Timings, grammar_for
+from llmctl.engine.base import EngineError, Result, Timings
+from llmctl.engine.llama import Engine, SamplingSettings, SettingError, grammar_for
 from llmctl.errors import AmbiguousNameError, LlmctlError, NotFoundError, UsageError
 from llmctl.output import safe
 

@@ -166,7 +166,7 @@ def test_several_blocks_are_joined_by_a_blank_line() -> None:
 
 
 def test_the_engine_stream_keeps_its_result_last_with_the_reasoning() -> None:
-    from llmctl.engine.llama import Result, Timings
+    from llmctl.engine.base import Result, Timings
 
     stream = ["<think>a", "</think>b", Result("<think>a</think>b", "stop", Timings())]
     out = list(reasoning.separate(stream, THINK_TAGS))
@@ -217,7 +217,7 @@ def test_think_is_checked_before_anything_loads() -> None:
 
 
 def test_a_reply_without_an_answer_after_its_reasoning_is_explained() -> None:
-    from llmctl.engine.llama import Result, Timings
+    from llmctl.engine.base import Result, Timings
 
     cut = Result("", "length", Timings(), reasoning="Still thinking")
     assert "--max-tokens" in reasoning.no_answer(cut) and "/set max_tokens" in reasoning.no_answer(cut, "chat")

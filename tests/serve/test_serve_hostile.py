@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from llmctl.engine.llama import EngineError, Result, Timings
+from llmctl.engine.base import EngineError, Result, Timings
 from llmctl.errors import NotFoundError
 
 KEY = "sekret-key-123"
