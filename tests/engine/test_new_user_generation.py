@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from llmctl.engine.base import ReloadError, Result
 from llmctl.engine.chat import ChatSession
-from llmctl.engine.llama import Engine, ReloadError, Result, SamplingSettings, Timings
+from llmctl.engine.fake import FakeEngine
+from llmctl.engine.llama import SamplingSettings
 from llmctl.errors import UsageError
 
 GREEDY = ["--temperature", "0", "--seed", "7"]
@@ -57,56 +58,11 @@ def test_a_failed_load_says_what_llama_cpp_said(cli, make_gguf) -> None:
     assert "hint: the file may be damaged" in r.stderr and "Traceback" not in r.stderr
 
 
-# --- a fake engine, for the chat session's logic ------------------------------------------------
-
-
-class FakeEngine:
-    """Replies word by word; can be interrupted after N pieces, as Ctrl-C would, and records timings as the real one."""
-
-    name = "fake"
-    has_chat_template = True
-    chat_format = None
-    config = SimpleNamespace(n_gpu_layers=0, type_k="f16", type_v="f16")
-    empty_reply_advice = Engine.empty_reply_advice
-
-    def __init__(self, replies: list[str], n_ctx: int = 2048, interrupt_after: int | None = None) -> None:
-        self.replies = list(replies)
-        self.n_ctx = n_ctx
-        self.interrupt_after = interrupt_after
-        self.threads = 2
-        self.closed = False
-        self.last_timings: Timings | None = None
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    def set_threads(self, threads: int) -> None:
-        self.threads = threads
-
-    def close(self) -> None:
-        self.closed = True
-
-    def chat(self, messages, sampling, grammar=None):
-        reply = self.replies.pop(0)
-        pieces = [word + " " for word in reply.split()]
-        sent = 0
-        finish = "stop"
-        try:
-            for piece in pieces:
-                if sent == self.interrupt_after:
-                    raise KeyboardInterrupt
-                sent += 1
-                yield piece
-        except (KeyboardInterrupt, GeneratorExit):
-            finish = "interrupted"
-            raise
-        finally:
-            self.last_timings = Timings(generated_tokens=sent, generation_s=0.5)
-        yield Result("".join(pieces), finish, self.last_timings)
+# --- the chat session's logic, on the fake engine ----------------------------------------------
 
 
 def _session(engine: FakeEngine, **kwargs) -> ChatSession:
-    return ChatSession(engine, SamplingSettings(), **kwargs)  # type: ignore[arg-type]
+    return ChatSession(engine, SamplingSettings(), **kwargs)
 
 
 def test_stats_count_a_reply_stopped_with_ctrl_c() -> None:
