@@ -172,7 +172,10 @@ def compute_buffer_bytes(info: ModelInfo, n_tokens: int, n_kv: int, n_outputs: i
     e = info.embedding_length or 0
     h = info.max_head_count or 1
     ff_value = info.feed_forward_length
-    ff = max(ff_value) if isinstance(ff_value, list) and ff_value else ff_value or 4 * e
+    if isinstance(ff_value, list):  # per-layer sizes: the largest layer decides the buffer
+        ff = max(ff_value) if ff_value else 4 * e
+    else:
+        ff = ff_value or 4 * e
     b = n_tokens
     if flash_attn:
         attention = 4 * b * (1 + 4 * e) + 2 * b * n_kv
