@@ -72,7 +72,8 @@ def _imports_wall() -> float:
 def _chat_turns(model: Path) -> tuple[float, float, int, int]:
     from llmctl import gguf
     from llmctl.engine.chat import ChatSession
-    from llmctl.engine.llama import Engine, SamplingSettings
+    from llmctl.engine.llama import Engine
+    from llmctl.engine.sampling import SamplingSettings
     from llmctl.plan import hardware
     from llmctl.plan.fit import Candidate, make_plan
 

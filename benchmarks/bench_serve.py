@@ -51,7 +51,7 @@ def _engine(model: Path):
 
 def _in_process(engine) -> tuple[float, float]:
     from llmctl.engine.base import Result
-    from llmctl.engine.llama import SamplingSettings
+    from llmctl.engine.sampling import SamplingSettings
 
     result = [p for p in engine.chat(MESSAGES, SamplingSettings(temperature=0, max_tokens=TOKENS, seed=1)) if isinstance(p, Result)][0]
     return result.timings.ttft_s, result.timings.generation_tokens_per_second

@@ -360,7 +360,8 @@ def _extras(model: BenchModel, llm: Any, cold_s: float, threads: int, load: fit.
     """Cold/warm load, and TTFT and generation rate through the run path."""
     import llama_cpp
 
-    from llmctl.engine.llama import Engine, SamplingSettings
+    from llmctl.engine.llama import Engine
+    from llmctl.engine.sampling import SamplingSettings
 
     extra = ModelExtras(model.label, load_cold_s=round(cold_s, 4))
     start = time.perf_counter()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from llmctl import output
 from llmctl.engine.base import Timings
-from llmctl.engine.llama import SamplingSettings
 from llmctl.plan.fit import Overrides
+
+if TYPE_CHECKING:
+    from llmctl.engine.sampling import SamplingSettings
 
 
 def sampling_from_flags(
@@ -21,21 +24,18 @@ def sampling_from_flags(
     max_tokens: int | None,
     stop: list[str] | None,
 ) -> SamplingSettings:
-    settings = SamplingSettings()
-    given = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "min_p": min_p,
-        "repeat_penalty": repeat_penalty,
-        "seed": seed,
-        "max_tokens": max_tokens,
-    }
-    for key, value in given.items():
-        if value is not None:
-            setattr(settings, key, value)
-    settings.stop = list(stop or [])
-    return settings.validate()
+    from llmctl.engine.sampling import from_flags  # pydantic: only when a command samples
+
+    return from_flags(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=list(stop or []),
+    )
 
 
 def overrides_from_flags(ctx: int | None, gpu_layers: int | None, threads: int | None) -> Overrides:

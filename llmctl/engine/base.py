@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 from llmctl.errors import LlmctlError
 
 if TYPE_CHECKING:
-    from llmctl.engine.llama import SamplingSettings
+    from llmctl.engine.sampling import SamplingSettings
     from llmctl.plan.fit import LoadConfig
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from llmctl.engine import chat_template, reasoning
 from llmctl.engine.base import Engine, ReloadError, Result, Timings
-from llmctl.engine.llama import SamplingSettings
 from llmctl.errors import LlmctlError, UsageError
+
+if TYPE_CHECKING:
+    from llmctl.engine.sampling import SamplingSettings  # pydantic: not at the CLI's startup
 
 MESSAGE_OVERHEAD_TOKENS = 8  # role markers and separators a chat template adds per message
 MIN_CONTEXT = 256  # as --ctx
@@ -204,7 +206,7 @@ class ChatSession:
             key = LOAD_ALIASES.get(name)
             if key is not None:
                 return Command("continue", self.set_load(key, value.strip()))
-            self.sampling.set(param, value.strip())
+            self.sampling = self.sampling.with_setting(param, value.strip())
             return Command("continue", f"{param} = {value.strip()}")
         if name == "/show":
             return Command("continue", self.describe())

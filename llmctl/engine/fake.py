@@ -30,7 +30,7 @@ from llmctl.engine.base import EngineError, Result, Timings, empty_reply_advice
 from llmctl.plan.fit import LoadConfig
 
 if TYPE_CHECKING:
-    from llmctl.engine.llama import SamplingSettings
+    from llmctl.engine.sampling import SamplingSettings
     from llmctl.plan.fit import Plan
 
 PROMPT_S_PER_TOKEN = 0.001

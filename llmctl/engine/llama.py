@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from llmctl.config import debug_enabled
 from llmctl.engine import chat_template
@@ -25,6 +25,9 @@ from llmctl.engine.chat_template import ChatTemplateError, TemplateWorker
 from llmctl.errors import UsageError
 from llmctl.importhook import after_import
 from llmctl.plan.fit import LoadConfig, Plan
+
+if TYPE_CHECKING:
+    from llmctl.engine.sampling import SamplingSettings
 
 # Every llama_cpp.Llama built in this process (here, in bench and in tune) renders GGUF chat
 # templates within budgets; this does not import llama_cpp.
@@ -76,85 +79,6 @@ def quiet_llama_log() -> None:
 
 
 after_import(_LOG_MODULE, lambda _module: quiet_llama_log())
-
-
-class SettingError(UsageError):
-    """A sampling setting out of its range; ``setting`` is its name (``temperature``, ``stop``)."""
-
-    def __init__(self, setting: str, message: str, hint: str | None = None) -> None:
-        super().__init__(message, hint)
-        self.setting = setting
-
-
-@dataclass
-class SamplingSettings:
-    """Sampling knobs, with llama.cpp's own defaults (repeat penalty off, as llama.cpp has it since 2024)."""
-
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int | None = None  # None: until the model stops or the context is full
-    stop: list[str] = field(default_factory=list)
-
-    LIMITS = {
-        "temperature": (0.0, 5.0),
-        "top_p": (0.0, 1.0),
-        "top_k": (0, 100_000),
-        "min_p": (0.0, 1.0),
-        "repeat_penalty": (0.0, 5.0),
-        "max_tokens": (1, 10_000_000),
-        "seed": (0, 2**32 - 1),
-    }
-
-    # Every generated token is checked against every stop string: an unbounded list makes each
-    # token cost seconds. OpenAI allows 4; llama-server and Ollama more; 16 leaves room for all uses seen.
-    MAX_STOP_STRINGS = 16
-    MAX_STOP_CHARS = 256
-
-    def validate(self, *, label: Callable[[str], str] | None = None) -> SamplingSettings:
-        """Check every setting's range; ``label`` names a setting in the error (by default its CLI flag).
-
-        Errors are ``SettingError``s, which say which setting was wrong.
-        """
-        name_of = label or (lambda name: "--" + name.replace("_", "-"))
-        for name, (low, high) in self.LIMITS.items():
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not low <= value <= high:
-                raise SettingError(name, f"{name_of(name)} {value} is out of range", hint=f"{name} must be between {low} and {high}")
-        if len(self.stop) > self.MAX_STOP_STRINGS:
-            raise SettingError("stop", f"{name_of('stop')}: {len(self.stop)} stop strings, more than the {self.MAX_STOP_STRINGS} allowed",
-                               hint=f"give at most {self.MAX_STOP_STRINGS} stop strings")  # fmt: skip
-        for text in self.stop:
-            if len(text) > self.MAX_STOP_CHARS:
-                raise SettingError("stop", f"{name_of('stop')}: a stop string of {len(text)} characters, longer than {self.MAX_STOP_CHARS}",
-                                   hint=f"a stop string is at most {self.MAX_STOP_CHARS} characters")  # fmt: skip
-        return self
-
-    def set(self, name: str, raw: str) -> None:
-        """``/set temperature 0.2`` in chat."""
-        key = name.replace("-", "_").lower()
-        if key == "stop":
-            self.stop = [raw] if raw else []
-            return
-        if key not in self.LIMITS:
-            raise UsageError(f"unknown parameter '{name}'", hint="one of: " + ", ".join([*self.LIMITS, "stop"]))
-        kind = int if key in ("top_k", "max_tokens", "seed") else float
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise UsageError(f"{name} needs a {'whole ' if kind is int else ''}number, not {raw!r}") from None
-        previous = getattr(self, key)
-        setattr(self, key, value)
-        try:
-            self.validate()
-        except UsageError:
-            setattr(self, key, previous)
-            raise
 
 
 def _is_memory_error(message: str) -> bool:

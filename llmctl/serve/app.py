@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
 import re
 import sys
 import threading
@@ -33,12 +32,12 @@ from fastapi import Request  # at module level: FastAPI resolves endpoint annota
 
 from llmctl.config import debug_enabled
 from llmctl.engine.base import EngineError, Result, Timings
-from llmctl.engine.llama import Engine, SamplingSettings, SettingError, grammar_for
+from llmctl.engine.llama import Engine, grammar_for
+from llmctl.engine.sampling import SamplingSettings, SettingError, from_request
 from llmctl.errors import AmbiguousNameError, LlmctlError, NotFoundError, UsageError
 from llmctl.output import safe
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_TOKENS_LIMIT = 1_000_000
 MAX_JSON_DEPTH = 64  # real requests (messages, JSON schemas) nest a dozen levels at most
 MAX_MODEL_NAME = 256
 CONTROL_THREADS = 4  # store look-ups, listings, unloads: never shared with generation or loading
@@ -394,38 +393,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-_SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float, "seed": int, "max_tokens": int}
-
-
 def sampling_from(body: dict[str, Any]) -> SamplingSettings:
-    settings = SamplingSettings()
-    for key, kind in _SAMPLING.items():
-        value = body.get(key)
-        if key == "max_tokens" and value is None:
-            value = body.get("max_completion_tokens")
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ApiError(400, f"'{key}' must be a number", param=key)
-        if kind is int and isinstance(value, float):
-            if not (math.isfinite(value) and value.is_integer()):
-                raise ApiError(400, f"'{key}' must be a whole number", param=key)
-            value = int(value)
-        try:
-            setattr(settings, key, kind(value))
-        except OverflowError:  # an integer with hundreds of digits
-            raise ApiError(400, f"'{key}' is out of range", param=key) from None
-    if settings.max_tokens is not None and not 1 <= settings.max_tokens <= MAX_TOKENS_LIMIT:
-        raise ApiError(400, f"'max_tokens' must be between 1 and {MAX_TOKENS_LIMIT}", param="max_tokens")
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-        settings.stop = stop
+    """The request's sampling settings (llmctl/engine/sampling.py checks them); errors name the API's fields."""
     try:
-        return settings.validate(label=str)  # errors name the API's fields, not the CLI's flags
+        return from_request(body)
     except SettingError as exc:
         raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else ""), param=exc.setting) from None
 

@@ -120,7 +120,8 @@ def test_piped_chat_turns_and_commands(cli, demo_model: Path, tmp_path: Path) ->
 def test_chat_reuses_the_prompt_prefix(demo_model: Path) -> None:
     from llmctl import gguf
     from llmctl.engine.chat import ChatSession
-    from llmctl.engine.llama import Engine, SamplingSettings
+    from llmctl.engine.llama import Engine
+    from llmctl.engine.sampling import SamplingSettings
     from llmctl.plan import hardware
     from llmctl.plan.fit import Candidate, make_plan
 
@@ -138,7 +139,8 @@ def test_chat_reuses_the_prompt_prefix(demo_model: Path) -> None:
 def test_chat_drops_old_turns_when_the_context_fills(demo_model: Path) -> None:
     from llmctl import gguf
     from llmctl.engine.chat import ChatSession, ContextError
-    from llmctl.engine.llama import Engine, SamplingSettings
+    from llmctl.engine.llama import Engine
+    from llmctl.engine.sampling import SamplingSettings
     from llmctl.plan import hardware
     from llmctl.plan.fit import Candidate, Overrides, make_plan
 

@@ -15,7 +15,7 @@ import pytest
 from llmctl.engine.base import ReloadError, Result
 from llmctl.engine.chat import ChatSession
 from llmctl.engine.fake import FakeEngine
-from llmctl.engine.llama import SamplingSettings
+from llmctl.engine.sampling import SamplingSettings
 from llmctl.errors import UsageError
 
 GREEDY = ["--temperature", "0", "--seed", "7"]
