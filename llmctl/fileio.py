@@ -1,11 +1,13 @@
 """Small file-system tools shared by the store, pulls and bench: atomic writes,
 timestamps and cross-process locks.
 
-Locks are ``flock`` on a ``*.llmctl.lock`` file beside what they guard. A lock
-file may be deleted while held (``unused_lock``: ``rm`` cleans up), so a
-process that opened it before the deletion re-locks the path afresh
-(``exclusive_lock`` checks the file it locked is still the one named). On
-Windows there is no cross-process lock: the functions do nothing.
+Locks are filelock's on a ``*.llmctl.lock`` file beside what they guard
+(``flock`` on POSIX, ``LockFileEx`` on Windows). On POSIX filelock leaves a
+lock file in place on release (since 3.29.7: deleting it could split waiters
+over two files); ``unused_lock`` deletes one while holding it (``rm`` cleans
+up), and a process that opened it before the deletion locks the path afresh,
+since filelock checks that the file it locked still has a name. filelock is
+imported where a lock is taken: ``list`` only looks (``lock_held``).
 """
 
 from __future__ import annotations
@@ -50,44 +52,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 def exclusive_lock(lock_path: Path, *, wait: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
     """Hold ``lock_path`` exclusively; yields False (holding nothing) when busy and not waiting.
 
-    ``on_wait`` is called once before waiting for another holder.
+    ``on_wait`` is called once before waiting for another holder. A lock file that
+    ``unused_lock`` deletes while this waits is no lock: filelock then locks the path afresh.
     """
+    from filelock import FileLock, Timeout
+
     lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path)
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
-        yield True
-        return
-    waited = False
-    while True:
-        with open(lock_path, "a+") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    yield False
-                    return
-                if on_wait and not waited:
-                    on_wait()
-                    waited = True
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            if not still_named(handle.fileno(), lock_path):
-                continue  # `rm` deleted the file between our open and our lock: lock the one there now
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        lock.acquire(blocking=False)
+    except Timeout:
+        if not wait:
+            yield False
             return
-
-
-def still_named(fd: int, path: Path) -> bool:
-    """Whether ``path`` still names the open file ``fd`` (a lock file deleted and re-created is another lock)."""
+        if on_wait:
+            on_wait()
+        lock.acquire()
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        yield True
+    finally:
+        lock.release()
 
 
 @contextmanager
@@ -95,50 +79,54 @@ def unused_lock(lock_path: Path) -> Iterator[bool]:
     """Hold a lock file if nobody does and delete it on the way out; False (holding nothing) when in use.
 
     The file goes while still held, so a process that opened it meanwhile finds
-    it unlinked once it gets the lock, and locks the path afresh (``exclusive_lock``).
-    A missing lock file means nobody holds it.
+    it unlinked once it gets the lock, and locks the path afresh (filelock checks
+    that the file it locked still has a name). A missing lock file means nobody
+    holds it, and none is made.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock, nothing is deleted
+    from filelock import FileLock, Timeout
+
+    before = _identity(lock_path)
+    if before is None:
         yield True
         return
+    lock = FileLock(lock_path)
     try:
-        handle = open(lock_path, "rb")
-    except FileNotFoundError:
-        yield True
-        return
-    except OSError:
+        lock.acquire(blocking=False)
+    except (Timeout, OSError):  # busy, or a lock file this user cannot open for writing
         yield False
         return
-    with handle:
+    try:
+        yield True
+    finally:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            if still_named(handle.fileno(), lock_path):
-                try:
-                    lock_path.unlink()
-                except OSError:
-                    pass
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            if _identity(lock_path) == before:  # still the file we locked, not one made since
+                lock_path.unlink()
+        except OSError:
+            pass
+        lock.release()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def lock_held(lock_path: Path) -> bool:
     """Whether a process holds ``lock_path`` (an import's or a download's lock) now.
 
-    Only looks: the file is opened read-only and never created (``list`` runs
-    this), and locked shared for an instant, so two lookers never see each
-    other as holders; every holder locks exclusively. A missing lock file
-    means nobody holds it.
+    Only looks, so it is no filelock lock, which would create the file (``list``
+    runs this, and writes nothing) and lock it exclusively (two lookers would
+    take each other for holders): the file is opened read-only and never created,
+    and locked shared for an instant with ``flock``, the call filelock's holders
+    lock with on POSIX. A missing lock file means nobody holds it; on Windows
+    this cannot look, and says no.
     """
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
+    except ImportError:  # pragma: no cover - Windows
         return False
     try:
         handle = open(lock_path, "rb")
@@ -149,5 +137,7 @@ def lock_held(lock_path: Path) -> bool:
             fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
+        except OSError:  # a file system without flock: nothing to tell
+            return False
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     return False
