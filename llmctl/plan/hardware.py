@@ -443,25 +443,10 @@ class ProfileError(UsageError):
         )
 
 
-def _field(data: dict[str, Any], key: str, where: str, path: str, kind: type | tuple[type, ...], *, required: bool = True, positive: bool = False) -> Any:
-    if key not in data:
-        if required:
-            raise ProfileError(path, f"missing field '{where}{key}'")
-        return None
-    value = data[key]
-    if isinstance(value, bool) or not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ProfileError(path, f"field '{where}{key}' must be a {names}, got {value!r}")
-    if positive and value <= 0:
-        raise ProfileError(path, f"field '{where}{key}' must be positive, got {value!r}")
-    return value
-
-
-BACKENDS = ("cpu", "cuda", "metal", "vulkan", "rocm")
-
-
 def load_profile(path: str | os.PathLike[str]) -> HardwareInfo:
-    """A described machine. Every field is checked; errors name the bad one."""
+    """A described machine, checked whole by the profile schema (llmctl/plan/profile.py); errors name the bad field."""
+    from llmctl.plan import profile as schema  # pydantic: only when a profile is used
+
     name = str(path)
     resolved = _resolve_profile_path(name)
     try:
@@ -475,74 +460,50 @@ def load_profile(path: str | os.PathLike[str]) -> HardwareInfo:
         raise ProfileError(name, f"cannot be read: {exc}") from None
     except ValueError as exc:
         raise ProfileError(name, f"is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ProfileError(name, "must be a JSON object")
-    number = (int, float)
-    title = _field(data, "name", "", name, str, required=False) or resolved.stem
-    backend = _field(data, "backend", "", name, str, required=False) or "cpu"
-    if backend not in BACKENDS:
-        raise ProfileError(name, f"field 'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    cpu_data = _field(data, "cpu", "", name, dict)
-    ram = _field(data, "ram", "", name, dict)
-    cores = _field(cpu_data, "physical_cores", "cpu.", name, int, positive=True)
-    features = _field(cpu_data, "features", "cpu.", name, list, required=False) or []
-    if not all(isinstance(f, str) for f in features):
-        raise ProfileError(name, "field 'cpu.features' must be a list of strings")
-    cpu = CPUInfo(
-        brand=_field(cpu_data, "brand", "cpu.", name, str, required=False) or "described CPU",
-        arch=_field(cpu_data, "arch", "cpu.", name, str, required=False) or "x86_64",
-        physical_cores=cores,
-        logical_cores=_field(cpu_data, "logical_cores", "cpu.", name, int, required=False, positive=True) or cores,
-        features=[f.lower() for f in features],
-        bandwidth_gbs=_field(cpu_data, "bandwidth_gbs", "cpu.", name, number, required=False, positive=True),
-    )
-    total = int(_field(ram, "total_gb", "ram.", name, number, positive=True) * GIB)
-    available_gb = _field(ram, "available_gb", "ram.", name, number, required=False, positive=True)
-    available = int(available_gb * GIB) if available_gb else int(total * 0.85)
-    if available > total:
-        raise ProfileError(name, "field 'ram.available_gb' is larger than 'ram.total_gb'")
+    try:
+        described = schema.check(data)
+    except ValueError as exc:
+        raise ProfileError(name, str(exc)) from None
+    cpu, ram = described.cpu, described.ram
+    total = int(ram.total_gb * GIB)
     gpus = []
-    for index, gpu in enumerate(_field(data, "gpus", "", name, list, required=False) or []):
-        where = f"gpus[{index}]."
-        if not isinstance(gpu, dict):
-            raise ProfileError(name, f"'gpus[{index}]' must be an object")
-        vendor = _field(gpu, "vendor", where, name, str, required=False) or ("apple" if backend == "metal" else "nvidia")
-        unified = vendor == "apple"
-        mem_total = _field(gpu, "memory_total_gb", where, name, number, required=not unified, positive=True)
-        memory_total = int(mem_total * GIB) if mem_total else int(total * 0.75)
-        free_gb = _field(gpu, "memory_free_gb", where, name, number, required=False, positive=True)
-        memory_free = int(free_gb * GIB) if free_gb else memory_total
-        if memory_free > memory_total:
-            raise ProfileError(name, f"field '{where}memory_free_gb' is larger than '{where}memory_total_gb'")
+    for index, gpu in enumerate(described.gpus):
+        memory_total = int(gpu.memory_total_gb * GIB) if gpu.memory_total_gb else int(total * schema.APPLE_GPU_SHARE)
+        memory_free = int(gpu.memory_free_gb * GIB) if gpu.memory_free_gb else memory_total
+        vendor = described.vendor(gpu)
         gpus.append(
             GPUInfo(
                 index=index,
-                name=_field(gpu, "name", where, name, str),
+                name=gpu.name,
                 vendor=vendor,
                 memory_total=memory_total,
                 memory_free=memory_free,
                 memory_used=memory_total - memory_free,
-                bandwidth_gbs=_field(gpu, "bandwidth_gbs", where, name, number, required=False, positive=True),
-                compute_capability=_field(gpu, "compute_capability", where, name, str, required=False),
-                unified=unified,
+                bandwidth_gbs=gpu.bandwidth_gbs,
+                compute_capability=gpu.compute_capability,
+                unified=vendor == "apple",
             )
         )
-    if backend != "cpu" and not gpus:
-        raise ProfileError(name, f"backend '{backend}' needs at least one entry in 'gpus'")
-    disk_gb = _field(data, "disk_free_gb", "", name, number, required=False, positive=True)
     return HardwareInfo(
-        source=f"profile: {title}",
-        os=_field(data, "os", "", name, str, required=False) or "described",
-        cpu=cpu,
+        source=f"profile: {described.name or resolved.stem}",
+        os=described.os or "described",
+        cpu=CPUInfo(
+            brand=cpu.brand or "described CPU",
+            arch=cpu.arch or "x86_64",
+            physical_cores=cpu.physical_cores,
+            logical_cores=cpu.logical_cores or cpu.physical_cores,
+            features=[f.lower() for f in cpu.features],
+            bandwidth_gbs=cpu.bandwidth_gbs,
+        ),
         ram_total=total,
-        ram_available=available,
+        ram_available=int(ram.available_gb * GIB) if ram.available_gb else int(total * schema.RAM_AVAILABLE_SHARE),
         swap_total=0,
         swap_free=0,
-        disk_free=int(disk_gb * GIB) if disk_gb else None,
+        disk_free=int(described.disk_free_gb * GIB) if described.disk_free_gb else None,
         disk_path=None,
         gpus=gpus,
         gpu_note=None if gpus else "no GPU in this profile",
-        build=BuildInfo(installed=True, version="profile", gpu_offload=backend != "cpu", backend=backend),
+        build=BuildInfo(installed=True, version="profile", gpu_offload=described.backend != "cpu", backend=described.backend),
     )
 
 

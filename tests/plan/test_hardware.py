@@ -88,13 +88,27 @@ def test_profile_from_env_and_path(cli, tmp_path: Path, monkeypatch: pytest.Monk
     ("profile", "message"),
     [
         ({"ram": {"total_gb": 8}}, "missing field 'cpu'"),
-        ({"cpu": {"physical_cores": "four"}, "ram": {"total_gb": 8}}, "'cpu.physical_cores' must be a int"),
+        ({"cpu": {"physical_cores": "four"}, "ram": {"total_gb": 8}}, "field 'cpu.physical_cores' must be an integer, got 'four'"),
+        ({"cpu": {"physical_cores": 4.0}, "ram": {"total_gb": 8}}, "field 'cpu.physical_cores' must be an integer, got 4.0"),
+        ({"cpu": {"physical_cores": 4, "features": ["avx", 2]}, "ram": {"total_gb": 8}}, "field 'cpu.features[1]' must be a string, got 2"),
+        ({"cpu": 4, "ram": {"total_gb": 8}}, "field 'cpu' must be an object, got 4"),
+        ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": "8"}}, "field 'ram.total_gb' must be a number, got '8'"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": -1}}, "'ram.total_gb' must be positive"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8, "available_gb": 9}}, "'ram.available_gb' is larger"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "backend": "tpu"}, "'backend' must be one of"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "backend": "cuda"}, "needs at least one entry in 'gpus'"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "backend": "cuda", "gpus": [{"name": "x"}]}, "missing field 'gpus[0].memory_total_gb'"),
-        ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "gpus": [{"name": "x", "memory_total_gb": True}]}, "'gpus[0].memory_total_gb' must be"),
+        (
+            {"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "gpus": [{"name": "x", "memory_total_gb": True}]},
+            "field 'gpus[0].memory_total_gb' must be a number, got True",
+        ),
+        (
+            {"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "gpus": [{"name": "x", "memory_total_gb": 8, "memory_free_gb": 9}]},
+            "field 'gpus[0].memory_free_gb' is larger than 'gpus[0].memory_total_gb'",
+        ),
+        ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "gpus": ["x"]}, "field 'gpus[0]' must be an object, got 'x'"),
+        ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "gpus": [{"memory_total_gb": 8}]}, "missing field 'gpus[0].name'"),
+        ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "disk_free_gb": 0}, "field 'disk_free_gb' must be positive, got 0"),
         ([1, 2], "must be a JSON object"),
     ],
 )
@@ -103,8 +117,37 @@ def test_malformed_profiles_name_the_bad_field(cli, tmp_path: Path, profile, mes
     path.write_text(json.dumps(profile))
     r = cli("hwinfo", "--hw-profile", path)
     assert r.exit_code == EXIT_USAGE
-    assert message in r.stderr, r.stderr
+    assert f"error: hardware profile {path}: " in r.stderr and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_profile_reads_as_before(tmp_path: Path) -> None:
+    """Defaults and conversions of a described machine (GiB to bytes, shares of RAM, the vendor from the backend);
+    fields the schema does not know are ignored, and null counts as not given."""
+    path = tmp_path / "mac.json"
+    path.write_text(json.dumps({
+        "backend": "metal", "comment": "ignored", "os": None,
+        "cpu": {"physical_cores": 8, "features": ["NEON"], "bandwidth_gbs": 100},
+        "ram": {"total_gb": 16},
+        "gpus": [{"name": "M2", "memory_free_gb": 10}],
+    }))  # fmt: skip
+    hw = hardware.load_profile(path)
+    gib = 1024**3
+    assert hw.source == "profile: mac" and hw.os == "described" and hw.build.backend == "metal" and hw.build.gpu_offload
+    assert (hw.cpu.physical_cores, hw.cpu.logical_cores, hw.cpu.features, hw.cpu.arch) == (8, 8, ["neon"], "x86_64")
+    assert hw.ram_total == 16 * gib and hw.ram_available == int(16 * gib * 0.85)
+    (gpu,) = hw.gpus
+    assert gpu.vendor == "apple" and gpu.unified and gpu.memory_total == int(16 * gib * 0.75)
+    assert gpu.memory_free == 10 * gib and gpu.memory_used == gpu.memory_total - gpu.memory_free
+    assert hw.usable_gpus == [gpu] and hw.disk_free is None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_profile_number_must_be_finite(tmp_path: Path, value: float) -> None:
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"cpu": {"physical_cores": 4}, "ram": {"total_gb": value}}))
+    with pytest.raises(hardware.ProfileError, match=r"field 'ram.total_gb' must be a finite number, got (nan|inf)$"):
+        hardware.load_profile(path)
 
 
 def test_profile_not_json_or_missing(cli, tmp_path: Path) -> None:

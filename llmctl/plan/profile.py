@@ -1,0 +1,141 @@
+"""The hardware-profile schema: what a JSON file describing a machine may hold (docs/hardware-profiles.md).
+
+One pydantic model states every field's type, whether it is required, its
+range and the rules between fields; ``check`` words the first problem as one
+line naming the field (``field 'gpus[0].memory_total_gb' must be a number, got
+True``). Values are typed as JSON types them: a number is never ``true`` or
+``"8"``, a count is never ``4.0``. Fields the schema does not know are ignored.
+``hardware.load_profile`` reads the file and turns the checked profile into the
+``HardwareInfo`` the planner takes (this module imports pydantic, so only then).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+Backend = Literal["cpu", "cuda", "metal", "vulkan", "rocm"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+APPLE_GPU_SHARE = 0.75  # Metal lets a process keep about three quarters of unified memory resident on the GPU
+RAM_AVAILABLE_SHARE = 0.85  # available memory when a profile does not say
+
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveCount = Annotated[int, Field(gt=0)]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class CPUProfile(_Part):
+    physical_cores: PositiveCount  # the default thread count
+    logical_cores: PositiveCount | None = None
+    brand: str | None = None
+    arch: str | None = None
+    features: list[str] = Field(default_factory=list)
+    bandwidth_gbs: PositiveNumber | None = None  # memory read bandwidth, for expected speeds
+
+
+class RAMProfile(_Part):
+    total_gb: PositiveNumber
+    available_gb: PositiveNumber | None = None  # default: RAM_AVAILABLE_SHARE of the total
+
+
+class GPUProfile(_Part):
+    name: str
+    vendor: str | None = None  # nvidia (default; apple with the metal backend) or apple (unified memory)
+    memory_total_gb: PositiveNumber | None = None  # required except for Apple GPUs
+    memory_free_gb: PositiveNumber | None = None  # default: all of it
+    bandwidth_gbs: PositiveNumber | None = None
+    compute_capability: str | None = None
+
+
+class HardwareProfile(_Part):
+    """A described machine, checked whole."""
+
+    name: str | None = None  # default: the file's name
+    os: str | None = None
+    backend: Backend = "cpu"  # what the llama.cpp build can offload to
+    cpu: CPUProfile
+    ram: RAMProfile
+    gpus: list[GPUProfile] = Field(default_factory=list)
+    disk_free_gb: PositiveNumber | None = None
+
+    def vendor(self, gpu: GPUProfile) -> str:
+        return gpu.vendor or ("apple" if self.backend == "metal" else "nvidia")
+
+    def gpu_memory_total_gb(self, gpu: GPUProfile) -> float:
+        """A GPU's memory; an Apple GPU without one has Metal's share of the RAM."""
+        if gpu.memory_total_gb is not None:
+            return gpu.memory_total_gb
+        return self.ram.total_gb * APPLE_GPU_SHARE
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HardwareProfile:
+        if self.ram.available_gb is not None and self.ram.available_gb > self.ram.total_gb:
+            raise _rule("field 'ram.available_gb' is larger than 'ram.total_gb'")
+        for index, gpu in enumerate(self.gpus):
+            where = f"gpus[{index}]."
+            if gpu.memory_total_gb is None and self.vendor(gpu) != "apple":
+                raise _rule(f"missing field '{where}memory_total_gb'")
+            if gpu.memory_free_gb is not None and gpu.memory_free_gb > self.gpu_memory_total_gb(gpu):
+                raise _rule(f"field '{where}memory_free_gb' is larger than '{where}memory_total_gb'")
+        if self.backend != "cpu" and not self.gpus:
+            raise _rule(f"backend '{self.backend}' needs at least one entry in 'gpus'")
+        return self
+
+
+def check(data: Any) -> HardwareProfile:
+    """``data`` (a parsed JSON document) as a checked profile; ValueError saying the first problem in one line."""
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_problem(exc.errors(include_url=False)[0])) from None
+
+
+def _rule(text: str) -> PydanticCustomError:
+    return PydanticCustomError("profile_rule", "{text}", {"text": text})
+
+
+_MUST_BE = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "model_type": "an object",
+    "dict_type": "an object",
+    "greater_than": "positive",
+    "finite_number": "a finite number",
+}
+
+
+def _problem(error: ErrorDetails) -> str:
+    kind = error["type"]
+    if kind == "profile_rule":
+        return error["msg"]
+    where = _dotted(error["loc"])
+    if not where:
+        return "must be a JSON object"
+    if kind == "missing":
+        return f"missing field '{where}'"
+    given = _shown(error.get("input"))
+    if kind == "literal_error" and where == "backend":
+        return f"field 'backend' must be one of {', '.join(BACKENDS)}, got {given}"
+    if kind in _MUST_BE:
+        return f"field '{where}' must be {_MUST_BE[kind]}, got {given}"
+    return f"field '{where}': {error['msg']}, got {given}"
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """``('gpus', 0, 'name')`` as ``gpus[0].name``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
