@@ -269,12 +269,13 @@ def emit_records(
     json_output: bool,
     document: dict[str, Any] | None = None,
     empty: str | None = None,
+    title: str | None = None,
 ) -> None:
     """One list of records, shown as a table or printed as JSON: the two views of the same data.
 
     ``document`` is the JSON printed with ``--json`` (the records inside an envelope with whatever
     else the command reports); without it the records are printed as a JSON list. ``empty`` is said
-    on stderr instead of an empty table.
+    on stderr instead of an empty table; ``title`` is the table's.
     """
     if json_output:
         emit_json(document if document is not None else list(records))
@@ -286,6 +287,7 @@ def emit_records(
     emit_table(
         [c.title for c in columns],
         [["-" if (value := c.cell(record)) is None else value for c in columns] for record in records],
+        title=title,
         right_align=[c.title for c in columns if c.right],
     )
 

@@ -24,7 +24,7 @@ from llmctl import output
 from llmctl.bench import report as benchreport
 from llmctl.bench import run as benchrun
 from llmctl.errors import EXIT_USAGE
-from llmctl.models.store import sha256_file
+from llmctl.models.importer import sha256_file
 
 EXE = str(Path(sys.executable).with_name("llmctl"))
 

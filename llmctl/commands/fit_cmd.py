@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from llmctl import gguf, output
+from llmctl import output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.engine.runner import merge_tuned
-from llmctl.errors import NotFoundError, UsageError
-from llmctl.models import hub
+from llmctl.errors import UsageError
+from llmctl.models import locate
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
 from llmctl.plan import fit
 from llmctl.plan.hardware import get_hardware
@@ -39,7 +39,7 @@ def fit_command(
         flash_attn=flash_attn or None,
     )
     hw = get_hardware(get_settings(), hw_profile, with_bandwidth=True)
-    candidates = _local_or_remote(model)
+    candidates = locate.candidates(open_store(), model, status=output.status)
     tuned = _tuned_for(candidates) if hw_profile is None else None
     if tuned:
         overrides = merge_tuned(overrides, tuned)
@@ -63,25 +63,6 @@ def _tuned_for(candidates: list[fit.Candidate]) -> dict | None:
     if len(candidates) != 1 or not candidates[0].location or not Path(candidates[0].location).exists():
         return None
     return load_tuned(get_settings().home, _machine_key(), [Path(candidates[0].location)])
-
-
-def _local_or_remote(model: str) -> list[fit.Candidate]:
-    """A model in the store (or a file), else every quant of a repo on the Hub, read remotely."""
-    try:
-        resolved = open_store().resolve(model)
-    except NotFoundError:
-        from llmctl.models import pull
-        from llmctl.models.catalog import parse_ref
-
-        ref = parse_ref(model)
-        if ref is None or model.startswith((".", "/", "~")) or model.lower().endswith(".gguf") and ref.filename is None:
-            raise
-        listing = hub.list_repo(ref.repo_id, ref.revision)
-        with output.status(f"Reading GGUF headers of {ref.repo_id} on the Hub…"):
-            return pull.remote_candidates(listing, pull.pick_models(ref, listing, None))
-    _, info = gguf.read_model(resolved.paths)
-    size = sum(p.stat().st_size for p in resolved.paths)
-    return [fit.Candidate(resolved.name, info, size, str(resolved.paths[0]))]
 
 
 def render_candidates(plan: fit.Plan, stderr: bool = False) -> None:

@@ -9,7 +9,7 @@ import typer
 
 from llmctl import gguf, output
 from llmctl.commands import open_store
-from llmctl.models.store import import_model
+from llmctl.models.importer import import_model
 from llmctl.options import JsonOpt
 
 

@@ -6,7 +6,9 @@ from typing import Any
 
 from llmctl import output
 from llmctl.commands import open_store
-from llmctl.models.store import Listing, find_import_partials, source_label
+from llmctl.models.hfcache import find_partials
+from llmctl.models.importer import find_import_partials
+from llmctl.models.store import Listing, source_label
 from llmctl.options import JsonOpt
 from llmctl.output import Column
 
@@ -25,11 +27,9 @@ STATUS = Column("STATUS", lambda r: r["status"])
 
 def list_models(json_output: JsonOpt = False) -> None:
     """List local models: registered ones and GGUF files found in the Hugging Face cache."""
-    from llmctl.models import hub
-
     store = open_store()
     rows = store.listing()
-    partials = hub.find_partials(store.settings.hf_hub_cache)
+    partials = find_partials(store.settings.hf_hub_cache)
     copies = find_import_partials(store.settings.models_dir)
     records = [listing_json(row) for row in rows]
     document = {

@@ -8,11 +8,32 @@ import typer
 
 from llmctl import output
 from llmctl.config import get_settings
-from llmctl.errors import UsageError
 from llmctl.models import hub
-from llmctl.models.catalog import CatalogEntry, parse_ref, search_catalog
+from llmctl.models.search import find
 from llmctl.options import HwProfileOpt, JsonOpt
-from llmctl.plan import fit
+from llmctl.output import Column
+
+
+def _count(n: int | None) -> str | None:
+    return None if n is None else f"{n:,}"
+
+
+HIT_COLUMNS = [
+    Column("REPO", lambda r: r["repo"]),
+    Column("CATALOG NAME", lambda r: r["catalog_name"] or ""),
+    Column("DOWNLOADS", lambda r: _count(r["downloads"]), right=True),
+    Column("LIKES", lambda r: _count(r["likes"]), right=True),
+    Column("UPDATED", lambda r: r["updated"]),
+    Column("PARAMS", lambda r: output.human_count(r["parameters"]), right=True),
+]
+FILE_COLUMNS = [
+    Column("FILE", lambda r: r["files"][0] + (f" (+{len(r['files']) - 1} parts)" if len(r["files"]) > 1 else "")),
+    Column("QUANT", lambda r: r["label"]),
+    Column("SIZE", lambda r: output.human_bytes(r["size_bytes"]), right=True),
+    Column("FIT", lambda r: r["fit"]),
+    Column("GPU LAYERS", lambda r: r["n_gpu_layers"], right=True),
+    Column("CONTEXT", lambda r: r["n_ctx"], right=True),
+]
 
 
 def search(
@@ -28,63 +49,17 @@ def search(
     if files:
         _files(query, hw_profile, json_output)
         return
-    catalog_hits = search_catalog(query, author)
-    hub_hits: list[hub.SearchHit] = []
-    note = None
-    try:
-        with output.status("Searching the Hub…"):
-            hub_hits = hub.search_models(query, author=author, limit=limit, sort=sort)
-    except hub.HubError as exc:
-        note = f"the Hub was not searched ({exc.message}); showing catalog matches only"
-    rows = merge_hits(catalog_hits, hub_hits, sort)
-    if json_output:
-        output.emit_json({"hub_searched": note is None, "note": note, "results": [_hit_json(h) for h in rows]})
-        return
-    if note:
-        output.warn(note)
-    if not rows:
-        output.info(f"No GGUF models found for '{query}'.")
-        return
-    output.emit_table(
-        ["REPO", "CATALOG NAME", "DOWNLOADS", "LIKES", "UPDATED", "PARAMS"],
-        [[h.repo_id, h.catalog_name or "", _count(h.downloads), _count(h.likes), h.updated or "-", output.human_count(h.parameters)] for h in rows],
-        right_align=("DOWNLOADS", "LIKES", "PARAMS"),
+    results = find(query, author=author, limit=limit, sort=sort, status=output.status)
+    records = [_hit_json(h) for h in results.hits]
+    if results.note and not json_output:
+        output.warn(results.note)
+    output.emit_records(
+        records,
+        HIT_COLUMNS,
+        json_output=json_output,
+        document={"hub_searched": results.hub_searched, "note": results.note, "results": records},
+        empty=f"No GGUF models found for '{query}'.",
     )
-
-
-def merge_hits(catalog_hits: list[CatalogEntry], hub_hits: list[hub.SearchHit], sort: hub.SearchSort) -> list[hub.SearchHit]:
-    """Catalog and Hub rows in one list, ordered by ``sort`` (largest or newest first).
-
-    A catalog repo the Hub returned is one row, with the Hub's figures. A
-    catalog repo it did not return (outside the first ``--limit`` results, or
-    the Hub was not searched) has no figure to sort by, so it comes after
-    every row that has one, in catalog order. ``trending`` has no figure in
-    the answer: the Hub's own order is kept.
-    """
-    by_repo = {h.repo_id.lower(): h for h in hub_hits}
-    rows = list(hub_hits)  # the Hub's order: the tie-break, and all there is for trending
-    for entry in catalog_hits:
-        hit = by_repo.get(entry.repo.lower())
-        if hit is None:
-            hit = hub.SearchHit(entry.repo, None, None, None, None)
-            rows.append(hit)
-        hit.catalog_name = entry.name
-
-    def figure(hit: hub.SearchHit) -> tuple[int, str] | None:  # (count, ISO date): one comparable key for any sort
-        value = {"downloads": hit.downloads, "likes": hit.likes, "updated": hit.updated}.get(sort)
-        if value is None:
-            return None
-        return (value, "") if isinstance(value, int) else (0, value)
-
-    known = [h for h in rows if figure(h) is not None]
-    known.sort(key=lambda h: figure(h) or (0, ""), reverse=True)  # stable: ties keep the Hub's order
-    hub_order = [h for h in rows if figure(h) is None and h.repo_id.lower() in by_repo]
-    catalog_only = [h for h in rows if h.repo_id.lower() not in by_repo]
-    return known + hub_order + catalog_only
-
-
-def _count(n: int | None) -> str:
-    return "-" if n is None else f"{n:,}"
 
 
 def _hit_json(hit: hub.SearchHit) -> dict[str, Any]:
@@ -99,55 +74,32 @@ def _hit_json(hit: hub.SearchHit) -> dict[str, Any]:
 
 
 def _files(query: str, hw_profile: str | None, json_output: bool) -> None:
-    from llmctl.models import pull
+    from llmctl.models.locate import read_repo
+    from llmctl.models.search import find_repo
+    from llmctl.plan import fit
     from llmctl.plan.hardware import get_hardware
 
-    ref = parse_ref(query)
-    if ref is None:
-        hits = hub.search_models(query, author=None, limit=1, sort=hub.SearchSort.downloads)
-        if not hits:
-            raise UsageError(f"no GGUF repo matches '{query}'", hint="give a repo as owner/repo")
-        ref = parse_ref(hits[0].repo_id)
-    assert ref is not None
-    listing = hub.list_repo(ref.repo_id, ref.revision)
-    models = pull.pick_models(ref, listing, None)
+    ref = find_repo(query)
     hw = get_hardware(get_settings(), hw_profile, with_bandwidth=True)
-    with output.status(f"Reading GGUF headers of {ref.repo_id}…"):
-        candidates = pull.remote_candidates(listing, models)
-    plans = {p.candidate.label: p for p in (fit.plan_candidate(c, hw) for c in candidates)}
-    if json_output:
-        output.emit_json(
+    repo = read_repo(ref, status=output.status)
+    records = []
+    for model, candidate in zip(repo.models, repo.candidates):
+        plan = fit.plan_candidate(candidate, hw)
+        records.append(
             {
-                "repo": listing.repo_id,
-                "revision": listing.commit,
-                "files": [
-                    {
-                        "label": m.label,
-                        "files": [f.path for f in m.files],
-                        "size_bytes": m.size,
-                        "sha256": [f.sha256 for f in m.files],
-                        "fit": plans[m.label].fit,
-                        "n_gpu_layers": plans[m.label].config.n_gpu_layers,
-                        "n_ctx": plans[m.label].config.n_ctx,
-                    }
-                    for m in models
-                ],
+                "label": model.label,
+                "files": [f.path for f in model.files],
+                "size_bytes": model.size,
+                "sha256": [f.sha256 for f in model.files],
+                "fit": plan.fit,
+                "n_gpu_layers": plan.config.n_gpu_layers,
+                "n_ctx": plan.config.n_ctx,
             }
         )
-        return
-    output.emit_table(
-        ["FILE", "QUANT", "SIZE", "FIT", "GPU LAYERS", "CONTEXT"],
-        [
-            [
-                m.files[0].path + (f" (+{len(m.files) - 1} parts)" if len(m.files) > 1 else ""),
-                m.label,
-                output.human_bytes(m.size),
-                plans[m.label].fit,
-                plans[m.label].config.n_gpu_layers,
-                plans[m.label].config.n_ctx,
-            ]
-            for m in sorted(models, key=lambda m: m.size)
-        ],
-        title=f"{listing.repo_id} @ {listing.commit[:12]} on {hw.source}",
-        right_align=("SIZE", "GPU LAYERS", "CONTEXT"),
+    output.emit_records(
+        sorted(records, key=lambda r: r["size_bytes"]),  # the table smallest first; the JSON in the repo's order
+        FILE_COLUMNS,
+        json_output=json_output,
+        document={"repo": repo.listing.repo_id, "revision": repo.listing.commit, "files": records},
+        title=f"{repo.listing.repo_id} @ {repo.listing.commit[:12]} on {hw.source}",
     )

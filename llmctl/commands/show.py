@@ -9,6 +9,7 @@ import typer
 from llmctl import gguf, output
 from llmctl.commands import open_store
 from llmctl.errors import LlmctlError
+from llmctl.models.locate import locate
 from llmctl.models.store import ResolvedModel
 from llmctl.options import JsonOpt, ModelArg
 
@@ -19,8 +20,8 @@ def show(
     template: Annotated[bool, typer.Option("--template", help="Print only the chat template.")] = False,
 ) -> None:
     """Show a model's details: architecture, size, quantisation, layers, heads, context, template."""
-    resolved = open_store().resolve(model)
-    headers, info = gguf.read_model(resolved.paths)
+    located = locate(open_store(), model)
+    resolved, info = located.model, located.info
     if template:
         if not info.chat_template:
             raise LlmctlError(
@@ -33,7 +34,7 @@ def show(
             output.emit_text(output.safe(info.chat_template, keep_layout=True))
         return
     if json_output:
-        output.emit_json(show_json(resolved, headers, info))
+        output.emit_json(show_json(resolved, located.headers, info))
         return
     output.emit_fields(_fields(resolved, info))
     total = info.total_tensor_bytes or 1

@@ -26,19 +26,18 @@ import hashlib
 import os
 import re
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from llmctl.errors import EXIT_HUB, LlmctlError, NotFoundError, StoreError, UsageError
+from llmctl.errors import EXIT_HUB, LlmctlError, NotFoundError, UsageError
 from llmctl.fileio import exclusive_lock
-from llmctl.models import hubhttp
+from llmctl.models import hfcache, hubhttp
+from llmctl.models.names import check_revision, quant_of_filename
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-PARTIAL_SUFFIX = ".llmctl.partial"
-LOCK_SUFFIX = ".llmctl.lock"
 CHUNK = 1 << 20
 MIN_PROGRESS = 1 << 20  # a download that gets less than this in LLMCTL_HUB_TIMEOUT seconds is stalled
 MAX_API_BYTES = 32 << 20  # one JSON answer (search, repo info): the largest real ones are a few MB
@@ -264,6 +263,15 @@ def _quiet_library() -> None:
         hf_logging.set_verbosity_error()
 
 
+# What a caller shows while waiting on the Hub (a spinner with this text): the core prints nothing itself.
+Status = Callable[[str], AbstractContextManager[Any]]
+
+
+def silent(_message: str) -> AbstractContextManager[Any]:
+    """A Status that shows nothing."""
+    return nullcontext()
+
+
 # --- search --------------------------------------------------------------------------
 
 
@@ -308,7 +316,7 @@ def search_models(query: str, *, author: str | None, limit: int, sort: SearchSor
         if not isinstance(model.id, str):
             raise HubError(f"the Hub's search answer holds a repo id that is not text: {model.id!r:.60}", hint="check HF_ENDPOINT")
         gguf_meta = getattr(model, "gguf", None) or {}
-        last_modified = getattr(model, "last_modified", None)
+        last_modified: Any = getattr(model, "last_modified", None)
         hits.append(
             SearchHit(
                 repo_id=model.id,
@@ -358,10 +366,7 @@ class RepoListing:
 
 
 _UNSAFE = re.compile(r"(^|/)\.\.?(/|$)|\\|^/|//|[\x00-\x1f]")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-# A branch or tag name as git allows it (git check-ref-format), short enough for a file name.
-_BAD_REF = re.compile(r"^/|/$|//|\.\.|@\{|(^|/)\.|\.lock(/|$)|\.$|[\x00-\x20\x7f~^:?*\[\\]")
 MAX_FILE_SIZE = 4 << 40  # 4 TiB: over ten times the largest single GGUF file on the Hub
 
 
@@ -373,7 +378,7 @@ def check_safe_filename(path: str) -> None:
 
 def check_commit(commit: object, repo_id: str) -> str:
     """A commit id from the Hub, which becomes a folder name: exactly 40 lowercase hex digits."""
-    if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):
+    if not isinstance(commit, str) or not hfcache.COMMIT_RE.fullmatch(commit):
         raise HubError(
             f"the Hub answered with an invalid commit id for {repo_id}: {commit!r:.80}",
             hint="check that HF_ENDPOINT points at the Hub or a faithful mirror; report the repo if it does",
@@ -381,35 +386,9 @@ def check_commit(commit: object, repo_id: str) -> str:
     return commit
 
 
-def check_revision(revision: str | None) -> str | None:
-    """A branch, tag or commit the user named, which may become ``refs/<revision>`` in the cache."""
-    if revision is not None and (not revision or len(revision) > 200 or _BAD_REF.search(revision)):
-        raise UsageError(f"{revision!r:.80} is not a valid branch, tag or commit name", hint="check the revision in the name")
-    return revision
-
-
-def inside(root: Path, path: Path, *, follow_last: bool = True) -> Path:
-    """``path``, once sure that it resolves inside ``root``, symlinked parents included.
-
-    Lexical checks on Hub data stop ``..`` and absolute names; this stops a
-    symlink already in the cache (a snapshot folder, a partial) from sending
-    a write elsewhere. With ``follow_last=False`` the last component itself
-    may be a link (a snapshot entry pointing at its blob).
-    """
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path) if follow_last else os.path.join(os.path.realpath(path.parent), path.name)
-    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise StoreError(
-            f"refusing to write {path}: it resolves to {real}, outside {root}",
-            hint=f"a symlink inside {root} points elsewhere; remove it and pull again",
-        )
-    return path
-
-
 def list_repo(repo_id: str, revision: str | None = None) -> RepoListing:
     """The repo's GGUF models (split files grouped) at a commit, with sizes and LFS sha256."""
     from llmctl.gguf import SPLIT_RE
-    from llmctl.models.catalog import quant_of_filename
 
     check_revision(revision)
     _check_online()
@@ -589,10 +568,6 @@ def remote_model_info(repo_id: str, commit: str, model: RemoteModel) -> Any:
 # --- downloads ------------------------------------------------------------------------
 
 
-def repo_folder(cache: Path, repo_id: str) -> Path:
-    return cache / ("models--" + repo_id.replace("/", "--"))
-
-
 def _backoff(attempt: int) -> None:
     time.sleep(min(0.25 * 2**attempt, 8.0))
 
@@ -632,10 +607,10 @@ class _Hasher:
                             break
                         self._digest.update(chunk)
                         self.size += len(chunk)
-            while (chunk := self._queue.get()) is not None:
+            while (queued := self._queue.get()) is not None:
                 if not self._stop.is_set():
-                    self._digest.update(chunk)
-                    self.size += len(chunk)
+                    self._digest.update(queued)
+                    self.size += len(queued)
         except BaseException as exc:  # noqa: BLE001 - raised by feed()/finish(); keep draining so feed() never blocks
             self._error = exc
             while self._queue.get() is not None:
@@ -706,20 +681,15 @@ def download_file(
         sha = (meta.etag or "").lower()
         if not _SHA256.fullmatch(sha):
             raise HubError(f"{repo_id}/{remote.path} has no sha256 on the Hub; refusing an unverifiable download")
-    folder = repo_folder(cache, repo_id)
-    # Every path below is made of checked parts; each must also resolve inside the repo's folder.
-    blob = inside(folder, folder / "blobs" / sha)
-    snapshot = inside(folder, folder / "snapshots" / commit / PurePosixPath(remote.path), follow_last=False)
-    partial = inside(folder, blob.with_name(sha + PARTIAL_SUFFIX))
-    lock = inside(folder, blob.with_name(sha + LOCK_SUFFIX))
-    with exclusive_lock(lock, on_wait=on_wait):
-        if not (blob.exists() and blob.stat().st_size == remote.size):
-            _transfer(url, partial, remote, sha, progress, resumed or progress)
-            os.replace(partial, blob)
+    at = hfcache.file_paths(cache, repo_id, commit, remote.path, sha)
+    with exclusive_lock(at.lock, on_wait=on_wait):
+        if not (at.blob.exists() and at.blob.stat().st_size == remote.size):
+            _transfer(url, at.partial, remote, sha, progress, resumed or progress)
+            os.replace(at.partial, at.blob)
         elif resumed:
             resumed(remote.size)
-        _link_snapshot(snapshot, blob, folder)  # under the lock: a second pull of the same file waits for it
-    return snapshot
+        hfcache.link_snapshot(at.snapshot, at.blob, at.folder)  # under the lock: a second pull of the same file waits for it
+    return at.snapshot
 
 
 def _check_size(remote: RemoteFile) -> None:
@@ -872,82 +842,3 @@ class _Retryable(Exception):
 
 def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, _Retryable) else type(exc).__name__
-
-
-def _link_snapshot(snapshot: Path, blob: Path, folder: Path) -> None:
-    """Point ``snapshot`` at ``blob``, as huggingface_hub does.
-
-    Only a link into this repo's own ``blobs/`` (a link a pull made) is ever
-    replaced; a file, a folder, or a link pointing elsewhere is left alone
-    and the pull fails with the path to look at.
-    """
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    inside(folder, snapshot, follow_last=False)  # again, now that the folders exist
-    target = os.path.relpath(blob, snapshot.parent)
-    if snapshot.is_symlink():
-        pointed = os.path.realpath(snapshot)
-        if pointed == os.path.realpath(blob):
-            return
-        blobs = os.path.realpath(folder / "blobs")
-        if os.path.dirname(pointed) != blobs:
-            raise StoreError(
-                f"refusing to replace {snapshot}: it is a link to {pointed}, not to a blob of this repo",
-                hint="move it away, then pull again",
-            )
-        snapshot.unlink()
-    elif os.path.lexists(snapshot):
-        if os.path.isfile(snapshot) and os.path.samefile(snapshot, blob):
-            return
-        raise StoreError(
-            f"refusing to replace {snapshot}: it is not a link made by a pull",
-            hint="move it away, then pull again",
-        )
-    try:
-        snapshot.symlink_to(target)
-    except FileExistsError:
-        if os.path.realpath(snapshot) != os.path.realpath(blob):
-            raise
-    except OSError:  # pragma: no cover - no symlinks (Windows without developer mode)
-        import shutil
-
-        shutil.copyfile(blob, snapshot)
-
-
-def write_ref(cache: Path, repo_id: str, ref: str, commit: str) -> None:
-    """Record ``refs/<branch>`` as huggingface_hub does, so offline lookups find the commit."""
-    check_commit(commit, repo_id)
-    if _COMMIT.fullmatch(ref):
-        return
-    check_revision(ref)
-    folder = repo_folder(cache, repo_id)
-    path = inside(folder, folder / "refs" / ref)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    inside(folder, path)
-    if path.is_dir():
-        raise StoreError(f"refusing to write {path}: it is a folder", hint="move it away, then pull again")
-    path.write_text(commit)
-
-
-@dataclass
-class Partial:
-    path: Path
-    repo_id: str
-    size: int
-    in_use: bool
-
-
-def find_partials(cache: Path) -> list[Partial]:
-    """Unfinished downloads in the HF cache, and whether a pull is working on them now."""
-    from llmctl.fileio import lock_held
-
-    found = []
-    if not cache.is_dir():
-        return found
-    for path in sorted(cache.glob("models--*/blobs/*" + PARTIAL_SUFFIX)):
-        repo = path.parent.parent.name[len("models--") :].replace("--", "/", 1)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:  # finished (renamed) since the glob
-            continue
-        found.append(Partial(path, repo, size, lock_held(path.with_name(path.name.replace(PARTIAL_SUFFIX, LOCK_SUFFIX)))))
-    return found

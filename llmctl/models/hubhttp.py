@@ -224,7 +224,7 @@ def _capped_stream_class(base: type) -> type:
     """A body stream of the client's own httpx package (httpx or httpx2) that enforces the cap."""
     if base not in _STREAM_CLASSES:
 
-        class Capped(base):  # type: ignore[misc, valid-type]
+        class Capped(base):
             def __init__(self, inner: Any, limits: Limits) -> None:
                 self._inner = inner
                 self._limits = limits

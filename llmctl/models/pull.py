@@ -10,9 +10,9 @@ from typing import Callable
 
 from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, NotFoundError, StoreError
 from llmctl.fileio import now_iso
-from llmctl.models import hub
-from llmctl.models.catalog import HubRef, parse_ref, quant_of_filename, suggest
-from llmctl.models.store import ModelEntry, Store, header_cache_entry, validate_name
+from llmctl.models import catalog, hfcache, hub
+from llmctl.models.names import HubRef, default_pull_name, parse_ref, quant_of_filename, validate_name
+from llmctl.models.store import ModelEntry, Store, header_cache_entry
 from llmctl.plan import fit
 from llmctl.plan.hardware import HardwareInfo
 
@@ -20,14 +20,14 @@ DISK_MARGIN = 64 * 1024**2
 
 
 def parse_or_suggest(name: str) -> HubRef:
-    ref = parse_ref(name)
+    ref = parse_ref(name, catalog.aliases())
     if ref is not None:
         return ref
     base = name.split(":")[0]
-    close = suggest(base)
+    close = catalog.suggest(base)
     if not close:  # nothing near in the catalog: ask the Hub, if it can be reached
         try:
-            close = [hit.repo_id for hit in hub.search_models(base, author=None, limit=3, sort="downloads")]
+            close = [hit.repo_id for hit in hub.search_models(base, author=None, limit=3, sort=hub.SearchSort.downloads)]
         except hub.HubError:
             close = []
     raise NotFoundError(
@@ -98,38 +98,11 @@ def plan_pull(
     candidates = remote_candidates(listing, models)
     plan = fit.make_plan(candidates, hw, overrides, force=force)
     model = next(m for m in models if m.label == plan.chosen.candidate.label)
-    final_name = validate_name(name) if name else default_pull_name(ref, model)
+    final_name = validate_name(name) if name else default_pull_name(ref, model.label)
     store.check_pull_name(final_name, ref.repo_id)
     cache = store.settings.hf_hub_cache
-    missing = sum(f.size - _present_bytes(cache, ref.repo_id, f) for f in model.files)
+    missing = sum(f.size - hfcache.present_bytes(cache, ref.repo_id, f.sha256, f.size) for f in model.files)
     return PullPlan(ref, listing, plan, model, final_name, missing)
-
-
-def default_pull_name(ref: HubRef, model: hub.RemoteModel) -> str:
-    base = ref.alias or ref.repo_id.split("/")[-1]
-    for suffix in ("-gguf", "_gguf", ".gguf"):
-        if base.lower().endswith(suffix):
-            base = base[: -len(suffix)]
-    tag = model.label if "/" not in model.label and not model.label.lower().endswith(".gguf") else "gguf"
-    return validate_name(f"{_clean(base)}:{_clean(tag)}")
-
-
-def _clean(text: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9._+-]+", "-", text.lower()).strip("-._") or "model"
-
-
-def _present_bytes(cache: Path, repo_id: str, remote: hub.RemoteFile) -> int:
-    """Bytes of this file already on disk: the complete blob, or a partial download."""
-    if not remote.sha256:
-        return 0
-    blobs = hub.repo_folder(cache, repo_id) / "blobs"
-    blob = blobs / remote.sha256
-    if blob.exists() and blob.stat().st_size == remote.size:
-        return remote.size
-    partial = blobs / (remote.sha256 + hub.PARTIAL_SUFFIX)
-    return min(partial.stat().st_size, remote.size) if partial.exists() else 0
 
 
 class PullInterrupted(LlmctlError):
@@ -143,7 +116,7 @@ def interrupted(store: Store, pull_plan: PullPlan, command: str) -> PullInterrup
     from llmctl.output import human_bytes
 
     cache = store.settings.hf_hub_cache
-    kept = sum(_present_bytes(cache, pull_plan.listing.repo_id, f) for f in pull_plan.model.files)
+    kept = sum(hfcache.present_bytes(cache, pull_plan.listing.repo_id, f.sha256, f.size) for f in pull_plan.model.files)
     if kept:
         hint = f"run `{command}` again to resume ({human_bytes(kept)} of {human_bytes(pull_plan.model.size)} kept)"
     else:
@@ -180,7 +153,7 @@ def execute(
     listing, model = pull_plan.listing, pull_plan.model
     check_disk(cache, pull_plan.to_download)
     paths = [hub.download_file(listing.repo_id, listing.commit, remote, cache, progress=progress, resumed=resumed, on_wait=on_wait) for remote in model.files]
-    hub.write_ref(cache, listing.repo_id, pull_plan.ref.revision or "main", listing.commit)
+    hfcache.write_ref(cache, listing.repo_id, pull_plan.ref.revision or "main", listing.commit)
     _, info = gguf.read_model(paths)  # the downloaded bytes must read as the header did
     entry = ModelEntry(
         name=pull_plan.name,

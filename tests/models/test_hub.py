@@ -303,7 +303,7 @@ def test_a_partial_is_in_use_exactly_while_a_pull_holds_its_lock(tmp_path: Path)
     import fcntl
 
     from llmctl.fileio import exclusive_lock, lock_held
-    from llmctl.models.hub import find_partials
+    from llmctl.models.hfcache import find_partials
 
     cache = tmp_path / "hub"
     blobs = cache / "models--org--Part-GGUF" / "blobs"

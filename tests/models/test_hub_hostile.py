@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from llmctl.errors import EXIT_HUB, EXIT_USAGE, LlmctlError, StoreError, UsageError
+from llmctl.models import hfcache
 from llmctl.models import hub as hub_api
 from tests.support import measure_rss
 from tests.support.measure_rss import Run
@@ -98,7 +99,7 @@ def test_a_partial_that_links_out_of_the_cache_is_never_written_through(cli, hub
     (remote,) = next(m for m in listing.models if m.label == "Q8_0").files
     blobs = tmp_path / "hf" / "hub" / TINY_FOLDER / "blobs"
     blobs.mkdir(parents=True)
-    (blobs / (remote.sha256 + hub_api.PARTIAL_SUFFIX)).symlink_to(victim)
+    (blobs / (remote.sha256 + hfcache.PARTIAL_SUFFIX)).symlink_to(victim)
     r = cli("pull", f"{TINY}:Q8_0")
     assert r.exit_code == 1
     one_error(r.stderr, "refusing to write", "outside")
@@ -150,10 +151,10 @@ def test_revisions_that_could_become_paths_are_refused(cli, hub, tmp_path: Path)
     commit = tiny_commit(hub)
     for ref in ("../../escape", "/abs", "a/../../b", ".hidden", "x.lock", "a b", ""):
         with pytest.raises(UsageError):
-            hub_api.write_ref(cache, TINY, ref, commit)
-    with pytest.raises(hub_api.HubError):
-        hub_api.write_ref(cache, TINY, "main", "../../escape")
-    hub_api.write_ref(cache, TINY, "release/v1", commit)  # a real branch name with a folder is fine
+            hfcache.write_ref(cache, TINY, ref, commit)
+    with pytest.raises(StoreError):
+        hfcache.write_ref(cache, TINY, "main", "../../escape")
+    hfcache.write_ref(cache, TINY, "release/v1", commit)  # a real branch name with a folder is fine
     assert (cache / TINY_FOLDER / "refs" / "release" / "v1").read_text() == commit
     assert sorted(p.name for p in tmp_path.iterdir() if "escape" in p.name) == []
 
@@ -162,13 +163,13 @@ def test_the_containment_check_follows_symlinked_parents(tmp_path: Path) -> None
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)
     (root / "out").symlink_to(tmp_path, target_is_directory=True)
-    assert hub_api.inside(root, root / "a" / "new" / "file") == root / "a" / "new" / "file"
+    assert hfcache.inside(root, root / "a" / "new" / "file") == root / "a" / "new" / "file"
     with pytest.raises(StoreError):
-        hub_api.inside(root, root / "out" / "file")
+        hfcache.inside(root, root / "out" / "file")
     (root / "a" / "link").symlink_to(tmp_path / "x")
-    assert hub_api.inside(root, root / "a" / "link", follow_last=False)  # the entry itself may be a link…
+    assert hfcache.inside(root, root / "a" / "link", follow_last=False)  # the entry itself may be a link…
     with pytest.raises(StoreError):
-        hub_api.inside(root, root / "a" / "link")  # …but is not written through
+        hfcache.inside(root, root / "a" / "link")  # …but is not written through
 
 
 # --- 2. Unbounded bodies, trickles, deadlines ---------------------------------------------------

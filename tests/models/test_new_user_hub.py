@@ -147,9 +147,9 @@ def test_rows_follow_the_sort_whether_they_come_from_the_catalog_or_the_hub(cli,
 
 
 def test_catalog_rows_without_hub_figures_come_after_hub_rows() -> None:
-    from llmctl.commands.search import merge_hits
     from llmctl.models import hub
     from llmctl.models.catalog import CatalogEntry
+    from llmctl.models.search import merge_hits
 
     catalog = [CatalogEntry("only-here", "a/Only-GGUF", ""), CatalogEntry("both", "b/Both-GGUF", "")]
     hits = [hub.SearchHit("c/Top-GGUF", 900, 1, "2026-01-01", None), hub.SearchHit("b/Both-GGUF", 500, 9, "2026-03-01", None)]
