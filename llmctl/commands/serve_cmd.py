@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
+import sys
+import time
 from typing import Annotated, Any
 
 import typer
@@ -33,7 +36,8 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a busy model before 503.")] = 8,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (chat, completions, streaming, JSON mode)."""
-    from llmctl.serve.app import ModelPool, ServerSettings, run_server
+    from llmctl.serve.app import run_server
+    from llmctl.serve.pool import ModelPool, ServerSettings
 
     if not _is_loopback(host) and not api_key:
         output.warn(f"binding to {host} without --api-key: anyone who can reach this port can use your models")
@@ -42,6 +46,7 @@ def serve(
     for name in models or []:
         if store.resolve(name).kind == "path":  # unknown names fail now, not at the first request
             raise UsageError(f"{name} is a file, not a model in the store", hint=f"register it first: llmctl import {name}")
+    log_to_stderr()
     run_server(ModelPool(store, settings), host, port, list(models or []))
 
 
@@ -153,3 +158,32 @@ def _call(server: str, method: str, path: str, body: dict[str, Any] | None = Non
         raise LlmctlError(
             f"no llmctl server at {server} ({getattr(exc, 'reason', exc)})", hint="start one with `llmctl serve`, or set --server / LLMCTL_SERVER"
         ) from None
+
+
+class LogLine(logging.Formatter):
+    """One line of serve's log: the time, then the message with the control, bidi and line-breaking
+    characters that clients may send escaped (``output.safe``); a traceback follows only where one
+    was logged (``LLMCTL_DEBUG=1``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {output.safe(record.getMessage())}"
+        return line + "\n" + self.formatException(record.exc_info) if record.exc_info else line
+
+
+class StderrLog(logging.StreamHandler):
+    """Log lines on the stderr in use when each is written (tests capture it), not the one at start-up."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def log_to_stderr() -> None:
+    """Send the "llmctl.serve" loggers' records to stderr as ``LogLine``s (once, however often called)."""
+    logger = logging.getLogger("llmctl.serve")
+    if not any(isinstance(handler, StderrLog) for handler in logger.handlers):
+        handler = StderrLog()
+        handler.setFormatter(LogLine())
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # each line once, whatever else configures the root logger

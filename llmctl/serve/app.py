@@ -1,4 +1,5 @@
-"""An OpenAI-compatible local server over the model store.
+"""An OpenAI-compatible local server over the model store: the HTTP front (routes, the API key,
+body limits, one log line per request) and the streaming of answers.
 
 Why not llama-cpp-python's own server: it serves one model at a time (its
 proxy swaps models per request), and has no keep-alive expiry, no LRU of
@@ -7,6 +8,10 @@ answering 503 + Retry-After, and no model listing from llmctl's store. So the
 HTTP layer is a small FastAPI app of our own, on the same stack that server
 uses (FastAPI, uvicorn, SSE), and generation goes through llmctl's Engine
 (the same path as ``run``), loaded with each model's fit plan.
+
+The rooms: ``api`` checks requests and shapes answers, ``pool`` holds the loaded models, this
+module joins them to HTTP. It logs to the "llmctl.serve.app" logger; ``llmctl serve`` writes
+the "llmctl.serve" loggers to stderr.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``,
 ``POST /v1/completions`` (streaming with server-sent events, or not),
@@ -18,509 +23,23 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-import re
-import sys
+import logging
 import threading
 import time
-import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request  # at module level: FastAPI resolves endpoint annotations from here
 
 from llmctl.config import debug_enabled
 from llmctl.engine.base import EngineError, Result, Timings
-from llmctl.engine.llama import Engine, grammar_for
-from llmctl.engine.sampling import SamplingSettings, SettingError, from_request
-from llmctl.errors import AmbiguousNameError, LlmctlError, NotFoundError, UsageError
-from llmctl.output import safe
+from llmctl.errors import LlmctlError
+from llmctl.serve.api import DONE, MAX_MODEL_NAME, ApiError, Chunks, Job, context_error, event, full_response, job_from, parse_json
+from llmctl.serve.pool import Loaded, ModelPool
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_JSON_DEPTH = 64  # real requests (messages, JSON schemas) nest a dozen levels at most
-MAX_MODEL_NAME = 256
-CONTROL_THREADS = 4  # store look-ups, listings, unloads: never shared with generation or loading
-
-
-@dataclass
-class ServerSettings:
-    keep_alive: float = 300.0  # seconds a model stays loaded after its last request; < 0: for ever
-    max_loaded: int = 2
-    max_queue: int = 8  # requests waiting per model before 503
-    ctx: int | None = None
-    api_key: str | None = None
-
-
-def _generation_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmctl-generate")
-
-
-@dataclass
-class Loaded:
-    name: str
-    engine: Engine
-    memory: int
-    loaded_at: float
-    last_used: float
-    busy: int = 0  # requests running or waiting
-    # One thread per model: its queue is the model's queue (one generation at a time), and a
-    # request waiting for its turn holds no thread that other routes or models need.
-    executor: ThreadPoolExecutor = field(default_factory=_generation_thread)
-
-    def expires_at(self, keep_alive: float) -> float | None:
-        return None if keep_alive < 0 else self.last_used + keep_alive
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's format."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
-
-
-class PlannedLoader:
-    """How the pool loads a model: its fit plan (whose estimate the memory budget uses), then the engine.
-
-    A field of the pool, so tests load fake engines in its place.
-    """
-
-    def __init__(self, store: Any, ctx: int | None) -> None:
-        self.store, self.ctx = store, ctx
-
-    def plan(self, name: str) -> tuple[int, Any]:
-        """The memory the model will take, and what ``load`` needs."""
-        from llmctl.engine.runner import plan_model
-        from llmctl.plan.fit import Overrides
-
-        planned = plan_model(self.store, name, Overrides(n_ctx=self.ctx))
-        return planned.plan.chosen.estimate.total, planned
-
-    def load(self, planned: Any) -> Engine:
-        from llmctl.engine.runner import load_planned
-
-        return load_planned(self.store, planned).engine
-
-
-_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-
-
-def looks_like_path(name: str) -> bool:
-    """A name a client gives that could only mean a place on this machine's disk.
-
-    The server serves models of the store by name; such names are answered as
-    unknown before the store (which would look at the disk) sees them.
-    """
-    return name.startswith(("/", "~", ".", "\\")) or "\\" in name or bool(_DRIVE.match(name)) or ".." in name.split("/") or not name.isprintable()
-
-
-class ModelPool:
-    """Loaded models: on demand, kept for keep-alive, least-recently-used out when full."""
-
-    def __init__(self, store: Any, settings: ServerSettings, loader: Any = None) -> None:
-        self.store = store
-        self.settings = settings
-        self.loader = loader or PlannedLoader(store, settings.ctx)
-        self.models: dict[str, Loaded] = {}
-        self._guard = threading.Lock()  # the dict, busy counts, load/unload decisions
-        self._load_lock = threading.Lock()  # one load at a time
-        self._waiting_loads: dict[str, int] = {}
-        # Names clients used for loaded models → the store's name, valid while the index is unchanged
-        # (``index_stamp``): repeated requests do not read the index; any change to it (`rm`, an
-        # import) resolves afresh, so answers stay what resolving every time would give.
-        self._names: dict[str, str] = {}
-        self._names_stamp: Any = None
-        self.control = ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="llmctl-control")
-        self._loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmctl-load")
-
-    def names(self) -> list[str]:
-        return [row.name for row in self.store.listing() if row.status == "ok"]
-
-    def _memory_budget(self) -> int:
-        """What loaded models may use: RAM available now plus what the loaded ones hold, minus the margin."""
-        from llmctl.config import get_settings
-        from llmctl.plan.fit import RAM_MARGIN
-        from llmctl.plan.hardware import get_hardware
-
-        hw = get_hardware(get_settings())
-        # A live probe's available RAM already excludes the loaded models; a profile's is what the
-        # described machine has free before anything is loaded.
-        held = sum(m.memory for m in self.models.values()) if hw.source == "live" else 0
-        return hw.ram_available + held - RAM_MARGIN
-
-    def missing(self, name: str) -> ApiError:
-        return ApiError(404, f"model '{name}' not found; available: {', '.join(self.names()) or '(none)'}", "invalid_request_error", "model")
-
-    def canonical(self, name: str) -> str:
-        """The store's name for what a client asked for. Paths, directories and unknown names all
-        get the same 404: the API tells nothing about this machine's files."""
-        return self._canonical(name)[0]
-
-    def _canonical(self, name: str) -> tuple[str, Any]:
-        """``canonical``, and the index stamp it was resolved under (for ``_remember``)."""
-        stamp = self.store.index_stamp()
-        with self._guard:
-            if stamp != self._names_stamp:
-                self._names.clear()
-                self._names_stamp = stamp
-            known = self._names.get(name)
-        if known is not None:
-            return known, stamp
-        return self._resolve(name), stamp
-
-    def _remember(self, name: str, canonical: str, stamp: Any) -> None:
-        """Answer ``name`` from the pool from now on, while ``canonical`` stays loaded and the index unchanged."""
-        with self._guard:
-            if stamp != self._names_stamp:
-                self._names.clear()
-                self._names_stamp = stamp
-            if canonical in self.models:
-                self._names[name] = canonical
-
-    def _resolve(self, name: str) -> str:
-        if looks_like_path(name):
-            raise self.missing(name)
-        try:
-            resolved = self.store.resolve(name, paths=False)
-        except AmbiguousNameError as exc:
-            raise ApiError(400, exc.message, param="model") from None
-        except (NotFoundError, UsageError, OSError, ValueError, RuntimeError):
-            # UsageError: "is a directory"; OSError: a name too long for a path, unreadable places
-            raise self.missing(name) from None
-        except LlmctlError as exc:
-            raise ApiError(400, exc.message, param="model") from None
-        if resolved.kind == "path":  # a client may name models, not files on this machine
-            raise self.missing(name)
-        return str(resolved.name)
-
-    def _claim(self, canonical: str) -> Loaded | None:
-        """Count a request on the loaded model (None if it is not loaded); 503 past the queue."""
-        with self._guard:
-            model = self.models.get(canonical)
-            if model is not None:
-                if model.busy > self.settings.max_queue:
-                    raise ApiError(503, f"model '{canonical}' is busy ({model.busy} requests queued)", "server_error", headers={"Retry-After": "1"})
-                model.busy += 1
-                model.last_used = time.monotonic()
-            return model
-
-    def acquire(self, name: str) -> Loaded:
-        """The loaded model, loading it (and making room) if needed; counts the request as busy.
-
-        Blocking, for the models named on the command line (the operator may name a registered
-        model by its file); requests from clients go through ``acquire_async``."""
-        try:
-            canonical = str(self.store.resolve(name).name)
-        except LlmctlError as exc:
-            raise ApiError(400, exc.message, param="model") from None
-        return self._claim(canonical) or self._load(canonical)
-
-    async def acquire_async(self, name: str) -> Loaded:
-        """``acquire`` for the event loop: waiting for the store or for a load holds no shared thread."""
-        loop = asyncio.get_running_loop()
-        canonical, stamp = await loop.run_in_executor(self.control, self._canonical, name)
-        model = self._claim(canonical)
-        if model is not None:
-            self._remember(name, canonical, stamp)
-            return model
-        with self._guard:
-            waiting = self._waiting_loads.get(canonical, 0)
-            if waiting > self.settings.max_queue:
-                raise ApiError(503, f"model '{canonical}' is loading ({waiting} requests waiting)", "server_error", headers={"Retry-After": "2"})
-            self._waiting_loads[canonical] = waiting + 1
-        future = self._loading.submit(self._load, canonical)
-        try:
-            model = await asyncio.wrap_future(future)  # cancelling this cancels the load if it has not begun
-            self._remember(name, canonical, stamp)
-            return model
-        except asyncio.CancelledError:
-            # If it had begun, the request is counted on the model when it ends: give that back.
-            future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or self.release(f.result()))
-            raise
-        finally:
-            with self._guard:
-                self._waiting_loads[canonical] -= 1
-                if not self._waiting_loads[canonical]:
-                    del self._waiting_loads[canonical]
-
-    def _load(self, canonical: str) -> Loaded:
-        with self._load_lock:
-            model = self._claim(canonical)  # loaded meanwhile by a request that came first
-            if model is not None:
-                return model
-            try:
-                memory, planned = self.loader.plan(canonical)
-            except LlmctlError as exc:
-                raise ApiError(500, f"model '{canonical}' cannot be loaded: {exc.message}", "server_error") from None
-            with self._guard:
-                self._make_room(memory)
-            try:
-                engine = self.loader.load(planned)
-            except LlmctlError as exc:
-                raise ApiError(500, f"model '{canonical}' failed to load: {exc.message}", "server_error") from None
-            except Exception as exc:  # noqa: BLE001 - one bad file must not take the server down
-                raise ApiError(500, f"model '{canonical}' failed to load: {type(exc).__name__}: {exc}", "server_error") from None
-            now = time.monotonic()
-            with self._guard:
-                model = Loaded(canonical, engine, memory, now, now, busy=1)
-                self.models[canonical] = model
-                return model
-
-    def submit(self, model: Loaded, work: Callable[[], Any]) -> Future:
-        """Queue ``work`` on the model's own thread; the request stops counting as busy when it ends,
-        however it ends (finished, failed, cancelled before its turn)."""
-        try:
-            future = model.executor.submit(work)
-        except RuntimeError:  # unloaded meanwhile (cannot happen while busy; belt and braces)
-            self.release(model)
-            raise ApiError(503, f"model '{model.name}' was unloaded; try again", "server_error", headers={"Retry-After": "1"}) from None
-        future.add_done_callback(lambda _: self.release(model))
-        return future
-
-    def release(self, model: Loaded) -> None:
-        with self._guard:
-            model.busy -= 1
-            model.last_used = time.monotonic()
-
-    def _make_room(self, memory: int) -> None:
-        """Unload idle models, least recently used first, until one more model of ``memory`` bytes fits
-        both ``--max-loaded`` and the memory budget (per the planner's estimates)."""
-        budget = self._memory_budget()
-        while self.models and (len(self.models) + 1 > self.settings.max_loaded or sum(m.memory for m in self.models.values()) + memory > budget):
-            idle = [m for m in self.models.values() if m.busy == 0]
-            if not idle:
-                raise ApiError(503, "every loaded model is busy; try again shortly", "server_error", headers={"Retry-After": "2"})
-            victim = min(idle, key=lambda m: m.last_used)
-            self._unload(victim.name, "making room" if len(self.models) >= self.settings.max_loaded else "making room in memory")
-
-    def _unload(self, name: str, why: str) -> None:
-        model = self.models.pop(name, None)
-        for client_name in [k for k, v in self._names.items() if v == name]:
-            del self._names[client_name]
-        if model is not None:
-            model.executor.shutdown(wait=False)  # idle: its thread ends at once
-            # frees llama.cpp's memory (and the engine's helpers) now, not at garbage collection
-            close = getattr(model.engine, "close", None) or getattr(model.engine.llm, "close", None)
-            if close is not None:
-                close()
-            log(f"unloaded {name} ({why})")
-
-    def unload(self, name: str) -> bool:
-        """Unload a loaded model by its name (or another name of it); refuse while it is generating."""
-        try:
-            canonical = self.canonical(name) if name else ""
-        except ApiError:
-            return False
-        with self._guard:
-            model = self.models.get(canonical)
-            if model is None:
-                return False
-            if model.busy:
-                # llama.cpp's memory cannot be freed under a running generation.
-                raise ApiError(409, f"model '{model.name}' is busy ({model.busy} request(s)); try again when it is idle", "invalid_request_error", "model")
-            self._unload(model.name, "stopped")
-            return True
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        with self._guard:
-            for model in list(self.models.values()):
-                expiry = model.expires_at(self.settings.keep_alive)
-                if model.busy == 0 and expiry is not None and now >= expiry:
-                    self._unload(model.name, "keep-alive expired")
-
-    def close(self) -> None:
-        """Stop the pool's threads (queued work is dropped; running work finishes)."""
-        for executor in [self.control, self._loading, *(m.executor for m in self.models.values())]:
-            executor.shutdown(wait=False, cancel_futures=True)
-
-    def ps(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        with self._guard:
-            return [
-                {
-                    "name": m.name,
-                    "memory_bytes": m.memory,
-                    "n_ctx": m.engine.n_ctx,
-                    "n_gpu_layers": m.engine.config.n_gpu_layers,
-                    "busy": m.busy,
-                    "loaded_s_ago": round(now - m.loaded_at, 1),
-                    "expires_in_s": None if m.expires_at(self.settings.keep_alive) is None else round(max(m.expires_at(self.settings.keep_alive) - now, 0), 1),
-                }
-                for m in self.models.values()
-            ]
-
-
-def log(message: str) -> None:
-    """One line on the server's log; control, bidi and line-breaking characters from clients are escaped."""
-    sys.stderr.write(f"{time.strftime('%H:%M:%S')} {safe(message)}\n")
-    sys.stderr.flush()
-
-
-# --- requests ----------------------------------------------------------------------------
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """A request body: a JSON object, nested at most MAX_JSON_DEPTH deep, whose strings are all valid
-    Unicode (JSON's "\\ud800" decodes to a lone surrogate no encoder accepts)."""
-    try:
-        body = json.loads(raw or b"{}")
-    except RecursionError:
-        raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
-    except ValueError as exc:  # also bytes that are not UTF-8
-        raise ApiError(400, f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    stack: list[tuple[Any, int]] = [(body, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            for text in (key, item):
-                if isinstance(text, str) and not text.isascii():
-                    try:
-                        text.encode("utf-8")
-                    except UnicodeEncodeError:
-                        raise ApiError(400, "the JSON body holds an unpaired UTF-16 surrogate (such as \\ud800), which is not text") from None
-            if isinstance(item, (dict, list)):
-                stack.append((item, depth + 1))
-    return body
-
-
-def sampling_from(body: dict[str, Any]) -> SamplingSettings:
-    """The request's sampling settings (llmctl/engine/sampling.py checks them); errors name the API's fields."""
-    try:
-        return from_request(body)
-    except SettingError as exc:
-        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else ""), param=exc.setting) from None
-
-
-def response_format_from(body: dict[str, Any]) -> dict[str, Any] | None:
-    fmt = body.get("response_format")
-    if fmt is None:
-        return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise ApiError(400, "'response_format.type' must be text, json_object or json_schema", param="response_format")
-    if fmt["type"] == "text":
-        return None
-    if fmt["type"] == "json_schema":
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ApiError(400, "'response_format.json_schema' must be an object with a 'schema' object", param="response_format")
-        result = {"type": "json_object", "schema": schema}
-    else:
-        result = {"type": "json_object", **({"schema": fmt["schema"]} if isinstance(fmt.get("schema"), dict) else {})}
-    return result
-
-
-def grammar_from(body: dict[str, Any]) -> Any:
-    """The request's response_format as a ready llama.cpp grammar (None for plain text): built once, here,
-    so that a bad schema is a 400 before anything queues or loads, and the worker reuses it."""
-    try:
-        return grammar_for(response_format_from(body))
-    except LlmctlError as exc:
-        raise ApiError(400, exc.message, param="response_format") from None
-
-
-def messages_from(body: dict[str, Any]) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{index}] needs a role of system, user or assistant", param="messages")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            texts = []
-            for part_index, part in enumerate(content):
-                if not isinstance(part, dict):
-                    raise ApiError(400, f"messages[{index}].content[{part_index}] must be an object", param="messages")
-                if part.get("type") == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise ApiError(400, f"messages[{index}].content[{part_index}].text must be a string", param="messages")
-                    texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts", param="messages")
-        out.append({"role": "system" if message["role"] == "developer" else message["role"], "content": content})
-    return out
-
-
-def prompt_from(body: dict[str, Any]) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be a string", param="prompt")
-    return prompt
-
-
-@dataclass
-class Job:
-    """One completion request, checked whole before it queues or loads anything."""
-
-    kind: str  # "chat" or "text"
-    model: str
-    sampling: SamplingSettings
-    grammar: Any  # from the response_format, built once when the request is checked; None: plain text
-    messages: list[dict[str, str]] | None
-    prompt: str | None
-    stream: bool
-    include_usage: bool
-
-
-def job_from(kind: str, body: dict[str, Any]) -> Job:
-    name = body.get("model")
-    if not isinstance(name, str) or not name:
-        raise ApiError(400, "'model' is required", param="model")
-    if len(name) > MAX_MODEL_NAME:
-        raise ApiError(400, f"'model' is longer than {MAX_MODEL_NAME} characters", param="model")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", param="stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    include_usage = (options or {}).get("include_usage")
-    if include_usage is not None and not isinstance(include_usage, bool):
-        raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options")
-    return Job(
-        kind,
-        name,
-        sampling_from(body),
-        grammar_from(body),
-        messages_from(body) if kind == "chat" else None,
-        prompt_from(body) if kind == "text" else None,
-        bool(stream),
-        bool(include_usage),
-    )
-
-
-def generate(engine: Engine, job: Job) -> Iterator[str | Result]:
-    if job.kind == "chat":
-        assert job.messages is not None
-        return engine.chat(job.messages, job.sampling, grammar=job.grammar)
-    assert job.prompt is not None
-    return engine.complete(job.prompt, job.sampling, grammar=job.grammar)
-
-
-def context_error(exc: Exception) -> ApiError | None:
-    """llama.cpp's "Requested tokens (N) exceed context window of M" as the client's fault (400)."""
-    text = str(getattr(exc, "message", exc))
-    if "context window" in text.lower() or "n_ctx" in text.lower():
-        return ApiError(400, f"the prompt does not fit the model's context: {text}", param="messages")
-    return None
-
-
-# --- the app -----------------------------------------------------------------------------
 
 
 def create_app(pool: ModelPool) -> Any:
@@ -549,15 +68,11 @@ def create_app(pool: ModelPool) -> Any:
             try:
                 response = await call_next(request)
             except Exception as exc:  # noqa: BLE001 - a bug answers 500 in OpenAI's format, logged on one line
-                log(f"{request.method} {path[:200]} internal error: {type(exc).__name__}: {exc}")
-                if debug_enabled():
-                    import traceback
-
-                    sys.stderr.write(traceback.format_exc())
+                log.error(f"{request.method} {path[:200]} internal error: {type(exc).__name__}: {exc}", exc_info=debug_enabled())
                 response = _error(ApiError(500, f"internal error: {type(exc).__name__}", "server_error"))
         # Completions log their own line (model, tokens, timings) when they succeed.
         if path not in ("/v1/chat/completions", "/v1/completions") or response.status_code != 200:
-            log(f"{request.method} {path[:200]} {response.status_code} {time.perf_counter() - started:.3f}s")
+            log.info(f"{request.method} {path[:200]} {response.status_code} {time.perf_counter() - started:.3f}s")
         return response
 
     def _error(error: ApiError) -> Any:
@@ -626,7 +141,7 @@ def create_app(pool: ModelPool) -> Any:
             stop()
             raise
         _log_request(job.kind, model.name, result, started, 200)
-        return _full_response(job.kind, model.name, result)
+        return full_response(job.kind, model.name, result)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -681,12 +196,12 @@ def _generate_now(model: Loaded, job: Job, sink: Callable[[str], bool] | None, c
         return Result("", "cancelled", Timings())
     result = None
     try:
-        stream = generate(model.engine, job)
+        stream = job.generate(model.engine)
         for piece in stream:
             if isinstance(piece, Result):
                 result = piece
             elif cancelled.is_set() or (sink is not None and not sink(piece)):
-                stream.close()  # the client went away: stop generating
+                _close(stream)  # the client went away: stop generating
                 return Result("", "cancelled", getattr(model.engine, "last_timings", None) or Timings())
     except ApiError:
         raise
@@ -699,20 +214,17 @@ def _generate_now(model: Loaded, job: Job, sink: Callable[[str], bool] | None, c
     return result
 
 
+def _close(stream: Any) -> None:
+    """Stop a generation midway: closing its generator ends llama.cpp's loop (and records its timings)."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+
+
 def _log_request(kind: str, name: str, result: Result, started: float, status: int) -> None:
     t = result.timings
-    log(f"POST /v1/{'chat/' if kind == 'chat' else ''}completions model={name} in={t.prompt_tokens} out={t.generated_tokens} "
-        f"ttft={t.ttft_s:.3f}s total={time.perf_counter() - started:.3f}s {status} {result.finish_reason}")  # fmt: skip
-
-
-def _full_response(kind: str, name: str, result: Result) -> dict[str, Any]:
-    t = result.timings
-    usage = {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.generated_tokens, "total_tokens": t.prompt_tokens + t.generated_tokens}
-    base = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name, "usage": usage}
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason, "logprobs": None}
-        return {**base, "object": "chat.completion", "choices": [choice]}
-    return {**base, "object": "text_completion", "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}]}
+    log.info(f"POST /v1/{'chat/' if kind == 'chat' else ''}completions model={name} in={t.prompt_tokens} out={t.generated_tokens} "
+             f"ttft={t.ttft_s:.3f}s total={time.perf_counter() - started:.3f}s {status} {result.finish_reason}")  # fmt: skip
 
 
 class _Handoff:
@@ -727,14 +239,14 @@ class _Handoff:
         self.loop = loop
         self.items: list[tuple[str, Any]] = []
         self.lock = threading.Lock()
-        self.waiter: asyncio.Future | None = None
+        self.waiter: asyncio.Future[None] | None = None
 
     def put(self, item: tuple[str, Any]) -> None:
         with self.lock:
             self.items.append(item)
             waiter, self.waiter = self.waiter, None
         if waiter is not None:
-            self.loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+            self.loop.call_soon_threadsafe(_wake, waiter)
 
     async def take(self, timeout: float) -> list[tuple[str, Any]]:
         with self.lock:
@@ -752,6 +264,11 @@ class _Handoff:
         return items
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 PACE_S = 0.02  # between stream events: at most ~50 events/s (smooth to the eye), tokens beyond that share an event
 
 
@@ -759,8 +276,6 @@ def _stream(request: Any, pool: ModelPool, model: Loaded, job: Job, started: flo
     """Queue the generation on the model's thread now; return the async generator of SSE events that relays it."""
     handoff = _Handoff(asyncio.get_running_loop())
     cancelled = threading.Event()
-    ident = f"{'chatcmpl' if job.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
 
     def sink(piece: str) -> bool:
         handoff.put(("piece", piece))
@@ -774,30 +289,20 @@ def _stream(request: Any, pool: ModelPool, model: Loaded, job: Job, started: flo
         except Exception as exc:  # noqa: BLE001 - reported to the client as a stream error
             handoff.put(("error", ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")))
 
-    def chunk(delta: dict[str, Any] | None, text: str | None, finish: str | None, usage: dict[str, int] | None = None) -> str:
-        if usage is not None:  # the last event, as OpenAI sends it: no choices, the completion's own id
-            kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-            data = {"id": ident, "object": kind, "created": created, "model": model.name, "choices": [], "usage": usage}
-            return f"data: {json.dumps(data)}\n\n"
-        if job.kind == "chat":
-            choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
-            data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model.name, "choices": [choice]}
-        else:
-            data = {"id": ident, "object": "text_completion", "created": created, "model": model.name,
-                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}  # fmt: skip
-        return f"data: {json.dumps(data)}\n\n"
-
     future = pool.submit(model, worker)
-    return _relay(request, model, job, handoff, cancelled, future, chunk, started)
+    return _relay(request, model, job, handoff, cancelled, future, started)
 
 
-async def _relay(request: Any, model: Loaded, job: Job, handoff: _Handoff, cancelled: threading.Event, future: Future, chunk: Any, started: float) -> Any:
+async def _relay(
+    request: Any, model: Loaded, job: Job, handoff: _Handoff, cancelled: threading.Event, future: Future[None], started: float
+) -> AsyncIterator[str]:
     """The SSE events of one stream. It always ends with ``data: [DONE]``, after an error event if
     generation failed, unless the client went away."""
     status = 200
+    chunks = Chunks(job.kind, model.name)
     try:
         if job.kind == "chat":
-            yield chunk({"role": "assistant", "content": ""}, None, None)
+            yield chunks.delta({"role": "assistant", "content": ""}, None, None)
         finished = False
         while not finished:
             items = await handoff.take(0.5)
@@ -806,30 +311,27 @@ async def _relay(request: Any, model: Loaded, job: Job, handoff: _Handoff, cance
                 break
             text = "".join(value for what, value in items if what == "piece")
             if text:
-                yield chunk({"content": text}, text, None)
+                yield chunks.delta({"content": text}, text, None)
             for what, value in items:
                 if what == "done":
-                    yield chunk({}, "", value.finish_reason)
+                    yield chunks.delta({}, "", value.finish_reason)
                     if job.include_usage:
-                        t = value.timings
-                        usage = {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.generated_tokens,
-                                 "total_tokens": t.prompt_tokens + t.generated_tokens}  # fmt: skip
-                        yield chunk(None, None, None, usage)
-                    yield "data: [DONE]\n\n"
+                        yield chunks.usage(value.timings)
+                    yield DONE
                     _log_request(job.kind, model.name, value, started, 200)
                     finished = True
                 elif what == "error":
                     status = value.status
-                    yield f"data: {json.dumps(value.body())}\n\n"
-                    yield "data: [DONE]\n\n"
-                    log(f"POST stream model={model.name} {status}: {value.message}")
+                    yield event(value.body())
+                    yield DONE
+                    log.info(f"POST stream model={model.name} {status}: {value.message}")
                     finished = True
             if text and not finished:
                 await asyncio.sleep(PACE_S)
     finally:
         cancelled.set()
         if status == 499:
-            log(f"POST stream model={model.name} {status} (client went away)")
+            log.info(f"POST stream model={model.name} {status} (client went away)")
         if not future.cancel():  # still waiting for its turn: it never starts
             # Wait for the generation to notice, holding no thread meanwhile.
             await asyncio.wrap_future(future)
@@ -859,7 +361,7 @@ def run_server(pool: ModelPool, host: str, port: int, preload: list[str]) -> Non
         except ApiError as exc:
             raise LlmctlError(f"cannot serve '{name}': {exc.message}") from None
         pool.release(model)
-        log(f"loaded {model.name}")
+        log.info(f"loaded {model.name}")
     app = create_app(pool)
 
     @app.on_event("startup")
@@ -868,9 +370,9 @@ def run_server(pool: ModelPool, host: str, port: int, preload: list[str]) -> Non
 
     @app.on_event("shutdown")
     async def _stop() -> None:
-        log("shutting down: in-flight requests were given 5 s to finish")
+        log.info("shutting down: in-flight requests were given 5 s to finish")
 
-    log(f"serving on http://{host}:{port}/v1 (models: {', '.join(pool.names()) or 'none yet'})")
+    log.info(f"serving on http://{host}:{port}/v1 (models: {', '.join(pool.names()) or 'none yet'})")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     except SystemExit as exc:  # uvicorn exits on start-up failures it has already logged

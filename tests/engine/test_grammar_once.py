@@ -5,12 +5,13 @@ again in the worker and the engine repeated work on every request."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
+from llmctl.engine.fake import FakeEngine
 from llmctl.errors import EXIT_USAGE
-from tests.serve.test_serve_hostile import FakeEngine, serving
+from tests.serve.inprocess import serving
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
@@ -43,22 +44,6 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return made
 
 
-class GrammarEngine(FakeEngine):
-    """The serve tests' fake engine, noting the grammar each reply was asked for."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.grammars: list[Any] = []
-
-    def chat(self, messages: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
-        self.grammars.append(grammar)
-        return self._run()
-
-    def complete(self, prompt: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
-        self.grammars.append(grammar)
-        return self._run()
-
-
 @pytest.fixture
 def model_a(cli, make_gguf) -> str:
     r = cli("import", make_gguf("a.Q8_0.gguf"), "--name", "a")
@@ -69,7 +54,7 @@ def model_a(cli, make_gguf) -> str:
 def test_serve_builds_a_requests_grammar_once(model_a: str, builds: list[str]) -> None:
     from llama_cpp import LlamaGrammar
 
-    engine = GrammarEngine(model_a)
+    engine = FakeEngine(name=model_a)  # notes the grammar each reply was asked for (engine.calls)
     chat = {"model": model_a, "messages": [{"role": "user", "content": "hi"}]}
     schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
     with serving({model_a: engine}) as client:
@@ -78,13 +63,13 @@ def test_serve_builds_a_requests_grammar_once(model_a: str, builds: list[str]) -
                 builds.clear()
                 status, _ = client.call("POST", path, {**body, "stream": stream, "response_format": schema_format})
                 assert status == 200 and builds == ["schema"], (path, stream, builds)
-                assert isinstance(engine.grammars[-1], LlamaGrammar)  # the one built, handed down as it is
+                assert isinstance(engine.calls[-1].grammar, LlamaGrammar)  # the one built, handed down as it is
         builds.clear()
         status, _ = client.call("POST", "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}})
         assert status == 200 and builds == ["json"]
         builds.clear()
         status, _ = client.call("POST", "/v1/chat/completions", chat)  # plain text: nothing built, no grammar passed
-        assert status == 200 and builds == [] and engine.grammars[-1] is None
+        assert status == 200 and builds == [] and engine.calls[-1].grammar is None
         started = engine.started
         bad = {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}
         status, answer = client.call("POST", "/v1/chat/completions", {**chat, "response_format": bad})

@@ -1,11 +1,11 @@
 """serve against hostile clients and failing engines.
 
-The server runs in-process (uvicorn on a thread, a free loopback port) over a
-real store of small crafted GGUFs, with fake engines injected as the pool's
-loader: their delays and failures are under the test's control. Requests are
-raw HTTP, since the openai client cannot send most of what is tried here. One
-slow test repeats the hostile requests against a real ``llmctl serve`` process
-and reads its log.
+The server runs in-process (tests/serve/inprocess.py: uvicorn on a thread, a free
+loopback port) over a real store of small crafted GGUFs, with fake engines
+(llmctl/engine/fake.py) injected as the pool's loader: their delays and failures
+are under the test's control. Requests are raw HTTP, since the openai client
+cannot send most of what is tried here. One slow test repeats the hostile
+requests against a real ``llmctl serve`` process and reads its log.
 """
 
 from __future__ import annotations
@@ -21,148 +21,16 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
 
-from llmctl.engine.base import EngineError, Result, Timings
+from llmctl.engine.base import EngineError
+from llmctl.engine.fake import FakeEngine
 from llmctl.errors import NotFoundError
+from tests.serve.inprocess import FakeLoader, serving
 
 KEY = "sekret-key-123"
-
-
-# --- fakes -------------------------------------------------------------------------------
-
-
-class FakeEngine:
-    """Answers "hello world"; or waits for ``gate``; or fails as ``fail`` says; or, with ``slow``,
-    writes a 30 s reply, one piece every ``slow`` seconds (``pieces`` counts them, ``started`` the replies begun)."""
-
-    def __init__(self, name: str, *, wait: bool = False, fail: str | None = None, slow: float | None = None) -> None:
-        self.name = name
-        self.llm = SimpleNamespace(close=lambda: None)
-        self.config = SimpleNamespace(n_gpu_layers=0)
-        self.n_ctx = 2048
-        self.gate = threading.Event()
-        self.wait = wait
-        self.fail = fail
-        self.last_timings = Timings()
-        self.slow = slow
-        self.pieces = 0
-        self.started = 0
-
-    def chat(self, messages: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
-        return self._run()
-
-    def complete(self, prompt: Any, sampling: Any, *, grammar: Any = None) -> Iterator[Any]:
-        return self._run()
-
-    def _run(self) -> Iterator[Any]:
-        self.started += 1
-        if self.slow:
-            for _ in range(int(30 / self.slow)):
-                time.sleep(self.slow)
-                self.pieces += 1
-                yield "word "
-            yield Result("word " * int(30 / self.slow), "length", Timings(prompt_tokens=3, generated_tokens=int(30 / self.slow)))
-            return
-        if self.wait:
-            assert self.gate.wait(60), "the test never opened the gate"
-        if self.fail == "engine":  # what a chat template over its budget raises
-            raise EngineError("the model's chat template took longer than 1 s to render")
-        if self.fail == "crash":
-            raise RuntimeError("something unexpected")
-        yield "hello"
-        if self.fail == "midway":
-            raise EngineError("llama_decode failed")
-        yield " world"
-        yield Result("hello world", "stop", Timings(prompt_tokens=3, generated_tokens=2))
-
-
-class FakeLoader:
-    def __init__(self, engines: dict[str, FakeEngine]) -> None:
-        self.engines = engines
-
-    def plan(self, name: str) -> tuple[int, str]:
-        return 1 << 20, name
-
-    def load(self, name: str) -> FakeEngine:
-        return self.engines[name]
-
-
-# --- an in-process server ----------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Client:
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:
-        """Raw HTTP: ``body`` as bytes goes out as it is; anything else as JSON. Returns status and
-        the parsed JSON answer (the text of a stream)."""
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-            response = conn.getresponse()
-            raw = response.read()
-        finally:
-            conn.close()
-        if response.getheader("content-type", "").startswith("text/event-stream"):
-            return response.status, raw.decode()
-        return response.status, json.loads(raw) if raw else None
-
-    def ps(self, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        return self.call("GET", "/api/ps", headers=headers)[1]["models"]
-
-    def wait_idle(self, headers: dict[str, str] | None = None) -> None:
-        deadline = time.time() + 20
-        while any(m["busy"] for m in self.ps(headers)) and time.time() < deadline:
-            time.sleep(0.05)
-        assert all(m["busy"] == 0 for m in self.ps(headers)), self.ps(headers)
-
-
-@pytest.fixture
-def models(cli, make_gguf) -> list[str]:
-    """Two small models in the test's store: a and b."""
-    for name in ("a", "b"):
-        r = cli("import", make_gguf(f"{name}.Q8_0.gguf"), "--name", name)
-        assert r.exit_code == 0, r.stderr
-    return ["a", "b"]
-
-
-@contextmanager
-def serving(engines: dict[str, FakeEngine], **settings: Any) -> Iterator[Client]:
-    import uvicorn
-
-    from llmctl.commands import open_store
-    from llmctl.serve.app import ModelPool, ServerSettings, create_app
-
-    pool = ModelPool(open_store(), ServerSettings(**settings), loader=FakeLoader(engines))
-    port = _free_port()
-    # log_config=None: uvicorn's own loggers propagate to pytest's capture, tracebacks included.
-    server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=port, log_level="warning", log_config=None, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield Client(port)
-    finally:
-        for engine in engines.values():
-            engine.gate.set()
-        server.should_exit = True
-        thread.join(20)
-        pool.close()
 
 
 @pytest.fixture
@@ -198,7 +66,7 @@ def _is_openai_error(body: Any, status: int) -> bool:
 def test_a_busy_model_does_not_stall_other_routes_or_models(models, log_check) -> None:
     """40 requests wait on model a (more than any default thread pool holds); listing, health,
     ps and model b still answer at once."""
-    engines = {"a": FakeEngine("a", wait=True), "b": FakeEngine("b")}
+    engines = {"a": FakeEngine(name="a", wait=True), "b": FakeEngine(name="b")}
     waiting = 40
     with serving(engines, max_queue=64, max_loaded=2) as client:
         outcomes: list[int] = []
@@ -238,7 +106,7 @@ def test_a_busy_model_does_not_stall_other_routes_or_models(models, log_check) -
 
 
 def test_requests_past_the_queue_get_503_without_waiting(models, log_check) -> None:
-    engines = {"a": FakeEngine("a", wait=True)}
+    engines = {"a": FakeEngine(name="a", wait=True)}
     with serving(engines, max_queue=2) as client:
         threads = [
             threading.Thread(target=client.call, args=("POST", "/v1/completions", {"model": "a", "prompt": "x"}), kwargs={"timeout": 60}) for _ in range(3)
@@ -274,7 +142,7 @@ def _wait_for(condition: Any, seconds: float = 20) -> None:
 
 def test_a_client_that_leaves_a_non_streaming_request_frees_the_model(models, log_check) -> None:
     """The generation of a client gone mid-answer stops; a queued one whose client is gone never runs."""
-    engine = FakeEngine("a", slow=0.05)  # a 30 s reply
+    engine = FakeEngine(["word " * 600], name="a", delay=0.05)  # a 30 s reply, then "hello world"
     with serving({"a": engine}) as client:
         running = _send_and_leave(client.port, CHAT)
         _wait_for(lambda: engine.pieces > 0)
@@ -286,18 +154,18 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_the_model(models, lo
         _wait_for(lambda: [m["busy"] for m in client.ps()] == [0], seconds=5)
         pieces = engine.pieces
         assert pieces < 200, pieces  # far from the 600 of the whole reply
-        engine.slow = None  # the next request is answered at once
+        engine.delay = 0  # the next request is answered at once
         started = time.perf_counter()
         status, body = client.call("POST", "/v1/chat/completions", CHAT, timeout=60)
         assert status == 200 and body["choices"][0]["message"]["content"] == "hello world", body
         assert time.perf_counter() - started < 5
         assert engine.started == 2  # the two that stayed: the queued request never ran
-        assert engine.pieces == pieces
+        assert engine.pieces == pieces + 2  # the stopped reply sent nothing more; "hello ", "world" since
     assert " 499 " in log_check()  # each client that left is one line of the log
 
 
 def test_a_client_that_leaves_while_its_model_loads_gives_its_place_back(models, log_check, monkeypatch) -> None:
-    engine = FakeEngine("a")
+    engine = FakeEngine(name="a")
     loading, release = threading.Event(), threading.Event()
     load = FakeLoader.load
 
@@ -324,7 +192,7 @@ def test_a_client_that_leaves_while_its_model_loads_gives_its_place_back(models,
     ids=["17 strings", "257 characters", "350,000 strings"],
 )
 def test_stop_lists_are_bounded(models, log_check, stop: list[str], needle: str) -> None:
-    with serving({"a": FakeEngine("a")}) as client:
+    with serving({"a": FakeEngine(name="a")}) as client:
         status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "stop": stop})
         assert status == 400 and _is_openai_error(body, 400) and body["error"]["param"] == "stop", body
         assert needle in body["error"]["message"] and "--" not in body["error"]["message"], body
@@ -334,7 +202,7 @@ def test_stop_lists_are_bounded(models, log_check, stop: list[str], needle: str)
 
 @pytest.mark.parametrize("field, value", [("temperature", b"NaN"), ("top_p", b"Infinity"), ("top_k", b"-3"), ("seed", b"-5")])
 def test_a_setting_out_of_range_is_named_by_its_api_field(models, log_check, field: str, value: bytes) -> None:
-    with serving({"a": FakeEngine("a")}) as client:
+    with serving({"a": FakeEngine(name="a")}) as client:
         status, body = client.call("POST", "/v1/chat/completions", _chat()[:-1] + b', "%s": %s}' % (field.encode(), value))
         assert status == 400 and _is_openai_error(body, 400) and body["error"]["param"] == field, body
         assert body["error"]["message"].startswith(f"{field} ") and "--" not in body["error"]["message"], body
@@ -343,7 +211,7 @@ def test_a_setting_out_of_range_is_named_by_its_api_field(models, log_check, fie
 @pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "loading"])
 def test_max_queue_counts_the_requests_waiting_besides_the_running_one(models, log_check, monkeypatch, loaded: bool) -> None:
     """--max-queue 2: one request runs (or waits for the load) and 2 wait; the 4th is refused."""
-    engine = FakeEngine("a", wait=True)
+    engine = FakeEngine(name="a", wait=True)
     release = threading.Event()
     load = FakeLoader.load
     monkeypatch.setattr(FakeLoader, "load", lambda self, name: release.wait(30) and load(self, name))
@@ -406,7 +274,7 @@ HOSTILE = {
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_bad_requests_are_400_with_an_openai_error(models, log_check, case: str) -> None:
     path, body, param = HOSTILE[case]
-    engines = {"a": FakeEngine("a")}
+    engines = {"a": FakeEngine(name="a")}
     with serving(engines) as client:
         status, answer = client.call("POST", path, body)
         assert status == 400 and _is_openai_error(answer, 400), answer
@@ -420,7 +288,7 @@ def test_bad_requests_are_400_with_an_openai_error(models, log_check, case: str)
 
 
 def test_unknown_routes_and_methods_answer_in_openai_format(models, log_check) -> None:
-    with serving({"a": FakeEngine("a")}) as client:
+    with serving({"a": FakeEngine(name="a")}) as client:
         status, body = client.call("GET", "/v1/nothing")
         assert status == 404 and _is_openai_error(body, 404)
         status, body = client.call("GET", "/v1/chat/completions")
@@ -443,7 +311,7 @@ def test_path_like_names_answer_exactly_like_a_missing_model(models, log_check, 
         "a/../b", "/etc/passwd", "/nonexistent/x", str(loose), "models/loose.Q8_0.gguf", str(registered),
         "~", "~root", "~nosuchuser-llmctl", "~/x", "C:\\Windows", "a\\b", "a\x00b", "a\nb",
     ]  # fmt: skip
-    with serving({"a": FakeEngine("a")}) as client:
+    with serving({"a": FakeEngine(name="a")}) as client:
 
         def ask(name: str) -> tuple[int, Any]:
             status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "model": name})
@@ -477,7 +345,7 @@ def test_client_names_never_touch_the_file_system(models, tmp_path: Path, monkey
 
 def test_health_lists_loaded_models_only_to_key_holders(models, log_check) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
-    with serving({"a": FakeEngine("a")}, api_key=KEY) as client:
+    with serving({"a": FakeEngine(name="a")}, api_key=KEY) as client:
         assert client.call("POST", "/v1/chat/completions", CHAT)[0] == 401
         assert client.call("POST", "/v1/chat/completions", CHAT, headers=auth)[0] == 200
         assert client.call("GET", "/health") == (200, {"status": "ok"})
@@ -489,9 +357,16 @@ def test_health_lists_loaded_models_only_to_key_holders(models, log_check) -> No
 # --- a failing generation frees its model --------------------------------------------------
 
 
-@pytest.mark.parametrize("fail", ["engine", "crash", "midway"])
+FAILURES = {
+    "engine": {"fail": EngineError("the model's chat template took longer than 1 s to render")},  # what a template over its budget raises
+    "crash": {"fail": RuntimeError("something unexpected")},
+    "midway": {"fail": EngineError("llama_decode failed"), "fail_after": 1},
+}
+
+
+@pytest.mark.parametrize("fail", sorted(FAILURES))
 def test_a_failing_generation_answers_500_and_frees_the_model(models, log_check, fail: str) -> None:
-    with serving({"a": FakeEngine("a", fail=fail)}) as client:
+    with serving({"a": FakeEngine(name="a", **FAILURES[fail])}) as client:
         status, body = client.call("POST", "/v1/chat/completions", CHAT)
         assert status == 500 and _is_openai_error(body, 500) and body["error"]["type"] == "server_error", body
         client.wait_idle()
@@ -513,7 +388,7 @@ def test_a_failing_generation_answers_500_and_frees_the_model(models, log_check,
 
 def test_the_log_escapes_what_clients_send(models, log_check) -> None:
     hostile = "/%1b%5b31mred%c2%9bcsi%e2%80%aertl%e2%80%a8line%e2%81%a6iso%0aforged%20200"
-    with serving({"a": FakeEngine("a")}) as client:
+    with serving({"a": FakeEngine(name="a")}) as client:
         assert client.call("GET", hostile)[0] == 404
         assert client.call("POST", "/v1/chat/completions", {**CHAT, "model": "x\x1b[2Jy\u202e"})[0] == 404
     log = log_check()
@@ -632,7 +507,7 @@ def test_repeated_requests_to_a_loaded_model_do_not_read_the_index(models, log_c
     def ask(name: str) -> int:
         return client.call("POST", "/v1/chat/completions", {**CHAT, "model": name})[0]
 
-    with serving({"a": FakeEngine("a"), "b": FakeEngine("b")}) as client:
+    with serving({"a": FakeEngine(name="a"), "b": FakeEngine(name="b")}) as client:
         assert ask("a") == 200  # resolved, then loaded
         first = dict(counts)
         assert first["resolve"] == 1 and first["read"] >= 1
