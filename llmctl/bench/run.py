@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from llmctl import __version__, gguf
 from llmctl.bench.measure import Measurement, measure, resolve_flash_attn, test_name
+from llmctl.engine.base import Result
 from llmctl.errors import EXIT_INTERRUPTED, LlmctlError, NotFoundError, UsageError
 from llmctl.fileio import now_iso
 from llmctl.plan import fit
@@ -223,9 +224,7 @@ def run_model(
     on_row: Callable[[Row], None] | None = None,
 ) -> None:
     """Every configuration × test of one model, appended to ``run`` as they finish."""
-    import llama_cpp
-
-    from llmctl.engine.llama import _ggml_type
+    from llmctl.engine.llama import load_llama
 
     info = model.info
     size = sum(p.stat().st_size for p in model.paths)
@@ -258,20 +257,7 @@ def run_model(
             continue
         try:
             start = time.perf_counter()
-            llm = llama_cpp.Llama(
-                str(model.paths[0]),
-                n_ctx=load.n_ctx,
-                n_gpu_layers=load.n_gpu_layers,
-                n_batch=load.n_batch,
-                n_ubatch=load.n_ubatch,
-                n_threads=config["threads"],
-                n_threads_batch=config["threads"],
-                flash_attn=load.flash_attn,
-                type_k=_ggml_type(load.type_k),
-                type_v=_ggml_type(load.type_v),
-                swa_full=load.swa_full,
-                verbose=False,
-            )
+            llm = load_llama(model.paths[0], load, threads=config["threads"])
             load_s = time.perf_counter() - start
         except (ValueError, RuntimeError, OSError) as exc:
             for row in rows:
@@ -279,7 +265,7 @@ def run_model(
                 _emit(run, row, on_row)
             continue
         if extras and first_load:
-            run.extras.append(_extras(model, llm, load_s, config["threads"], load))
+            run.extras.append(_extras(model, load_s, config["threads"], planned.config))
         first_load = False
         for row, (p, g, d) in zip(rows, tests):
             try:
@@ -356,30 +342,29 @@ def _stdev(values: list[int]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _extras(model: BenchModel, llm: Any, cold_s: float, threads: int, load: fit.LoadConfig) -> ModelExtras:
-    """Cold/warm load, and TTFT and generation rate through the run path."""
-    import llama_cpp
-
-    from llmctl.engine.llama import Engine
+def _extras(model: BenchModel, cold_s: float, threads: int, load: fit.LoadConfig) -> ModelExtras:
+    """Cold/warm load, and TTFT and generation rate through the run path (``load`` is the plan's, as run loads it)."""
+    from llmctl.engine.llama import Engine, load_llama
     from llmctl.engine.sampling import SamplingSettings
 
     extra = ModelExtras(model.label, load_cold_s=round(cold_s, 4))
     start = time.perf_counter()
-    warm = llama_cpp.Llama(str(model.paths[0]), n_ctx=load.n_ctx, n_gpu_layers=load.n_gpu_layers, n_threads=threads, verbose=False)
+    warm = load_llama(model.paths[0], load, threads=threads)
     extra.load_warm_s = round(time.perf_counter() - start, 4)
-    engine = Engine(warm, model.label, load, extra.load_warm_s, [])
+    engine = Engine(warm, model.label, load, extra.load_warm_s, [], threads=threads)
     try:
         final = None
         messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
         for piece in engine.chat(messages, SamplingSettings(temperature=0, max_tokens=64, seed=1)):
             final = piece
-        if final is not None and hasattr(final, "timings"):
+        if isinstance(final, Result):
             extra.ttft_s = round(final.timings.ttft_s, 4)
             rate = final.timings.generation_tokens_per_second
             extra.e2e_tokens_per_second = round(rate, 2) if rate else None
     except LlmctlError as exc:
         extra.status = f"failed: {exc.message}"
-    del warm
+    finally:
+        engine.close()
     return extra
 
 

@@ -29,8 +29,8 @@ from llmctl.plan.fit import LoadConfig, Plan
 if TYPE_CHECKING:
     from llmctl.engine.sampling import SamplingSettings
 
-# Every llama_cpp.Llama built in this process (here, in bench and in tune) renders GGUF chat
-# templates within budgets; this does not import llama_cpp.
+# Every llama_cpp.Llama built in this process (by load_llama, for run, chat, serve, bench and tune)
+# renders GGUF chat templates within budgets; this does not import llama_cpp.
 chat_template.install()
 
 
@@ -79,6 +79,34 @@ def quiet_llama_log() -> None:
 
 
 after_import(_LOG_MODULE, lambda _module: quiet_llama_log())
+
+
+def load_llama(path: Path | str, config: LoadConfig, *, threads: int | None, chat_format: str | None = None, verbose: bool = False) -> Any:
+    """Build a ``llama_cpp.Llama`` with ``config``: the one place llmctl makes one (run, chat, serve, bench, tune).
+
+    Every knob of the plan reaches llama.cpp here, the KV cache types and flash attention
+    among them. ``threads`` None leaves llama.cpp's own count. llama-cpp-python's exceptions
+    pass through: callers say what a failed load means for them.
+    """
+    import llama_cpp  # heavy: only here
+
+    quiet_llama_log()
+    return llama_cpp.Llama(
+        str(path),
+        n_ctx=config.n_ctx,
+        n_gpu_layers=config.n_gpu_layers,
+        n_batch=config.n_batch,
+        n_ubatch=config.n_ubatch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        type_k=_ggml_type(config.type_k),
+        type_v=_ggml_type(config.type_v),
+        flash_attn=config.flash_attn,
+        swa_full=config.swa_full,
+        tensor_split=config.tensor_split,
+        chat_format=chat_format,
+        verbose=verbose,
+    )
 
 
 def _is_memory_error(message: str) -> bool:
@@ -157,9 +185,6 @@ class Engine:
         worker = TemplateWorker()
         if chat_format is None:
             worker.start()  # warms up while the model loads; closed by attach() if the model has no template
-        import llama_cpp  # heavy: only here
-
-        quiet_llama_log()
         config = plan.config
         attempts = [config]
         if config.n_gpu_layers:
@@ -172,21 +197,7 @@ class Engine:
             start = time.perf_counter()
             recent_llama_errors.clear()
             try:
-                llm = llama_cpp.Llama(
-                    str(paths[0]),
-                    n_ctx=attempt.n_ctx,
-                    n_gpu_layers=attempt.n_gpu_layers,
-                    n_batch=attempt.n_batch,
-                    n_ubatch=attempt.n_ubatch,
-                    n_threads=threads or plan.threads,
-                    n_threads_batch=threads or plan.threads,
-                    type_k=_ggml_type(attempt.type_k),
-                    type_v=_ggml_type(attempt.type_v),
-                    flash_attn=attempt.flash_attn,
-                    tensor_split=attempt.tensor_split,
-                    chat_format=chat_format,
-                    verbose=verbose,
-                )
+                llm = load_llama(paths[0], attempt, threads=threads or plan.threads, chat_format=chat_format, verbose=verbose)
             except (ValueError, RuntimeError, OSError) as exc:
                 # llama-cpp-python says only "Failed to load model"; llama.cpp's log says why.
                 reason = f"{exc} ({recent_llama_errors[0]})" if recent_llama_errors else str(exc)

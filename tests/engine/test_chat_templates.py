@@ -4,9 +4,9 @@ A GGUF's chat template renders in a worker process (llmctl/chat_template.py,
 llmctl/template_worker.py) under time, memory, output, template-size and
 recursion budgets. These tests prove the prompts are the ones llama-cpp-python
 renders, that each attack from issue 11 ends in a one-line error within the
-budgets (run, chat, bench's run-path extras, a Llama built directly as bench
-and tune do, serve), that loading compiles nothing, and that the worker never
-outlives its parent.
+budgets (run, chat, bench's run-path extras, a Llama built outside
+``load_llama`` as bench's measuring and tune's trials load it, serve), that
+loading compiles nothing, and that the worker never outlives its parent.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import llmctl.engine.llama  # noqa: F401 - installs the bounded formatter, as every command does
 from llmctl.engine import template_worker
 from llmctl.engine.chat_template import DEFAULT_BUDGETS, BoundedChatFormatter, Budgets, ChatTemplateError, TemplateWorker
+from tests.support.examples import examples
 
 EXE = str(Path(sys.executable).with_name("llmctl"))
 
@@ -241,7 +242,7 @@ def _pieces() -> st.SearchStrategy[str]:
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(body=_pieces())
 def test_fuzzed_hostile_templates_end_within_the_budget(fuzz_worker: TemplateWorker, body: str) -> None:
     template = "{% set ns = namespace(x='AB') %}{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}" + body
@@ -356,7 +357,8 @@ def test_run_with_raw_or_a_chat_format_never_renders_the_template(hostile_models
 
 @pytest.mark.slow
 def test_a_llama_built_directly_loads_a_bomb_template_without_compiling_it(hostile_models: dict[str, Path]) -> None:
-    """bench and tune build llama_cpp.Llama themselves: loading must stay cheap, rendering bounded."""
+    """Any llama_cpp.Llama in the process, even one built without llmctl's engine (bench's and tune's bare
+    ``load_llama`` models, a library user's): loading must stay cheap, rendering bounded."""
     code = (
         "import sys, time, llmctl.engine.llama, llama_cpp\n"
         "from llmctl.engine.chat_template import ChatTemplateError\n"
