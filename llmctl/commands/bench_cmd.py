@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llmctl import gguf, output
+from llmctl import output
 from llmctl.bench.report import ReportFormat
 from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import LlmctlError, UsageError
+from llmctl.models.locate import locate
 from llmctl.options import ModelsArg
 from llmctl.plan.hardware import _machine_key, get_hardware
 
@@ -163,9 +164,8 @@ def _models(names: list[str], run: benchrun.BenchRun) -> list[benchrun.BenchMode
     found = []
     for name in names:
         try:
-            resolved = store.resolve(name)
-            _, info = gguf.read_model(resolved.paths)
-            found.append(benchrun.BenchModel(resolved.name, resolved.paths, info))
+            located = locate(store, name)
+            found.append(benchrun.BenchModel(located.name, located.paths, located.info))
         except LlmctlError as exc:
             if len(names) == 1:
                 raise
@@ -304,10 +304,9 @@ def _tune(home: Path, name: str, hw) -> None:
     from llmctl.bench import run as benchrun
     from llmctl.bench import tune
 
-    resolved = open_store().resolve(name)
-    _, info = gguf.read_model(resolved.paths)
-    model = benchrun.BenchModel(resolved.name, resolved.paths, info)
-    with output.status(f"Tuning {resolved.name}…"):
+    located = locate(open_store(), name)
+    model = benchrun.BenchModel(located.name, located.paths, located.info)
+    with output.status(f"Tuning {located.name}…"):
         profile = tune.tune(model, hw, on_step=lambda text: output.info(text))
-    benchrun.save_tuned(home, _machine_key(), resolved.paths, profile)
+    benchrun.save_tuned(home, _machine_key(), located.paths, profile)
     output.info(f"Saved for this machine: {benchrun.describe_tuned(profile)}. run and chat use it.")
