@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
-import os
 import sys
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from llmctl import output
 from llmctl.commands import open_store
-from llmctl.errors import LlmctlError, NotFoundError, UsageError
+from llmctl.errors import UsageError
+from llmctl.options import JsonOpt
+from llmctl.output import Column
+from llmctl.serve.client import DEFAULT_PORT, DEFAULT_SERVER, ServerClient
 
-DEFAULT_PORT = 8080
 ServerOpt = Annotated[
     str,
     typer.Option("--server", envvar="LLMCTL_SERVER", help="The running server's address (LLMCTL_SERVER)."),
+]
+
+PS_COLUMNS = [
+    Column("NAME", lambda m: m["name"]),
+    Column("MEMORY", lambda m: output.human_bytes(m["memory_bytes"]), right=True),
+    Column("CONTEXT", lambda m: m["n_ctx"], right=True),
+    Column("GPU LAYERS", lambda m: m["n_gpu_layers"], right=True),
+    Column("BUSY", lambda m: m["busy"], right=True),
+    Column("EXPIRES", lambda m: "never" if m["expires_in_s"] is None else f"in {m['expires_in_s']:.0f}s"),
 ]
 
 
@@ -50,40 +59,18 @@ def serve(
     run_server(ModelPool(store, settings), host, port, list(models or []))
 
 
-def ps(server: ServerOpt = f"http://127.0.0.1:{DEFAULT_PORT}", json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def ps(server: ServerOpt = DEFAULT_SERVER, json_output: JsonOpt = False) -> None:
     """List the models a running `llmctl serve` has loaded."""
-    data = _call(server, "GET", "/api/ps")
-    if not isinstance(data.get("models"), list):
-        raise LlmctlError(f"{server} is not an llmctl server", hint="check --server / LLMCTL_SERVER")
-    if json_output:
-        output.emit_json(data)
-        return
-    if not data["models"]:
-        output.info("No models loaded.")
-        return
-    output.emit_table(
-        ["NAME", "MEMORY", "CONTEXT", "GPU LAYERS", "BUSY", "EXPIRES"],
-        [
-            [
-                m["name"],
-                output.human_bytes(m["memory_bytes"]),
-                m["n_ctx"],
-                m["n_gpu_layers"],
-                m["busy"],
-                "never" if m["expires_in_s"] is None else f"in {m['expires_in_s']:.0f}s",
-            ]  # fmt: skip
-            for m in data["models"]
-        ],
-        right_align=("MEMORY", "CONTEXT", "GPU LAYERS", "BUSY"),
-    )
+    answer = ServerClient.at(server).loaded()
+    output.emit_records(answer["models"], PS_COLUMNS, json_output=json_output, document=answer, empty="No models loaded.")
 
 
 def stop(
     model: Annotated[str, typer.Argument(help="A loaded model's name.", show_default=False, metavar="MODEL")],
-    server: ServerOpt = f"http://127.0.0.1:{DEFAULT_PORT}",
+    server: ServerOpt = DEFAULT_SERVER,
 ) -> None:
     """Unload a model from a running `llmctl serve`."""
-    _call(server, "POST", "/api/stop", {"model": model})
+    ServerClient.at(server).stop(model)
     output.info(f"Stopped {model}")
 
 
@@ -105,59 +92,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-MAX_ANSWER_BYTES = 4 * 1024 * 1024
-
-
-def _call(server: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One request to a running server. Redirects are not followed: the API key goes to ``server``
-    and nowhere else."""
-    import urllib.error
-    import urllib.request
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None  # urllib then raises HTTPError with the 3xx
-
-    try:
-        request = urllib.request.Request(server.rstrip("/") + path, method=method, data=json.dumps(body).encode() if body else None)
-        request.add_header("Content-Type", "application/json")
-        key = os.environ.get("LLMCTL_API_KEY")
-        if key:
-            request.add_unredirected_header("Authorization", f"Bearer {key}")
-        with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as response:
-            raw = response.read(MAX_ANSWER_BYTES + 1)
-        if len(raw) > MAX_ANSWER_BYTES:
-            raise ValueError(f"an answer larger than {MAX_ANSWER_BYTES} bytes")
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("not an llmctl answer")
-        return data
-    except urllib.error.HTTPError as exc:
-        if 300 <= exc.code < 400:
-            target = str(exc.headers.get("Location", "elsewhere") if exc.headers else "elsewhere")[:200]
-            raise LlmctlError(
-                f"{server} answered with a redirect (HTTP {exc.code}) to {target}; llmctl does not follow it, so the API key stays with {server}",
-                hint="point --server / LLMCTL_SERVER at the llmctl server itself",
-            ) from None
-        try:
-            message = json.loads(exc.read(MAX_ANSWER_BYTES))["error"]["message"]
-            if not isinstance(message, str):
-                raise TypeError(message)
-        except (ValueError, KeyError, TypeError, OSError):
-            message = f"HTTP {exc.code}"
-        if exc.code == 404:
-            raise NotFoundError(message) from None
-        if exc.code == 409:
-            raise UsageError(message, hint="wait for its requests to finish") from None
-        raise LlmctlError(f"the server answered: {message}") from None
-    except ValueError as exc:  # a malformed address, or something that is not an llmctl server answering
-        raise LlmctlError(f"no llmctl server at {server} ({exc})", hint="check --server / LLMCTL_SERVER") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise LlmctlError(
-            f"no llmctl server at {server} ({getattr(exc, 'reason', exc)})", hint="start one with `llmctl serve`, or set --server / LLMCTL_SERVER"
-        ) from None
 
 
 class LogLine(logging.Formatter):

@@ -1,0 +1,67 @@
+"""`llmctl ps` and `llmctl stop` against a server in this process (fake engines), and the log lines
+`llmctl serve` writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from llmctl.engine.fake import FakeEngine
+from tests.serve.inprocess import serving
+
+CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_ps_lists_loaded_models_as_a_table_or_as_the_servers_json(models, cli) -> None:
+    with serving({"a": FakeEngine(name="a")}, keep_alive=-1) as client:
+        url = f"http://127.0.0.1:{client.port}"
+        r = cli("ps", "--server", url)
+        assert r.exit_code == 0 and r.stdout == "" and "No models loaded." in r.stderr.splitlines()  # the server's log shares stderr here
+        assert client.call("POST", "/v1/chat/completions", CHAT)[0] == 200
+        r = cli("ps", "--server", url)
+        assert r.exit_code == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].split() == ["NAME", "MEMORY", "CONTEXT", "GPU", "LAYERS", "BUSY", "EXPIRES"]
+        assert lines[-1].split() == ["a", "1.0", "MiB", "2048", "0", "0", "never"]
+        r = cli("ps", "--server", url, "--json")
+        assert r.exit_code == 0, r.stderr
+        answer = client.call("GET", "/api/ps")[1]
+        answer["models"][0]["loaded_s_ago"] = json.loads(r.stdout)["models"][0]["loaded_s_ago"]  # the one field that moves
+        assert r.stdout == json.dumps(answer, indent=2, ensure_ascii=False) + "\n"  # the server's answer, as it is
+        assert json.loads(r.stdout)["models"][0] == {
+            "name": "a", "memory_bytes": 1 << 20, "n_ctx": 2048, "n_gpu_layers": 0, "busy": 0,
+            "loaded_s_ago": answer["models"][0]["loaded_s_ago"], "expires_in_s": None,
+        }  # fmt: skip
+        r = cli("stop", "a", "--server", url)
+        assert r.exit_code == 0 and "Stopped a" in r.stderr.splitlines()
+        assert client.ps() == []
+        r = cli("stop", "a", "--server", url)
+        assert r.exit_code != 0 and "model 'a' is not loaded" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ps_refuses_an_answer_that_is_not_an_llmctl_servers(cli, monkeypatch) -> None:
+    from llmctl.serve import client as client_module
+
+    for answer in ({"models": 5}, {"models": [5]}, {"status": "ok"}):
+        monkeypatch.setattr(client_module.ServerClient, "call", lambda self, method, path, body=None, _a=answer: _a)
+        r = cli("ps", "--server", "http://127.0.0.1:9")
+        assert r.exit_code == 1 and r.stderr.startswith("error: http://127.0.0.1:9 is not an llmctl server"), (answer, r.stderr)
+
+
+def test_log_lines_are_stamped_and_escaped(capsys) -> None:
+    from llmctl.commands.serve_cmd import log_to_stderr
+
+    log_to_stderr()
+    log_to_stderr()  # once, however often it is called
+    logger = logging.getLogger("llmctl.serve.app")
+    logger.info("GET /x\x1b[2J\u202e\nforged 200")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logger.error("internal error", exc_info=True)  # what LLMCTL_DEBUG=1 logs
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d GET /x\\x1b\[2J\\u202e\\x0aforged 200", lines[0]), lines[0]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d internal error", lines[1]) and lines[2] == "Traceback (most recent call last):"
+    assert lines[-1] == "RuntimeError: boom" and err.endswith("\n")
