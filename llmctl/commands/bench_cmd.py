@@ -303,10 +303,11 @@ def _compare(home: Path, ids: tuple[str, str], fmt: str = "table") -> None:
 def _tune(home: Path, name: str, hw) -> None:
     from llmctl.bench import run as benchrun
     from llmctl.bench import tune
+    from llmctl.plan.tuned import describe_tuned, save_tuned
 
     located = locate(open_store(), name)
     model = benchrun.BenchModel(located.name, located.paths, located.info)
     with output.status(f"Tuning {located.name}…"):
         profile = tune.tune(model, hw, on_step=lambda text: output.info(text))
-    benchrun.save_tuned(home, _machine_key(), located.paths, profile)
-    output.info(f"Saved for this machine: {benchrun.describe_tuned(profile)}. run and chat use it.")
+    save_tuned(home, _machine_key(), located.paths, profile)
+    output.info(f"Saved for this machine: {describe_tuned(profile)}. run and chat use it.")

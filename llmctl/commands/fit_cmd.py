@@ -10,12 +10,12 @@ import typer
 from llmctl import output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
-from llmctl.engine.runner import merge_tuned
 from llmctl.errors import UsageError
 from llmctl.models import locate
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
 from llmctl.plan import fit
 from llmctl.plan.hardware import get_hardware
+from llmctl.plan.tuned import merge_tuned
 
 
 def fit_command(
@@ -45,7 +45,7 @@ def fit_command(
         overrides = merge_tuned(overrides, tuned)
     plan = fit.make_plan(candidates, hw, overrides, force=True)
     if tuned:
-        from llmctl.bench.run import describe_tuned
+        from llmctl.plan.tuned import describe_tuned
 
         plan.reasons.append(f"tuned on this machine by `bench --tune`: {describe_tuned(tuned)}")
     if json_output:
@@ -57,8 +57,8 @@ def fit_command(
 
 
 def _tuned_for(candidates: list[fit.Candidate]) -> dict | None:
-    from llmctl.bench.run import load_tuned
     from llmctl.plan.hardware import _machine_key
+    from llmctl.plan.tuned import load_tuned
 
     if len(candidates) != 1 or not candidates[0].location or not Path(candidates[0].location).exists():
         return None

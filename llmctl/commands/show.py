@@ -83,9 +83,9 @@ def _fields(resolved: ResolvedModel, info: gguf.ModelInfo) -> list[tuple[str, An
 
 
 def _tuned(resolved: ResolvedModel) -> str:
-    from llmctl.bench.run import describe_tuned, load_tuned
     from llmctl.config import get_settings
     from llmctl.plan.hardware import _machine_key
+    from llmctl.plan.tuned import describe_tuned, load_tuned
 
     tuned = load_tuned(get_settings().home, _machine_key(), resolved.paths)
     if not tuned:

@@ -12,6 +12,7 @@ from llmctl.errors import LlmctlError
 from llmctl.models.store import ResolvedModel, Store
 from llmctl.plan.fit import Candidate, Overrides, Plan, make_plan
 from llmctl.plan.hardware import get_hardware
+from llmctl.plan.tuned import apply_tuned
 
 
 @dataclass
@@ -123,25 +124,3 @@ def open_model(
     check_chat_format(chat_format)
     return load_planned(store, plan_model(store, name, overrides, force=force), chat_format=chat_format)
 
-
-def apply_tuned(overrides: Overrides, paths: list) -> Overrides:
-    """This machine's `bench --tune` result for the model, where the user did not say otherwise."""
-    from llmctl.bench.run import load_tuned
-    from llmctl.plan.hardware import _machine_key
-
-    return merge_tuned(overrides, load_tuned(get_settings().home, _machine_key(), paths))
-
-
-def merge_tuned(overrides: Overrides, tuned: dict | None) -> Overrides:
-    """A tuned profile (from `load_tuned`) under the user's own overrides."""
-    from dataclasses import replace
-
-    if not tuned:
-        return overrides
-    return replace(
-        overrides,
-        threads=overrides.threads or tuned.get("threads"),
-        n_batch=overrides.n_batch or tuned.get("n_batch"),
-        n_ubatch=overrides.n_ubatch or tuned.get("n_ubatch"),
-        n_gpu_layers=overrides.n_gpu_layers if overrides.n_gpu_layers is not None else tuned.get("n_gpu_layers") or None,
-    )

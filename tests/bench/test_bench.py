@@ -222,11 +222,12 @@ _ROW = dict(
 def test_tuned_profile_reads_the_same_in_bench_fit_and_show(cli, demo_model: Path, isolated: Path, monkeypatch) -> None:
     """bench --tune, fit and show describe a tuned profile with one phrase."""
     from llmctl.bench import tune
+    from llmctl.plan.tuned import describe_tuned
 
     profile = {"threads": 1, "n_batch": 512, "n_ubatch": 256, "n_gpu_layers": 3, "tg_ts": 41.27, "pp_ts": 812.5}
     monkeypatch.setattr(tune, "tune", lambda model, hw, on_step: dict(profile))
     phrase = "1 thread, batch 512/256, 3 GPU layers (tg 41.3 t/s, pp 812.5 t/s)"
-    assert benchrun.describe_tuned(profile) == phrase
+    assert describe_tuned(profile) == phrase
     r = cli("bench", demo_model, "--tune")
     assert r.exit_code == 0, r.stderr
     assert f"Saved for this machine: {phrase}. run and chat use it." in r.stderr

@@ -251,10 +251,11 @@ def test_tune_says_1_thread(cli, make_gguf, monkeypatch) -> None:
 
 def test_fit_and_show_say_1_thread_of_a_tuned_profile(cli, make_gguf, isolated: Path) -> None:
     from llmctl.plan.hardware import _machine_key
+    from llmctl.plan.tuned import save_tuned
 
     model = make_gguf("good.Q8_0.gguf")
     profile = {"threads": 1, "n_batch": 512, "n_ubatch": 512, "n_gpu_layers": 1, "tg_ts": 10.0, "pp_ts": 50.0, "created": "x"}
-    benchrun.save_tuned(isolated, _machine_key(), [model], profile)
+    save_tuned(isolated, _machine_key(), [model], profile)
     fit_out, show_out = cli("fit", model).stdout, cli("show", model).stdout
     assert "tuned on this machine by `bench --tune`: 1 thread, batch 512" in fit_out
     assert "1 thread, batch 512/512, 1 GPU layer (tg" in show_out
