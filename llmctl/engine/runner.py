@@ -9,8 +9,9 @@ from llmctl.config import debug_enabled, get_settings
 from llmctl.engine.base import ReloadError
 from llmctl.engine.llama import Engine
 from llmctl.errors import LlmctlError
+from llmctl.models.locate import Located
 from llmctl.models.store import ResolvedModel, Store
-from llmctl.plan.fit import Candidate, Overrides, Plan, make_plan
+from llmctl.plan.fit import Overrides, Plan, make_plan
 from llmctl.plan.hardware import get_hardware
 from llmctl.plan.tuned import apply_tuned
 
@@ -42,12 +43,11 @@ def plan_model(store: Store, name: str, overrides: Overrides, *, force: bool = F
 
 
 def _plan_resolved(resolved: ResolvedModel, overrides: Overrides, *, force: bool) -> Planned:
-    _, info = gguf.read_model(resolved.paths)
+    located = Located.of(resolved)
     hw = get_hardware(get_settings())
     overrides = apply_tuned(overrides, resolved.paths)
-    size = sum(p.stat().st_size for p in resolved.paths)
-    plan = make_plan([Candidate(resolved.name, info, size, str(resolved.paths[0]))], hw, overrides, force=force)
-    return Planned(plan, resolved, info, overrides.threads, overrides, force)
+    plan = make_plan([located.candidate()], hw, overrides, force=force)
+    return Planned(plan, resolved, located.info, overrides.threads, overrides, force)
 
 
 def check_chat_format(name: str | None) -> None:
