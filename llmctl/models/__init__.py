@@ -1,1 +1,6 @@
-"""Models by name: the name parser, the catalog, the index of registered models, the Hugging Face cache, import, the Hub and pulls."""
+"""Models by name, from what the user types to files on disk.
+
+names (the name parser; imports no sibling) → catalog (short names) → store (the index, resolution)
+→ locate (resolve → header → planner candidate); hfcache (the Hugging Face cache layout), hub (the
+Hub's API and downloads), pull, importer, remove (rm) and search (catalog and Hub together).
+"""

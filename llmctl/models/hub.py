@@ -6,9 +6,9 @@ variables). The transfer itself is llmctl's own, because ``hf_hub_download``
 does not resume across processes: a stable ``<blob>.llmctl.partial`` file in
 the Hugging Face cache, held under a lock, grown with ``Range`` requests
 through huggingface_hub's HTTP session, hashed as it grows, and renamed into
-the cache layout (``blobs/<sha256>`` + ``snapshots/<commit>/<file>``) only
-once its sha256 matches the Hub's. Other tools then find the file where
-huggingface_hub would have put it.
+the cache layout (``blobs/<sha256>`` + ``snapshots/<commit>/<file>``, kept by
+``llmctl.models.hfcache``) only once its sha256 matches the Hub's. Other
+tools then find the file where huggingface_hub would have put it.
 
 Everything the Hub sends is treated as hostile: a commit id must be 40 hex
 digits, file names must stay inside the repo, sizes must be plausible, and
