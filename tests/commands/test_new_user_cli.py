@@ -301,14 +301,15 @@ def test_a_config_file_named_but_missing_warns_once(cli, monkeypatch, tmp_path: 
     ("/v1/completions", {"prompt": "hi"}, "text_completion"),
 ])  # fmt: skip
 def test_the_usage_chunk_carries_the_completions_id(cli, make_gguf, path: str, body: dict, kind: str) -> None:
-    from tests.serve.test_serve_hostile import FakeEngine, serving
+    from llmctl.engine.fake import FakeEngine
+    from tests.serve.test_serve_hostile import serving
 
     assert cli("import", make_gguf("a.Q8_0.gguf"), "--name", "a").exit_code == 0
-    with serving({"a": FakeEngine("a")}) as client:
+    with serving({"a": FakeEngine(["hello world"], name="a")}) as client:
         status, text = client.call("POST", path, {"model": "a", "stream": True, "stream_options": {"include_usage": True}, **body})
     assert status == 200
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
     usage = events[-1]
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}  # "hi", "hello world"
     assert usage["object"] == kind
     assert {e["id"] for e in events} == {events[0]["id"]} and events[0]["id"].startswith(("chatcmpl-", "cmpl-"))
