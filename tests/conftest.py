@@ -63,6 +63,21 @@ def cli():
 
 
 @pytest.fixture
+def fake_engines(monkeypatch: pytest.MonkeyPatch):
+    """run, chat and serve's pool load FakeEngines (llmctl/engine/fake.py) instead of llama.cpp.
+
+    Returns the FakeFactory: ``fake_engines.add(FakeEngine([...]))`` queues an engine (or an
+    exception, as a failed load), ``fake_engines.defaults`` shapes the rest, ``made`` lists them.
+    """
+    from llmctl.engine import runner
+    from llmctl.engine.fake import FakeFactory
+
+    factory = FakeFactory()
+    monkeypatch.setattr(runner, "engine_factory", factory)
+    return factory
+
+
+@pytest.fixture
 def make_gguf(tmp_path: Path):
     """Write a small valid llama-style GGUF with the gguf package; returns its path."""
     from tests.support.gguf_factory import write_model

@@ -10,7 +10,7 @@ import typer
 
 from llmctl import output
 from llmctl.commands import open_store
-from llmctl.commands.generation import overrides_from_flags, sampling_from_flags
+from llmctl.commands.generation import load_feedback, overrides_from_flags, sampling_from_flags
 from llmctl.config import get_settings
 from llmctl.engine import reasoning
 from llmctl.engine.base import Engine, ReloadError, Result
@@ -63,14 +63,15 @@ def chat(
     sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
     think = reasoning.check_think(think, chat_format)
     store = open_store()
-    loaded = open_model(store, model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
+    overrides = overrides_from_flags(ctx, gpu_layers, threads)
+    loaded = open_model(store, model, overrides, force=force, chat_format=chat_format, feedback=load_feedback())
     if not loaded.engine.has_chat_template and chat_format is None:
         output.warn("this model has no chat template; using a generic format (choose one with --chat-format)")
     current = [loaded]
 
     def reload(n_ctx: int) -> Engine:  # /set ctx N
         try:
-            current[0] = reload_with_context(store, current[0], n_ctx)
+            current[0] = reload_with_context(store, current[0], n_ctx, feedback=load_feedback())
         except ReloadError as exc:
             if exc.engine is not None:
                 current[0] = Loaded(exc.engine, current[0].plan, current[0].model, current[0].info, current[0].planned)

@@ -1,4 +1,4 @@
-"""What run and chat share: turning flags into sampling settings and a plan override, the timing summary, ending a stopped reply's line."""
+"""What run and chat share: turning flags into sampling settings and a plan override, telling a load, the timing summary, ending a stopped reply's line."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from llmctl import output
 from llmctl.engine.base import Timings
+from llmctl.engine.runner import LoadFeedback
 from llmctl.plan.fit import Overrides
 
 if TYPE_CHECKING:
@@ -40,6 +41,11 @@ def sampling_from_flags(
 
 def overrides_from_flags(ctx: int | None, gpu_layers: int | None, threads: int | None) -> Overrides:
     return Overrides(n_ctx=ctx, n_gpu_layers=gpu_layers, threads=threads)
+
+
+def load_feedback() -> LoadFeedback:
+    """A load told as run and chat tell it: each warning on stderr as it arises, a spinner while loading (on a terminal)."""
+    return LoadFeedback(note=output.warn, progress=output.status)
 
 
 def timing_summary(t: Timings) -> list[str]:

@@ -12,7 +12,7 @@ import typer
 
 from llmctl import output
 from llmctl.commands import open_store
-from llmctl.commands.generation import end_partial_line, overrides_from_flags, print_summary, sampling_from_flags
+from llmctl.commands.generation import end_partial_line, load_feedback, overrides_from_flags, print_summary, sampling_from_flags
 from llmctl.engine import reasoning
 from llmctl.engine.base import Result
 from llmctl.engine.llama import grammar_for
@@ -79,8 +79,9 @@ def run(
                 _warn(warnings, f"{flag} is ignored with --raw (the prompt is completed as it is, without a chat template)")
         chat_format = think = None
     think = reasoning.check_think(think, chat_format)
-    loaded = open_model(open_store(), model, overrides_from_flags(ctx, gpu_layers, threads), force=force, chat_format=chat_format)
-    warnings += [*loaded.plan.warnings, *loaded.engine.notes]  # already said by the loader
+    overrides = overrides_from_flags(ctx, gpu_layers, threads)
+    loaded = open_model(open_store(), model, overrides, force=force, chat_format=chat_format, feedback=load_feedback())
+    warnings += loaded.notes  # already said as they arose
     engine = loaded.engine
     if raw:
         stream = engine.complete(text, sampling, grammar=grammar)

@@ -13,8 +13,8 @@ until ``gate`` is set; ``delay`` sleeps before each piece. ``calls`` records wha
 ``started`` and ``pieces`` count replies begun and pieces sent (serve's tests read them from
 another thread).
 
-``factory`` returns something with ``Engine.load``'s signature, to inject where engines are
-made (``llmctl.engine.runner.ENGINE_FACTORY``).
+``FakeFactory`` has ``Engine.load``'s signature, to put where engines are made
+(``llmctl.engine.runner.engine_factory``; the ``fake_engines`` test fixture does).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from llmctl.engine.base import EngineError, Result, Timings, empty_reply_advice
 from llmctl.plan.fit import LoadConfig
@@ -229,24 +229,35 @@ def _timings(timings: Timings, generated: int) -> Timings:
     return timings
 
 
-def factory(*engines: FakeEngine, **defaults: Any) -> Callable[..., FakeEngine]:
-    """A stand-in for ``Engine.load``: hands out ``engines`` in order, then new ``FakeEngine(**defaults)``.
+class FakeFactory:
+    """A stand-in for ``Engine.load`` (``runner.engine_factory``): hands out the queued engines in order, then
+    new ``FakeEngine(**defaults)``; a queued exception is raised instead, as a failed load.
 
-    Each engine takes the name, context size and threads it is loaded with; ``made`` on the
-    returned function lists what it handed out.
+    Each engine takes the name, load config, context size, threads and chat format it is
+    loaded with, as a real load gives them; ``made`` lists the engines handed out.
     """
-    queue = list(engines)
-    made: list[FakeEngine] = []
 
-    def load(name: str, paths: list[Path], plan: Plan, *, threads: int | None = None, chat_format: str | None = None, **_: Any) -> FakeEngine:
-        engine = queue.pop(0) if queue else FakeEngine(**defaults)
-        engine.name = name
-        engine.config = plan.config
-        engine._n_ctx = plan.config.n_ctx
-        engine.threads = threads or plan.threads
-        engine.chat_format = chat_format
-        made.append(engine)
-        return engine
+    def __init__(self, *engines: FakeEngine | BaseException, **defaults: Any) -> None:
+        self.queue: list[FakeEngine | BaseException] = list(engines)
+        self.defaults = defaults
+        self.made: list[FakeEngine] = []
 
-    load.made = made  # type: ignore[attr-defined]
-    return load
+    def add(self, *engines: FakeEngine | BaseException) -> FakeFactory:
+        self.queue.extend(engines)
+        return self
+
+    @property
+    def last(self) -> FakeEngine:
+        return self.made[-1]
+
+    def __call__(self, name: str, paths: list[Path], plan: Plan, *, threads: int | None = None, chat_format: str | None = None, **_: Any) -> FakeEngine:
+        item = self.queue.pop(0) if self.queue else FakeEngine(**self.defaults)
+        if isinstance(item, BaseException):
+            raise item
+        item.name = name
+        item.config = plan.config
+        item._n_ctx = plan.config.n_ctx
+        item.threads = threads or plan.threads
+        item.chat_format = chat_format
+        self.made.append(item)
+        return item

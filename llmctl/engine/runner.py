@@ -1,19 +1,51 @@
-"""From a model name to a loaded engine: resolve, read the header, plan, load, record use."""
+"""From a model name to a loaded engine: resolve, read the header, plan, load, record use.
+
+Nothing here prints: what the user should hear (the plan's warnings, what the loader had to
+change) comes back as ``Loaded.notes`` and, as it happens, through ``LoadFeedback``, which
+the commands fill with ``output``'s functions. Engines are made by ``engine_factory``
+(llama.cpp's ``Engine.load``); tests put ``llmctl.engine.fake.FakeFactory`` there.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
 
-from llmctl import gguf, output
+from llmctl import gguf
 from llmctl.config import debug_enabled, get_settings
-from llmctl.engine.base import ReloadError
-from llmctl.engine.llama import Engine
+from llmctl.engine.base import Engine, EngineFactory, ReloadError
 from llmctl.errors import LlmctlError
 from llmctl.models.locate import Located
 from llmctl.models.store import ResolvedModel, Store
 from llmctl.plan.fit import Overrides, Plan, make_plan
 from llmctl.plan.hardware import get_hardware
 from llmctl.plan.tuned import apply_tuned
+
+
+def load_llama_engine(name: str, paths: list[Path], plan: Plan, **options: Any) -> Engine:
+    """llama.cpp's engine (``llmctl.engine.llama.Engine.load``), imported when a model is loaded."""
+    from llmctl.engine.llama import Engine as LlamaEngine
+
+    return LlamaEngine.load(name, paths, plan, **options)
+
+
+# Where run, chat and serve's pool get their engines; a field tests swap for a fake's factory.
+engine_factory: EngineFactory = load_llama_engine
+
+
+def _quiet(_text: str) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
+@dataclass
+class LoadFeedback:
+    """How a load reports as it goes: ``note`` for each warning when it arises, ``progress`` around the
+    load itself (a spinner on a terminal). The default says nothing."""
+
+    note: Callable[[str], None] = lambda _text: None
+    progress: Callable[[str], AbstractContextManager[None]] = _quiet
 
 
 @dataclass
@@ -35,6 +67,7 @@ class Loaded:
     model: ResolvedModel
     info: gguf.ModelInfo
     planned: Planned | None = None
+    notes: list[str] = field(default_factory=list)  # the plan's warnings, then what the loader changed
 
 
 def plan_model(store: Store, name: str, overrides: Overrides, *, force: bool = False) -> Planned:
@@ -63,12 +96,15 @@ def check_chat_format(name: str | None) -> None:
         raise UsageError(f"--chat-format {name!r} is not a known chat format", hint="one of: " + ", ".join(known))
 
 
-def load_planned(store: Store, planned: Planned, *, chat_format: str | None = None) -> Loaded:
-    for warning in planned.plan.warnings:
-        output.warn(warning)
+def load_planned(store: Store, planned: Planned, *, chat_format: str | None = None, feedback: LoadFeedback | None = None) -> Loaded:
+    """Load what ``plan_model`` planned, record its use; ``feedback`` hears the warnings as they arise."""
+    feedback = feedback or LoadFeedback()
+    notes = list(planned.plan.warnings)
+    for warning in notes:
+        feedback.note(warning)  # before loading, which may take long or fail
     resolved = planned.model
-    with output.status(f"Loading {resolved.name}…"):
-        engine = Engine.load(
+    with feedback.progress(f"Loading {resolved.name}…"):
+        engine = engine_factory(
             resolved.name,
             resolved.paths,
             planned.plan,
@@ -77,16 +113,17 @@ def load_planned(store: Store, planned: Planned, *, chat_format: str | None = No
             chat_format=chat_format,
         )
     for note in engine.notes:
-        output.warn(note)
+        feedback.note(note)
+    notes += engine.notes
     if resolved.entry is not None:
         try:
             store.touch(resolved.entry.name)
         except OSError:
             pass  # a read-only store still runs
-    return Loaded(engine, planned.plan, resolved, planned.info, planned)
+    return Loaded(engine, planned.plan, resolved, planned.info, planned, notes)
 
 
-def reload_with_context(store: Store, loaded: Loaded, n_ctx: int) -> Loaded:
+def reload_with_context(store: Store, loaded: Loaded, n_ctx: int, *, feedback: LoadFeedback | None = None) -> Loaded:
     """The same model with another context size, for chat's ``/set ctx``.
 
     The new size is planned first: one that does not fit is refused while the
@@ -102,12 +139,12 @@ def reload_with_context(store: Store, loaded: Loaded, n_ctx: int) -> Loaded:
     previous_ctx = loaded.engine.n_ctx
     loaded.engine.close()
     try:
-        return load_planned(store, planned, chat_format=chat_format)
+        return load_planned(store, planned, chat_format=chat_format, feedback=feedback)
     except LlmctlError as exc:
         failure = exc
     before = replace(before, threads=threads)
     try:
-        restored = load_planned(store, before, chat_format=chat_format)
+        restored = load_planned(store, before, chat_format=chat_format, feedback=feedback)
     except LlmctlError:
         raise ReloadError(f"{failure.message}; the previous {previous_ctx}-token context could not be loaded again either", failure.hint, None) from None
     raise ReloadError(f"{failure.message}; kept the {previous_ctx}-token context", failure.hint, restored.engine)
@@ -120,7 +157,8 @@ def open_model(
     *,
     force: bool = False,
     chat_format: str | None = None,
+    feedback: LoadFeedback | None = None,
 ) -> Loaded:
+    """Resolve, plan and load ``name`` (``plan_model`` then ``load_planned``)."""
     check_chat_format(chat_format)
-    return load_planned(store, plan_model(store, name, overrides, force=force), chat_format=chat_format)
-
+    return load_planned(store, plan_model(store, name, overrides, force=force), chat_format=chat_format, feedback=feedback)

@@ -69,9 +69,9 @@ class PlannedLoader:
         return planned.plan.chosen.estimate.total, planned
 
     def load(self, planned: Any) -> Engine:
-        from llmctl.engine.runner import load_planned
+        from llmctl.engine.runner import LoadFeedback, load_planned
 
-        return load_planned(self.store, planned).engine
+        return load_planned(self.store, planned, feedback=LoadFeedback(note=log.warning)).engine
 
 
 def _generation_thread() -> ThreadPoolExecutor:

@@ -210,18 +210,6 @@ def test_an_empty_reply_is_explained_in_run_and_chat(cli, demo_model: Path) -> N
     assert doc["text"] and doc["warnings"] == []
 
 
-@pytest.mark.slow
-def test_raw_says_system_and_chat_format_are_ignored(cli, demo_model: Path) -> None:
-    r = cli("run", demo_model, "The capital of France is", "--raw", "--system", "Be terse.", "--chat-format", "chatml",
-            *GREEDY, "--max-tokens", "4", "--json")  # fmt: skip
-    assert r.exit_code == 0, r.stderr
-    assert "warning: --system is ignored with --raw" in r.stderr
-    assert "warning: --chat-format is ignored with --raw" in r.stderr
-    assert len(json.loads(r.stdout)["warnings"]) == 2
-    r = cli("run", demo_model, "The capital of France is", "--raw", *GREEDY, "--max-tokens", "4")
-    assert r.exit_code == 0 and r.stderr == ""
-
-
 LONG = ["Write a very long story about a dragon who learns to sing.", "--temperature", "0", "--max-tokens", "3000"]
 
 
