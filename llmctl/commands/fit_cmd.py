@@ -15,7 +15,7 @@ from llmctl.models import locate
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
 from llmctl.plan import fit
 from llmctl.plan.hardware import get_hardware
-from llmctl.plan.tuned import merge_tuned
+from llmctl.plan.tuned import TunedProfile, describe_tuned, merge_tuned, tuned_here
 
 
 def fit_command(
@@ -45,8 +45,6 @@ def fit_command(
         overrides = merge_tuned(overrides, tuned)
     plan = fit.make_plan(candidates, hw, overrides, force=True)
     if tuned:
-        from llmctl.plan.tuned import describe_tuned
-
         plan.reasons.append(f"tuned on this machine by `bench --tune`: {describe_tuned(tuned)}")
     if json_output:
         output.emit_json(plan.to_dict())
@@ -56,13 +54,11 @@ def fit_command(
     render_plan(plan)
 
 
-def _tuned_for(candidates: list[fit.Candidate]) -> dict | None:
-    from llmctl.plan.hardware import _machine_key
-    from llmctl.plan.tuned import load_tuned
-
+def _tuned_for(candidates: list[fit.Candidate]) -> TunedProfile | None:
+    """This machine's tuned settings for a local model (none for a repo's quants on the Hub)."""
     if len(candidates) != 1 or not candidates[0].location or not Path(candidates[0].location).exists():
         return None
-    return load_tuned(get_settings().home, _machine_key(), [Path(candidates[0].location)])
+    return tuned_here([Path(candidates[0].location)])
 
 
 def render_candidates(plan: fit.Plan, stderr: bool = False) -> None:

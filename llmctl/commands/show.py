@@ -83,11 +83,9 @@ def _fields(resolved: ResolvedModel, info: gguf.ModelInfo) -> list[tuple[str, An
 
 
 def _tuned(resolved: ResolvedModel) -> str:
-    from llmctl.config import get_settings
-    from llmctl.plan.hardware import _machine_key
-    from llmctl.plan.tuned import describe_tuned, load_tuned
+    from llmctl.plan.tuned import describe_tuned, tuned_here
 
-    tuned = load_tuned(get_settings().home, _machine_key(), resolved.paths)
+    tuned = tuned_here(resolved.paths)
     if not tuned:
         return "- (`llmctl bench --tune` finds the fastest settings for this machine)"
     return describe_tuned(tuned)
