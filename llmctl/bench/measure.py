@@ -150,7 +150,8 @@ def _range(part: str, flag: str) -> list[int]:
     op, step = match.group(3) or "+", int(match.group(4) or 1)
     if last < first or step < 1 or (op == "*" and step < 2) or (op == "*" and first < 1):
         raise UsageError(f"{flag}: {part!r} is an empty or endless range")
-    out, value = [], first
+    out: list[int] = []
+    value = first
     while value <= last and len(out) < 1000:
         out.append(value)
         value = value + step if op == "+" else value * step

@@ -436,6 +436,6 @@ def compare(a: BenchRun, b: BenchRun) -> list[tuple[Row, Row, float]]:
     out = []
     for row in b.rows:
         base = index.get(row_key(row))
-        if base is not None and row.ok and row.avg_ts:
+        if base is not None and base.avg_ts and row.ok and row.avg_ts:  # index holds measured rows only
             out.append((base, row, row.avg_ts / base.avg_ts))
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -139,9 +139,12 @@ def _sweep(args: dict, hw) -> benchrun.Sweep:
     for name, flag in (("cache_type_k", "--cache-type-k"), ("cache_type_v", "--cache-type-v")):
         for value in args[name].split(","):
             _cache_type(value.strip(), flag)
+    gpu_layers: list[int | None] = [None]  # None: the plan's choice
+    if args["gpu_layers"]:
+        gpu_layers = [*parse_sweep(args["gpu_layers"], "--gpu-layers")]
     return benchrun.Sweep(
         threads=parse_sweep(args["threads"], "--threads", minimum=1) if args["threads"] else [hw.cpu.physical_cores],
-        gpu_layers=parse_sweep(args["gpu_layers"], "--gpu-layers") if args["gpu_layers"] else [None],
+        gpu_layers=gpu_layers,
         batch=parse_sweep(args["batch_size"], "--batch-size", minimum=1),
         ubatch=parse_sweep(args["ubatch_size"], "--ubatch-size", minimum=1),
         flash_attn=parse_flash_attn(args["flash_attn"], "--flash-attn"),
@@ -183,7 +186,7 @@ class _Progress:
     def __init__(self, total: int, run: benchrun.BenchRun) -> None:
         self.total = total
         self.run = run
-        self.live = None
+        self.live: Any = None  # rich.live.Live on a terminal
 
     def __enter__(self) -> _Progress:
         if output.interactive_stderr():

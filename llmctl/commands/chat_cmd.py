@@ -248,13 +248,15 @@ def _show_reply(stream: Iterator[str | reasoning.Thought | Result], *, markdown:
             from rich.markdown import Markdown
 
             rendered = output.ReplyWriter(terminal=True)  # Markdown is drawn for a terminal: always neutralised
-            shown = {"text": "", "live": None}  # drawn from the first words of the answer, after any thinking
+            answer = ""
+            live: Live | None = None  # drawn from the first words of the answer, after any thinking
 
             def draw(piece: str) -> None:
-                if shown["live"] is None:
-                    shown["live"] = stack.enter_context(Live(Markdown(""), console=output._make_console(stderr=False), refresh_per_second=8))
-                shown["text"] += rendered.filter(piece)
-                shown["live"].update(Markdown(shown["text"]))
+                nonlocal answer, live
+                if live is None:
+                    live = stack.enter_context(Live(Markdown(""), console=output._make_console(stderr=False), refresh_per_second=8))
+                answer += rendered.filter(piece)
+                live.update(Markdown(answer))
 
             result = _route(stream, thinking, draw)
         else:

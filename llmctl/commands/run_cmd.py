@@ -84,7 +84,7 @@ def run(
     warnings += loaded.notes  # already said as they arose
     engine = loaded.engine
     if raw:
-        stream = engine.complete(text, sampling, grammar=grammar)
+        stream: Iterable[Any] = engine.complete(text, sampling, grammar=grammar)
     else:
         if not engine.has_chat_template and chat_format is None:
             _warn(warnings, "this model has no chat template; using a generic format (choose one with --chat-format, or use --raw)")

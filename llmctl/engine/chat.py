@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable
 
 from llmctl.engine import chat_template, reasoning
 from llmctl.engine.base import Engine, ReloadError, Result, Timings
@@ -115,20 +115,20 @@ class ChatSession:
                 dropped += 1
         return dropped
 
-    def send(self, text: str, *, grammar: Any = None) -> Iterator[str | Result]:
+    def send(self, text: str, *, grammar: Any = None) -> Generator[str | Result, None, None]:
         """Add a user message and stream the reply (constrained by ``grammar``, from ``engine.grammar_for``, if
         given); the reply joins the history as it was shown."""
         self.messages.append({"role": "user", "content": text})
         return self._generate(grammar)
 
-    def retry(self) -> Iterator[str | Result]:
+    def retry(self) -> Generator[str | Result, None, None]:
         if self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
         if not self.messages or self.messages[-1]["role"] != "user":
             raise UsageError("nothing to retry yet")
         return self._generate(None)
 
-    def _generate(self, grammar: Any) -> Iterator[str | Result]:
+    def _generate(self, grammar: Any) -> Generator[str | Result, None, None]:
         self._trim()
         pieces: list[str] = []
         thoughts: list[str] = []

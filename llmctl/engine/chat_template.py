@@ -353,7 +353,7 @@ class BoundedChatFormatter:
         from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
 
         handler = chat_formatter_to_chat_completion_handler(self)
-        handler.chat_formatter = self  # type: ignore[attr-defined] - how attach() finds it
+        handler.chat_formatter = self  # type: ignore[attr-defined]  # how attach() finds it
         return handler
 
 
