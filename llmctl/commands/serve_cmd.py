@@ -95,12 +95,13 @@ def _is_loopback(host: str) -> bool:
 
 
 class LogLine(logging.Formatter):
-    """One line of serve's log: the time, then the message with the control, bidi and line-breaking
-    characters that clients may send escaped (``output.safe``); a traceback follows only where one
-    was logged (``LLMCTL_DEBUG=1``)."""
+    """One line of serve's log: the time, "warning: " for a warning (what a model's load had to
+    change), then the message with the control, bidi and line-breaking characters that clients may
+    send escaped (``output.safe``); a traceback follows only where one was logged (``LLMCTL_DEBUG=1``)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {output.safe(record.getMessage())}"
+        label = "warning: " if record.levelno == logging.WARNING else ""
+        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {label}{output.safe(record.getMessage())}"
         return line + "\n" + self.formatException(record.exc_info) if record.exc_info else line
 
 

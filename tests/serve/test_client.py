@@ -56,6 +56,7 @@ def test_log_lines_are_stamped_and_escaped(capsys) -> None:
     log_to_stderr()  # once, however often it is called
     logger = logging.getLogger("llmctl.serve.app")
     logger.info("GET /x\x1b[2J\u202e\nforged 200")
+    logger.warning("fell back to 0 GPU layers")  # what a load had to change
     try:
         raise RuntimeError("boom")
     except RuntimeError:
@@ -63,5 +64,6 @@ def test_log_lines_are_stamped_and_escaped(capsys) -> None:
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert re.fullmatch(r"\d\d:\d\d:\d\d GET /x\\x1b\[2J\\u202e\\x0aforged 200", lines[0]), lines[0]
-    assert re.fullmatch(r"\d\d:\d\d:\d\d internal error", lines[1]) and lines[2] == "Traceback (most recent call last):"
+    assert re.fullmatch(r"\d\d:\d\d:\d\d warning: fell back to 0 GPU layers", lines[1]), lines[1]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d internal error", lines[2]) and lines[3] == "Traceback (most recent call last):"
     assert lines[-1] == "RuntimeError: boom" and err.endswith("\n")

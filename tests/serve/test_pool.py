@@ -200,3 +200,21 @@ def test_a_model_that_fails_to_load_is_a_500_and_holds_nothing(models) -> None:
         pool.acquire("a")
     assert caught.value.status == 500 and caught.value.message == "model 'a' failed to load: llama.cpp could not load the file"
     assert pool.models == {} and pool.ps() == []
+
+
+def test_the_planned_loader_weighs_the_fit_plan_and_loads_where_run_does(models, fake_engines, log) -> None:
+    """The loader in use: the plan's estimate is the memory the budget weighs, the engine comes from
+    runner.engine_factory (a fake here) with the plan's context, and what the load had to change is
+    logged as a warning."""
+    from llmctl.commands import open_store
+    from llmctl.engine.runner import plan_model
+    from llmctl.plan.fit import Overrides
+
+    fake_engines.add(FakeEngine(notes=["fell back to 0 GPU layers"]))
+    store = open_store()
+    pool = ModelPool(store, ServerSettings(ctx=1024), clock=Clock())
+    model = use(pool, "a")
+    assert fake_engines.made == [model.engine] and model.engine.name == "a"
+    assert model.memory == plan_model(store, "a", Overrides(n_ctx=1024)).plan.chosen.estimate.total > 0
+    assert [(m["name"], m["n_ctx"], m["memory_bytes"]) for m in pool.ps()] == [("a", 1024, model.memory)]
+    assert log().splitlines()[-1].endswith(" warning: fell back to 0 GPU layers")
