@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from typer.testing import CliRunner
@@ -14,11 +15,49 @@ from tools.demo_model import ensure_demo_model
 
 # Resolved before any test changes HOME or XDG_CACHE_HOME.
 _DEMO_ENV = os.environ.get("LLMCTL_DEMO_MODEL")
+_EXAMPLES = pytest.StashKey[str]()  # "full" or "fast": how many examples property tests draw
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Property tests draw their full example counts unless the slow tests are left out (tests/support/examples.py)."""
+    from tests.support import examples
+
+    config.stash[_EXAMPLES] = examples.choose(config.getoption("markexpr") or "")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from tests.support import examples
+
+    if config.stash[_EXAMPLES] == "full":
+        return "property tests: full example counts"
+    return f"property tests: 1/{examples.FAST_SHARE} of their example counts (a full run, or {examples.ENV}=full, draws them all)"
+
+
+@pytest.fixture(scope="session")
+def _bandwidth_once() -> dict[tuple[int, int], float | None]:
+    """Memory bandwidth measured once per test session for each array size and repeat count."""
+    return {}
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh LLMCTL_HOME and Hugging Face cache, no colour, fixed width."""
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _bandwidth_once: dict[tuple[int, int], float | None]) -> Iterator[Path]:
+    """A fresh LLMCTL_HOME and Hugging Face cache, no colour, fixed width.
+
+    Every fresh home has a cold hardware cache, so each live probe that wants
+    the bandwidth would measure it again (a pass over 512 MiB): here the real
+    measurement runs once per session and later probes in this process reuse
+    its figure, as a warm cache would give them. Subprocesses measure for real.
+    """
+    from llmctl.plan import hardware
+
+    measure = hardware.measure_bandwidth_gbs
+
+    def measure_once(size_mib: int = 512, repeats: int = 5) -> float | None:
+        if (size_mib, repeats) not in _bandwidth_once:
+            _bandwidth_once[size_mib, repeats] = measure(size_mib, repeats)
+        return _bandwidth_once[size_mib, repeats]
+
+    monkeypatch.setattr(hardware, "measure_bandwidth_gbs", measure_once)
     home = tmp_path / "llmctl-home"
     monkeypatch.setenv("LLMCTL_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -47,12 +86,27 @@ class Result:
     stderr: str
 
 
+@pytest.fixture(scope="session")
+def cli_command():
+    """The Click command Typer builds from llmctl's app, built once: the build (every
+    command's signature turned into parameters) costs more than most commands' work."""
+    import typer.main
+
+    from llmctl.cli import app
+
+    return typer.main.get_command(app)
+
+
 @pytest.fixture
-def cli():
+def cli(cli_command, monkeypatch: pytest.MonkeyPatch):
     """Run llmctl in-process through Typer's runner; returns exit code, stdout, stderr."""
+    import typer.testing
+
     from llmctl.cli import app
 
     runner = CliRunner()
+    # The runner builds the command from the app on every call; give it the one built once.
+    monkeypatch.setattr(typer.testing, "_get_command", lambda typer_app: cli_command if typer_app is app else typer.main.get_command(typer_app))
 
     def invoke(*args: str, input: str | None = None) -> Result:
         config.set_settings(None)

@@ -25,6 +25,7 @@ from llmctl.bench import report as benchreport
 from llmctl.bench import run as benchrun
 from llmctl.errors import EXIT_USAGE
 from llmctl.models.importer import sha256_file
+from tests.support.examples import examples
 
 EXE = str(Path(sys.executable).with_name("llmctl"))
 
@@ -57,7 +58,7 @@ def test_safe_escapes_c0_c1_bidi_and_separators(char: str, shown: str) -> None:
     assert output.safe("ünïcödé 漢字 🙂") == "ünïcödé 漢字 🙂"  # ordinary text untouched
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.text())
 def test_json_text_is_inert_and_exact(value: str) -> None:
     text = output.json_text({"v": value, "list": [value]})
@@ -85,7 +86,7 @@ def test_reply_filter_neutralises_each_piece_without_splitting_sequences() -> No
     assert "".join(piped.filter(p) for p in pieces) == "".join(pieces)  # a pipe gets the exact text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.text(alphabet=st.sampled_from(["\x1b", "[", "m", "\r", "\n", "\t", "a", "\x9b", "\u202e", "\u2028", "\u200d", "é"])), max_size=12))
 def test_reply_filter_never_lets_a_control_through_however_pieces_split(pieces: list[str]) -> None:
     shown = _terminal(pieces)

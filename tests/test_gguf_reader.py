@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from llmctl import gguf
 from llmctl.errors import InvalidModelError
+from tests.support.examples import examples
 from tests.support.gguf_factory import T_ARRAY, T_STRING, T_UINT8, T_UINT32, T_UINT64, RawGGUF, RawTensor, gstr
 
 
@@ -391,7 +392,7 @@ class _RecordingSource:
         assert len(self.reads) <= 2 * cap // chunk + 2
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(shape=_huge_shapes(), patched=LIMITS)
 def test_huge_header_shapes_are_read_exactly_or_refused_by_a_limit(shape, patched: dict[str, int]) -> None:
     """Within every limit a header reads back exactly (fast paths included); past a count limit it is

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from llmctl import gguf
 from llmctl.errors import InvalidModelError, NotFoundError
+from tests.support.examples import examples
 from tests.support.gguf_factory import RawGGUF
 from tests.test_gguf_reader import VARIANTS
 
@@ -61,7 +62,7 @@ def test_every_command_refuses_every_broken_file(cli, tmp_path: Path, variant: s
     assert model["status"].startswith("invalid")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_headers_never_crash_the_reader(tmp_path_factory, data) -> None:
     """Random byte flips, truncations and insertions: a clean result or InvalidModelError, nothing else."""

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import llmctl.engine.llama  # noqa: F401 - installs the bounded formatter, as every command does
 from llmctl.engine import template_worker
 from llmctl.engine.chat_template import DEFAULT_BUDGETS, BoundedChatFormatter, Budgets, ChatTemplateError, TemplateWorker
+from tests.support.examples import examples
 
 EXE = str(Path(sys.executable).with_name("llmctl"))
 
@@ -241,7 +242,7 @@ def _pieces() -> st.SearchStrategy[str]:
     )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(body=_pieces())
 def test_fuzzed_hostile_templates_end_within_the_budget(fuzz_worker: TemplateWorker, body: str) -> None:
     template = "{% set ns = namespace(x='AB') %}{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}" + body

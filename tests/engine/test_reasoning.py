@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from llmctl.engine import reasoning
 from llmctl.engine.reasoning import HARMONY, THINK_TAGS, ReasoningFormat, Splitter, Thought
 from llmctl.errors import EXIT_USAGE, UsageError
+from tests.support.examples import examples
 
 EXE = str(Path(sys.executable).with_name("llmctl"))
 
@@ -88,7 +89,7 @@ def test_the_template_tells_which_markers_a_model_uses(template: str | None, exp
 THINKING_REPLY = "<think>\nThe user asks for the capital.\nIt is Paris.\n</think>\n\nParis is the capital of France."
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.data())
 def test_reasoning_and_answer_are_the_same_however_the_stream_is_cut(data) -> None:
     pieces = data.draw(cuts(THINKING_REPLY))
@@ -101,7 +102,7 @@ def test_reasoning_and_answer_are_the_same_however_the_stream_is_cut(data) -> No
 HARMONY_REPLY = "<|channel|>analysis<|message|>User greets. Answer briefly.<|start|>assistant<|channel|>final<|message|>Hello! How can I help?"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.data(), st.sampled_from(["", "<|end|>"]))
 def test_gpt_oss_channels_split_however_the_stream_is_cut(data, end: str) -> None:
     """llama.cpp does not print <|end|> (a control token): the next <|start|> ends the analysis too."""
