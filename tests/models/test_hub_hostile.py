@@ -174,6 +174,10 @@ def test_the_containment_check_follows_symlinked_parents(tmp_path: Path) -> None
 
 # --- 2. Unbounded bodies, trickles, deadlines ---------------------------------------------------
 
+# The deadline tests' clock: a trickled answer sends a byte every TRICKLE_S, well within the stall
+# timeout STALL_S, so only the DEADLINE_S deadline can end it. Each exchange waits the deadline out.
+DEADLINE_S, STALL_S, TRICKLE_S = 1, 0.75, 0.1
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["pull", f"{TINY}:Q8_0"], ["search", TINY, "--files"]], ids=["pull", "search-files"])
@@ -192,30 +196,30 @@ def test_an_endless_range_answer_is_cut_at_the_bytes_asked_for(hub, args: list[s
     ids=["headers-trickled", "body-trickled"],
 )
 def test_a_trickled_api_answer_ends_at_the_deadline(cli, hub, monkeypatch, pattern: str, fast: int) -> None:
-    monkeypatch.setenv("LLMCTL_HUB_DEADLINE", "3")
-    monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "2")  # each byte comes sooner than this: the stall timeout never fires
-    hub.faults.trickle, hub.faults.trickle_from, hub.faults.trickle_seconds = pattern, fast, 0.3
+    monkeypatch.setenv("LLMCTL_HUB_DEADLINE", str(DEADLINE_S))
+    monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", str(STALL_S))  # each byte comes sooner than this: the stall timeout never fires
+    hub.faults.trickle, hub.faults.trickle_from, hub.faults.trickle_seconds = pattern, fast, TRICKLE_S
     for args in (["pull", f"{TINY}:Q8_0"], ["search", TINY, "--files"]):
         start = time.monotonic()
         r = cli(*args)
         assert r.exit_code == EXIT_HUB, (args, r.stderr)
-        one_error(r.stderr, "took longer than 3 s")
+        one_error(r.stderr, f"took longer than {DEADLINE_S} s")
         assert time.monotonic() - start < 15
     start = time.monotonic()
     r = cli("search", "tiny", "--json")  # a plain search falls back to the catalog, with the reason
     doc = json.loads(r.stdout)
-    assert r.exit_code == 0 and not doc["hub_searched"] and "took longer than 3 s" in doc["note"]
+    assert r.exit_code == 0 and not doc["hub_searched"] and f"took longer than {DEADLINE_S} s" in doc["note"]
     assert time.monotonic() - start < 15
 
 
 def test_a_trickled_remote_header_ends_at_the_deadline(cli, hub, monkeypatch) -> None:
-    monkeypatch.setenv("LLMCTL_HUB_DEADLINE", "3")
-    monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "2")
-    hub.faults.trickle, hub.faults.trickle_from, hub.faults.trickle_seconds = r"^GET /cdn/\w+ bytes=\d+-\d+$", 300, 0.3
+    monkeypatch.setenv("LLMCTL_HUB_DEADLINE", str(DEADLINE_S))
+    monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", str(STALL_S))
+    hub.faults.trickle, hub.faults.trickle_from, hub.faults.trickle_seconds = r"^GET /cdn/\w+ bytes=\d+-\d+$", 300, TRICKLE_S
     start = time.monotonic()
     r = cli("pull", f"{TINY}:Q8_0", "--dry-run")
     assert r.exit_code == EXIT_HUB, r.stderr
-    one_error(r.stderr, "reading the header of", "took longer than 3 s")
+    one_error(r.stderr, "reading the header of", f"took longer than {DEADLINE_S} s")
     assert time.monotonic() - start < 15
 
 
@@ -257,14 +261,14 @@ def test_answers_that_end_early_without_new_bytes_run_out_of_retries(cli, hub, m
 
 
 def test_file_metadata_requests_end_at_the_deadline(hub, monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("LLMCTL_HUB_DEADLINE", "3")
-    monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", "2")
+    monkeypatch.setenv("LLMCTL_HUB_DEADLINE", str(DEADLINE_S))
+    monkeypatch.setenv("LLMCTL_HUB_TIMEOUT", str(STALL_S))
     listing = hub_api.list_repo(TINY)
     (remote,) = next(m for m in listing.models if m.label == "Q8_0").files
     remote.sha256 = None  # no sha256 in the listing: the download asks for the file's metadata (HEAD)
-    hub.faults.trickle, hub.faults.trickle_seconds = "^HEAD ", 0.3
+    hub.faults.trickle, hub.faults.trickle_seconds = "^HEAD ", TRICKLE_S
     start = time.monotonic()
-    with pytest.raises(hub_api.HubError, match="took longer than 3 s"):
+    with pytest.raises(hub_api.HubError, match=f"took longer than {DEADLINE_S} s"):
         hub_api.download_file(TINY, listing.commit, remote, tmp_path / "hf" / "hub")
     assert time.monotonic() - start < 15
 
