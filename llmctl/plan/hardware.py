@@ -111,7 +111,7 @@ def _read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, set[str]] | None:
         text = Path(path).read_text(errors="replace")
     except OSError:
         return None
-    brand, flags = "", set()
+    brand, flags = "", set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
