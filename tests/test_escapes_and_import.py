@@ -297,6 +297,7 @@ def test_import_of_a_fifo_is_refused_without_opening_it(make_gguf, isolated: Pat
     assert not (isolated / "models").exists() or not any((isolated / "models").rglob("*.gguf*"))
 
 
+@pytest.mark.slow  # runs llmctl show and fit as processes, each with a timeout that turns a hang into a failure
 def test_reading_a_fifo_never_blocks_whatever_the_command(tmp_path: Path) -> None:
     """The reader itself refuses non-files on the open descriptor: no window between a check and the read."""
     from llmctl.errors import InvalidModelError

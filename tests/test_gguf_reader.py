@@ -63,6 +63,7 @@ def _assert_matches_reference(path: Path) -> gguf.GGUFHeader:
     return header
 
 
+@pytest.mark.slow  # the gguf package reads the 49,152-token vocabulary item by item: seconds
 def test_demo_model_matches_gguf_package(demo_model: Path) -> None:
     header = _assert_matches_reference(demo_model)
     info = gguf.summarize([header])

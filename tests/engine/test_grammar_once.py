@@ -77,6 +77,7 @@ def test_serve_builds_a_requests_grammar_once(model_a: str, builds: list[str]) -
         assert engine.started == started  # refused before any generation
 
 
+@pytest.mark.slow  # llama.cpp on the demo model, a grammar-constrained reply per case
 def test_run_builds_the_grammar_once(cli, demo_model: Path, tmp_path: Path, builds: list[str]) -> None:
     schema = tmp_path / "schema.json"
     schema.write_text('{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}')
