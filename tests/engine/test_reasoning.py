@@ -426,7 +426,8 @@ def test_llama_cpp_prints_the_markers_the_splitter_needs(demo_model: Path, tmp_p
 
     from llmctl import gguf
     from llmctl.engine import chat_template
-    from llmctl.engine.llama import Engine, Result
+    from llmctl.engine.base import Result
+    from llmctl.engine.llama import Engine
     from llmctl.engine.sampling import SamplingSettings
     from llmctl.plan import hardware
     from llmctl.plan.fit import Candidate, make_plan
