@@ -41,10 +41,11 @@ demo: setup
 	printf 'My name is Ada.\nWhat is my name?\n' | LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl chat smollm2-demo --temperature 0 --max-tokens 40
 	LLMCTL_HOME=$(DEMO_HOME) $(VENV)/bin/llmctl bench smollm2-demo -p 128 -n 32 -r 3 -o md
 
-# ruff (pyflakes, import order) as configured in pyproject.toml; `make test`, and so CI, runs it first.
+# ruff (lint, import order, format) and mypy, as configured in pyproject.toml; `make test`, and so CI, runs it first.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llmctl tests tools benchmarks docs
 	$(VENV)/bin/ruff format --check llmctl tests tools benchmarks docs
+	$(VENV)/bin/mypy
 
 test: setup lint
 	$(PY) -m pytest
