@@ -190,6 +190,7 @@ def test_an_endless_range_answer_is_cut_at_the_bytes_asked_for(hub, args: list[s
     assert r.peak_rss_mb < 300, r.peak_rss_mb
 
 
+@pytest.mark.slow  # waits out six deadlines; the fast suite keeps the header and metadata deadline tests below
 @pytest.mark.parametrize(
     "pattern, fast",
     [("^GET /api/models", 0), ("^GET /api/models", 200)],
