@@ -4,6 +4,7 @@ again in the worker and the engine repeated work on every request."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,33 @@ def test_run_builds_the_grammar_once(cli, demo_model: Path, tmp_path: Path, buil
     bad.write_text('{"type": "foo"}')
     r = cli("run", demo_model, "x", "--json-schema", bad)
     assert r.exit_code == EXIT_USAGE and "JSON schema" in r.stderr
+
+
+def test_run_builds_the_grammar_once_and_hands_it_to_the_engine(cli, make_gguf, fake_engines, tmp_path: Path, builds: list[str]) -> None:
+    """run's side of the test above on the fake engine: one build from the flags, that grammar passed down
+    as it is (the real engine's own side, not building it again, is the slow test's)."""
+    from llama_cpp import LlamaGrammar
+
+    model = make_gguf()
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    for extra, kind in (((), "chat"), (("--raw",), "complete")):
+        builds.clear()
+        r = cli("run", model, "A person as JSON.", "--json-schema", schema, *extra)
+        assert r.exit_code == 0, r.stderr
+        assert builds == ["schema"], (extra, builds)
+        (call,) = fake_engines.last.calls
+        assert call.kind == kind and isinstance(call.grammar, LlamaGrammar)
+    builds.clear()
+    r = cli("run", model, "JSON please.", "--format", "json")
+    assert r.exit_code == 0 and builds == ["json"], (r.stderr, builds)
+    assert isinstance(fake_engines.last.calls[0].grammar, LlamaGrammar)
+    builds.clear()
+    assert cli("run", model, "Plain text.").exit_code == 0
+    assert builds == [] and fake_engines.last.calls[0].grammar is None
+    loads = len(fake_engines.made)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "foo"}')
+    r = cli("run", model, "x", "--json-schema", bad)
+    assert r.exit_code == EXIT_USAGE and "JSON schema" in r.stderr
+    assert len(fake_engines.made) == loads  # refused before loading
