@@ -92,18 +92,55 @@ def unused_lock(lock_path: Path) -> Iterator[bool]:
     lock = FileLock(lock_path)
     try:
         lock.acquire(blocking=False)
-    except (Timeout, OSError):  # busy, or a lock file this user cannot open for writing
+    except Timeout:
         yield False
+        return
+    except PermissionError:  # another user's lock file in a shared cache: lock it read-only, as a looker can
+        with _read_only_lock(lock_path) as free:
+            try:
+                yield free
+            finally:
+                if free:
+                    _unlink_if_same(lock_path, before)
         return
     try:
         yield True
     finally:
-        try:
-            if _identity(lock_path) == before:  # still the file we locked, not one made since
-                lock_path.unlink()
-        except OSError:
-            pass
+        _unlink_if_same(lock_path, before)
         lock.release()
+
+
+def _unlink_if_same(path: Path, identity: tuple[int, int] | None) -> None:
+    try:
+        if _identity(path) == identity:  # still the file we locked, not one made since
+            path.unlink()
+    except OSError:
+        pass
+
+
+@contextmanager
+def _read_only_lock(lock_path: Path) -> Iterator[bool]:
+    """An exclusive ``flock`` on a lock file opened read-only (filelock opens for writing); False when busy."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: filelock's own lock is the only one
+        yield False
+        return
+    try:
+        handle = open(lock_path, "rb")
+    except OSError:
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

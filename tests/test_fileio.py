@@ -80,6 +80,30 @@ def test_unused_lock_deletes_a_free_lock_file_and_leaves_a_held_one(tmp_path: Pa
     assert not lock.exists()
 
 
+def test_a_lock_file_this_user_cannot_write_is_still_locked_read_only(tmp_path: Path, monkeypatch) -> None:
+    """rm in a shared cache: another user's lock file (mode 644) cannot be opened for writing, yet a
+    free one is taken (and deleted) and a held one is left, as before filelock."""
+    import filelock
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self.lock_file))
+
+    lock = tmp_path / "x.llmctl.lock"
+    lock.write_bytes(b"")
+    holder = _holder(lock, 30)
+    monkeypatch.setattr(filelock.FileLock, "acquire", refused)
+    try:
+        with unused_lock(lock) as free:
+            assert free is False
+        assert lock.exists()
+    finally:
+        holder.kill()
+        holder.wait(5)
+    with unused_lock(lock) as free:
+        assert free is True and lock.exists()
+    assert not lock.exists()
+
+
 def test_a_waiter_whose_lock_file_was_deleted_locks_the_path_afresh(tmp_path: Path) -> None:
     """rm deletes a lock file while a pull waits on it: the pull must lock the file the path names,
     or a third process would lock a new file at the same path and both would hold "the" lock."""
