@@ -15,6 +15,8 @@ from tools.demo_model import ensure_demo_model
 
 # Resolved before any test changes HOME or XDG_CACHE_HOME.
 _DEMO_ENV = os.environ.get("LLMCTL_DEMO_MODEL")
+# llama.cpp's tools, built once per machine (`make setup` builds them; see llmctl/engine/native.py)
+_ENGINE_DIR = os.environ.get("LLMCTL_ENGINE_DIR") or str(Path.home() / ".cache" / "llmctl-dev" / "engine")
 _EXAMPLES = pytest.StashKey[str]()  # "full" or "fast": how many examples property tests draw
 
 
@@ -64,7 +66,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _bandwidth_once: d
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "200")
-    for var in ("LLMCTL_DEBUG", "LLMCTL_CONFIG", "HF_TOKEN"):
+    monkeypatch.setenv("LLMCTL_ENGINE_DIR", _ENGINE_DIR)
+    for var in ("LLMCTL_DEBUG", "LLMCTL_CONFIG", "HF_TOKEN", "LLMCTL_LLAMA_BIN"):
         monkeypatch.delenv(var, raising=False)
     config.set_settings(None)
     yield home
@@ -77,6 +80,18 @@ def demo_model() -> Path:
     if _DEMO_ENV and Path(_DEMO_ENV).is_file():
         return Path(_DEMO_ENV)
     return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def native_tools():
+    """llama.cpp's own tools for this machine (llama-server, ggml-rpc-server, llama-bench,
+    llama-fit-params): `make setup` builds them once per machine; built here if it has not."""
+    from llmctl.engine import native
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMCTL_ENGINE_DIR", _ENGINE_DIR)
+        patch.delenv("LLMCTL_LLAMA_BIN", raising=False)
+        return native.locate() or native.install()
 
 
 @dataclass
