@@ -43,6 +43,9 @@ def serve(
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="How long an idle model stays loaded: 300, 5m, 1h, or -1 for ever.")] = "5m",
     max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help="Models loaded at once; the least recently used is unloaded first.")] = 2,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a busy model before 503.")] = 8,
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", min=1, help="Requests each model serves at once (default: as many slots as memory allows, up to 4).")
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (chat, completions, streaming, JSON mode)."""
     from llmctl.serve.app import run_server
@@ -50,7 +53,7 @@ def serve(
 
     if not _is_loopback(host) and not api_key:
         output.warn(f"binding to {host} without --api-key: anyone who can reach this port can use your models")
-    settings = ServerSettings(keep_alive=parse_duration(keep_alive), max_loaded=max_loaded, max_queue=max_queue, ctx=ctx, api_key=api_key)
+    settings = ServerSettings(keep_alive=parse_duration(keep_alive), max_loaded=max_loaded, max_queue=max_queue, ctx=ctx, api_key=api_key, parallel=parallel)
     store = open_store()
     for name in models or []:
         if store.resolve(name).kind == "path":  # unknown names fail now, not at the first request

@@ -41,6 +41,7 @@ class ServerSettings:
     max_queue: int = 8  # requests waiting per model before 503
     ctx: int | None = None
     api_key: str | None = None
+    parallel: int | None = None  # slots per model (llama-server -np); None: the fit plan's choice
 
 
 class Loader(Protocol):
