@@ -7,8 +7,10 @@ DEMO_DIR ?= $(HOME)/.cache/llmctl-dev
 DEMO_MODEL := $(DEMO_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_HOME := $(DEMO_DIR)/demo-home
 export LLMCTL_DEMO_MODEL := $(DEMO_MODEL)
+# llama.cpp's own tools (llama-server, ggml-rpc-server, llama-bench, llama-fit-params), built once per machine
+export LLMCTL_ENGINE_DIR ?= $(DEMO_DIR)/engine
 
-.PHONY: setup llama-cpp demo lint test bench bench-compare docs clean
+.PHONY: setup llama-cpp engine demo lint test bench bench-compare docs clean
 
 # llama-cpp-python is compiled once per machine and CMAKE_ARGS into $(DEMO_DIR)/wheels
 # (see tools/llama_wheel.py), not taken from pip's cache, which would hand one CPU's
@@ -26,7 +28,11 @@ $(STAMP): pyproject.toml | llama-cpp
 $(DEMO_MODEL): | $(STAMP)
 	$(PY) tools/demo_model.py --dest $(DEMO_DIR)
 
-setup: llama-cpp $(STAMP) $(DEMO_MODEL)
+# Builds llama.cpp's tools from the llama.cpp the wheel vendors, with the wheel's CMAKE_ARGS (a no-op once built).
+engine: $(STAMP)
+	CMAKE_ARGS="$$(cat $(VENV)/.llama-cmake-args 2>/dev/null)" $(VENV)/bin/llmctl engine install >/dev/null
+
+setup: llama-cpp $(STAMP) $(DEMO_MODEL) engine
 
 # The main job on the demo model, in a demo store of its own (your models are untouched).
 demo: setup

@@ -13,6 +13,7 @@ from llmctl import __version__
 from llmctl.commands.bench_cmd import bench
 from llmctl.commands.chat_cmd import chat
 from llmctl.commands.completion import completion
+from llmctl.commands.engine_cmd import engine_app
 from llmctl.commands.fit_cmd import fit_command
 from llmctl.commands.hwinfo import hwinfo
 from llmctl.commands.import_cmd import import_
@@ -122,6 +123,7 @@ app.command("rm")(rm)
 app.command("hwinfo")(hwinfo)
 app.command("fit")(fit_command)
 app.command("completion")(completion)
+app.add_typer(engine_app, name="engine")
 
 
 def _guarded(invoke: Callable[[], Any], subcommand: Callable[[], str | None] = lambda: None) -> int:

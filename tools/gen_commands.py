@@ -38,10 +38,15 @@ def _help(args: list[str]) -> str:
 def render() -> str:
     from llmctl.cli import app
 
-    names = [c.name for c in app.registered_commands if not c.hidden]
+    commands: list[list[str]] = [[c.name] for c in app.registered_commands if c.name and not c.hidden]
+    for group in app.registered_groups:  # a group (`engine`), then each of its commands
+        sub = group.typer_instance
+        if group.name and sub is not None:
+            commands.append([group.name])
+            commands += [[group.name, c.name] for c in sub.registered_commands if c.name and not c.hidden]
     parts = [HEADER, "## llmctl\n", "```text", _help([]), "```\n"]
-    for name in names:
-        parts += [f"## llmctl {name}\n", "```text", _help([name]), "```\n"]
+    for command in commands:
+        parts += [f"## llmctl {' '.join(command)}\n", "```text", _help(command), "```\n"]
     return "\n".join(parts)
 
 

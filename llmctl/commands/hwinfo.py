@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -10,6 +10,9 @@ from llmctl import output
 from llmctl.config import get_settings
 from llmctl.options import HwProfileOpt, JsonOpt
 from llmctl.plan.hardware import HardwareInfo, build_warnings, get_hardware, probe, reinstall_hint
+
+if TYPE_CHECKING:
+    from llmctl.engine.native import NativeTools
 
 
 def hwinfo(
@@ -26,10 +29,15 @@ def hwinfo(
         hw = get_hardware(settings, hw_profile, with_bandwidth=bandwidth)
     hint = reinstall_hint(hw)
     warnings = build_warnings(hw)
+    tools, tools_problem = _native_tools() if hw.source == "live" else (None, None)
     if json_output:
-        output.emit_json({**hw.to_dict(), "reinstall_command": hint, "warnings": warnings})
+        native = tools.to_dict() if tools else None
+        output.emit_json({**hw.to_dict(), "native_tools": native, "reinstall_command": hint, "warnings": warnings})
         return
-    output.emit_fields(_fields(hw))
+    fields = _fields(hw)
+    if hw.source == "live":
+        fields.append(("llama.cpp tools", _describe_tools(tools, tools_problem)))
+    output.emit_fields(fields)
     if hw.gpus:
         output.emit_table(
             ["GPU", "NAME", "MEMORY", "FREE", "BANDWIDTH", "DRIVER / CUDA", "COMPUTE"],
@@ -52,6 +60,23 @@ def hwinfo(
         output.info(hint)
     for warning in warnings:
         output.warn(warning)
+
+
+def _native_tools() -> tuple[NativeTools | None, str | None]:
+    from llmctl.engine import native
+
+    try:
+        return native.locate(), None
+    except native.NativeEngineError as exc:
+        return None, exc.message
+
+
+def _describe_tools(tools: NativeTools | None, problem: str | None) -> str:
+    if problem:
+        return f"not usable: {problem}"
+    if tools is None:
+        return "not installed (`llmctl engine install`)"
+    return f"llama.cpp {tools.llama_cpp_version}, backends {', '.join(tools.backends)}, in {tools.bin_dir}"
 
 
 def _fields(hw: HardwareInfo) -> list[tuple[str, object]]:
