@@ -69,6 +69,7 @@ class LoadConfig:
     flash_attn: bool = False
     swa_full: bool = True
     tensor_split: list[float] | None = None  # share of offloaded layers per GPU
+    projector_bytes: int = 0  # a multimodal projector loaded beside the model (llama-server --mmproj)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class DeviceEstimate:
     kv_cache: int = 0
     compute: int = 0
     overhead: int = 0
+    projector: int = 0  # a multimodal projector's weights
     available: int | None = None  # what the planner lets this device use
     bandwidth_gbs: float | None = None
     bytes_per_token: int = 0  # read per generated token (weights + KV at the assumed depth)
@@ -85,7 +87,7 @@ class DeviceEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.overhead
+        return self.weights + self.kv_cache + self.compute + self.overhead + self.projector
 
     @property
     def fits(self) -> bool:
@@ -282,6 +284,8 @@ def estimate_memory(
     else:
         cpu.compute = full
     cpu.overhead = tokenizer_bytes(info) + CPU_RUNTIME_BYTES
+    # llama.cpp's mtmd puts a projector on the first GPU; with no layer offloaded, llmctl keeps it in RAM.
+    (gpu_estimates[0] if ngl >= 1 and gpus else cpu).projector = config.projector_bytes
 
     unified = None
     if gpus and all(g.unified for g in gpus) and hw is not None:
@@ -321,6 +325,7 @@ class Candidate:
     info: ModelInfo
     size: int
     location: str | None = None
+    projector_size: int = 0  # the multimodal projector loaded with it, if any
 
     @property
     def bits_per_weight(self) -> float:
@@ -405,6 +410,7 @@ def _candidate_json(plan: CandidatePlan) -> dict[str, Any]:
                 "kv_cache": d.kv_cache,
                 "compute": d.compute,
                 "overhead": d.overhead,
+                "projector": d.projector,
                 "total": d.total,
                 "available": d.available,
                 "fits": d.fits,
@@ -444,6 +450,7 @@ def plan_candidate(candidate: Candidate, hw: HardwareInfo, overrides: Overrides 
         flash_attn=bool(o.flash_attn),
         n_batch=o.n_batch or 512,
         n_ubatch=o.n_ubatch or 512,
+        projector_bytes=candidate.projector_size,
     )
     first: MemoryEstimate | None = None
     for n_ctx in _contexts(info, o.n_ctx):
