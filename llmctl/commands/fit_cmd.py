@@ -26,6 +26,8 @@ def fit_command(
     cache_type_k: CacheTypeKOpt = None,
     cache_type_v: CacheTypeVOpt = None,
     flash_attn: Annotated[bool, typer.Option("--flash-attn", help="Plan with flash attention (smaller compute buffers).")] = False,
+    serve: Annotated[bool, typer.Option("--serve", help="Plan for `llmctl serve`: parallel slots, each with its own context.")] = False,
+    parallel: Annotated[int | None, typer.Option("--parallel", min=1, help="Slots to plan for (implies --serve; default: as many as fit, up to 4).")] = None,
     hw_profile: HwProfileOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -37,6 +39,8 @@ def fit_command(
         type_k=_cache_type(cache_type_k, "--cache-type-k"),
         type_v=_cache_type(cache_type_v, "--cache-type-v"),
         flash_attn=flash_attn or None,
+        parallel=parallel,
+        serving=serve,
     )
     hw = get_hardware(get_settings(), hw_profile, with_bandwidth=True)
     candidates = locate.candidates(open_store(), model, status=output.status)
@@ -72,11 +76,21 @@ def render_candidates(plan: fit.Plan, stderr: bool = False) -> None:
             f"{c.config.n_gpu_layers}/{(c.candidate.info.layer_count or 0) + 1}",
             c.config.n_ctx,
             f"{c.tokens_per_second:.0f}" if c.tokens_per_second else "-",
+            *([c.config.n_seq] if plan.serving else []),
         ]
         for c in sorted(plan.candidates, key=lambda c: c.candidate.size)
     ]
-    columns = ["QUANT", "SIZE", "BITS/W", "FIT", "GPU LAYERS", "CONTEXT", "≤ TOKENS/S"]
-    output.emit_table(columns, rows, right_align=("SIZE", "BITS/W", "CONTEXT", "≤ TOKENS/S"), stderr=stderr)
+    columns = ["QUANT", "SIZE", "BITS/W", "FIT", "GPU LAYERS", "CONTEXT", "≤ TOKENS/S", *(["SLOTS"] if plan.serving else [])]
+    output.emit_table(columns, rows, right_align=("SIZE", "BITS/W", "CONTEXT", "≤ TOKENS/S", "SLOTS"), stderr=stderr)
+
+
+def _serving_fields(plan: fit.Plan) -> list[tuple[str, object]]:
+    """A serving plan's slots and the KV cache they take together (nothing for a plain plan)."""
+    if not plan.serving:
+        return []
+    kv = sum(d.kv_cache for d in plan.chosen.estimate.devices)
+    slots = f"{plan.parallel} × {plan.config.n_ctx} tokens, {output.human_bytes(kv)} of KV cache"
+    return [("slots", f"{slots} (llama-server -np {plan.parallel} -c {plan.total_ctx})")]
 
 
 def _cache_type(value: str | None, flag: str) -> str | None:
@@ -97,7 +111,8 @@ def render_plan(plan: fit.Plan) -> None:
             ("machine", plan.hardware),
             ("fit", chosen.fit),
             ("gpu layers", f"{cfg.n_gpu_layers} of {(chosen.candidate.info.layer_count or 0) + 1}"),
-            ("context", cfg.n_ctx),
+            ("context", cfg.n_ctx if not plan.serving else f"{cfg.n_ctx} per slot"),
+            *_serving_fields(plan),
             ("threads", plan.threads),
             ("kv cache", f"{cfg.type_k} / {cfg.type_v}"),
             ("generation", speed),

@@ -11,9 +11,11 @@ allocates; docs/fit.md derives each term and records how it was measured.
   a GPU copy of them).
 - KV cache: per layer, n_cells × n_head_kv × (key_length × s_k + value_length
   × s_v) at the cache type's true block size; sliding-window layers hold fewer
-  cells only when ``swa_full`` is off (llama.cpp's default is on).
+  cells only when ``swa_full`` is off (llama-cpp-python's default is on,
+  llama-server's off). A server with n parallel slots holds n streams of
+  n_ctx cells each (one stream of n × n_ctx when the cache is unified).
 - compute: the larger of the attention + feed-forward working set and the
-  logits, for a micro-batch against the KV cells in use.
+  logits, for a micro-batch against the KV cells in use (of one stream).
 - fixed: the tokenizer's tables, the runtime, and per-GPU backend contexts.
 """
 
@@ -32,6 +34,9 @@ DEFAULT_CTX = 8192  # what a model gets by default, when its trained context is 
 MIN_AUTO_CTX = 2048  # the planner shrinks the context down to this before giving up
 KV_PAD = 256  # llama.cpp pads the KV cache to a multiple of this many cells
 SPEED_DEPTH = 512  # tokens in context when the expected generation speed is quoted
+# Parallel slots a serving plan tries, most first. 4 is llama-server's own count when
+# -np is left to it ("auto"); fewer when four contexts do not fit beside the weights.
+SLOT_LADDER = (4, 3, 2)
 
 # Bytes per element of each KV cache type: (elements per block, bytes per block).
 KV_TYPES: dict[str, tuple[int, int]] = {
@@ -69,7 +74,16 @@ class LoadConfig:
     flash_attn: bool = False
     swa_full: bool = True
     tensor_split: list[float] | None = None  # share of offloaded layers per GPU
+    # Sequences decoded at once (llama-server's slots, llama.cpp's n_seq_max): the KV cache
+    # holds n_ctx cells for each, so a server is started with -c n_ctx × n_seq.
+    n_seq: int = 1
+    kv_unified: bool = False  # one KV stream shared by all slots (llama-server --kv-unified)
     projector_bytes: int = 0  # a multimodal projector loaded beside the model (llama-server --mmproj)
+
+    @property
+    def total_ctx(self) -> int:
+        """The context size llama.cpp is given (``-c``): every slot's context together."""
+        return self.n_ctx * self.n_seq
 
 
 @dataclass
@@ -126,6 +140,17 @@ def padded_cells(n: int) -> int:
     return max(KV_PAD, -(-n // KV_PAD) * KV_PAD)
 
 
+def kv_streams(config: LoadConfig) -> tuple[int, int]:
+    """(cells per stream, streams) of the KV cache, as llama.cpp sizes it for ``n_seq`` slots.
+
+    llama_context pads the total context to 256 cells, then gives each sequence its own
+    stream of ``pad(n_ctx_total / n_seq)`` cells, or, unified, one stream of them all.
+    """
+    if config.kv_unified:
+        return padded_cells(config.n_ctx * config.n_seq), 1
+    return padded_cells(config.n_ctx), config.n_seq
+
+
 def swa_layers(info: ModelInfo) -> list[bool]:
     """Which layers use the sliding window."""
     n_layer = info.layer_count or 0
@@ -141,7 +166,7 @@ def swa_layers(info: ModelInfo) -> list[bool]:
 
 
 def kv_cache_bytes_per_layer(info: ModelInfo, config: LoadConfig) -> list[int]:
-    """KV cache bytes of each layer for ``config.n_ctx`` cells."""
+    """KV cache bytes of each layer for ``config.n_ctx`` cells in each of ``config.n_seq`` slots."""
     n_layer = info.layer_count or 0
     heads = info.max_head_count or 1
     n_embd = info.embedding_length or 0
@@ -150,15 +175,17 @@ def kv_cache_bytes_per_layer(info: ModelInfo, config: LoadConfig) -> list[int]:
     value_length = info.value_length or key_length
     block_k, size_k = KV_TYPES[config.type_k]
     block_v, size_v = KV_TYPES[config.type_v]
-    full_cells = padded_cells(config.n_ctx)
+    full_cells, streams = kv_streams(config)
+    # A unified windowed cache keeps a window for each sequence (llama_kv_cache_iswa).
+    window_seqs = config.n_seq if config.kv_unified else 1
     windowed = swa_layers(info)
     out = []
     for il in range(n_layer):
         cells = full_cells
         if windowed[il] and not config.swa_full and info.sliding_window:
-            cells = min(full_cells, padded_cells(info.sliding_window + config.n_ubatch))
+            cells = min(full_cells, padded_cells(info.sliding_window * window_seqs + config.n_ubatch))
         per_cell = kv_heads[il] * (key_length * size_k / block_k + value_length * size_v / block_v)
-        out.append(int(cells * per_cell))
+        out.append(int(cells * per_cell) * streams)
     return out
 
 
@@ -248,7 +275,9 @@ def estimate_memory(
     def device(index: int) -> DeviceEstimate:
         return cpu if index < 0 else gpu_estimates[index]
 
-    kv_depth = padded_cells(min(depth, config.n_ctx)) if depth is not None else padded_cells(config.n_ctx)
+    stream_cells, streams = kv_streams(config)
+    # Attention runs over one stream's cells (each slot's own, or the whole unified pool).
+    kv_depth = padded_cells(min(depth, config.n_ctx)) if depth is not None else stream_cells
     # Speed is quoted early in a conversation: the KV cache read per token at this depth.
     read_depth = min(depth if depth is not None else SPEED_DEPTH, config.n_ctx)
     for il in range(n_layer):
@@ -261,7 +290,8 @@ def estimate_memory(
             # Only the routed experts' weights are read for a token.
             idle = info.expert_bytes / max(n_layer, 1) * (1 - info.expert_used_count / info.expert_count)
             active = max(int(active - idle), 0)
-        dev.bytes_per_token += active + int(kv_layers[il] * read_depth / padded_cells(config.n_ctx))
+        # One sequence's KV cache at the read depth: of its own stream (a slot's share of a unified one).
+        dev.bytes_per_token += active + int(kv_layers[il] * read_depth / (stream_cells * streams))
     out_dev = device(output_device)
     out_dev.weights += info.output_bytes
     out_dev.bytes_per_token += info.output_bytes
@@ -271,7 +301,7 @@ def estimate_memory(
         if output_device >= 0:
             out_dev.weights += info.embedding_bytes  # llama.cpp copies it to the GPU as the output layer
 
-    batch = min(config.n_ubatch, config.n_ctx)
+    batch = min(config.n_ubatch, config.total_ctx)
     n_kv = kv_depth
     outputs = batch if n_outputs is None else n_outputs
     full = compute_buffer_bytes(info, batch, n_kv, outputs, config.flash_attn)
@@ -334,6 +364,14 @@ class Candidate:
 
 @dataclass
 class Overrides:
+    """What the user fixed; the planner chooses the rest.
+
+    ``serving`` asks for a plan for llama-server (``serve``) rather than for one
+    in-process sequence (``run``, ``chat``, ``bench``): it gets parallel slots, the
+    most of ``SLOT_LADDER`` that fit beside the weights, or exactly ``parallel``.
+    ``parallel`` implies ``serving``; ``n_ctx`` is then each slot's context.
+    """
+
     n_ctx: int | None = None
     n_gpu_layers: int | None = None
     threads: int | None = None
@@ -342,6 +380,12 @@ class Overrides:
     flash_attn: bool | None = None
     n_batch: int | None = None
     n_ubatch: int | None = None
+    parallel: int | None = None
+    serving: bool = False
+
+    @property
+    def for_server(self) -> bool:
+        return self.serving or self.parallel is not None
 
 
 @dataclass
@@ -370,24 +414,39 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    serving: bool = False  # planned for llama-server's parallel slots (``Overrides.for_server``)
+
     @property
     def config(self) -> LoadConfig:
         return self.chosen.config
 
+    @property
+    def parallel(self) -> int:
+        """Slots: requests served at once (llama-server ``-np``); 1 for an in-process load."""
+        return self.config.n_seq
+
+    @property
+    def total_ctx(self) -> int:
+        """The context to start llama-server with (``-c``): ``parallel`` × each slot's ``config.n_ctx``."""
+        return self.config.total_ctx
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "hardware": self.hardware,
-            "chosen": _candidate_json(self.chosen),
+            "chosen": _candidate_json(self.chosen, self.serving),
             "threads": self.threads,
             "reasons": self.reasons,
             "warnings": self.warnings,
-            "candidates": [_candidate_json(c) for c in self.candidates],
+            "candidates": [_candidate_json(c, self.serving) for c in self.candidates],
         }
+        if self.serving:
+            doc["serving"] = True
+        return doc
 
 
-def _candidate_json(plan: CandidatePlan) -> dict[str, Any]:
+def _candidate_json(plan: CandidatePlan, serving: bool = False) -> dict[str, Any]:
     cfg = plan.config
-    return {
+    doc: dict[str, Any] = {
         "label": plan.candidate.label,
         "location": plan.candidate.location,
         "size_bytes": plan.candidate.size,
@@ -419,6 +478,16 @@ def _candidate_json(plan: CandidatePlan) -> dict[str, Any]:
         ],
         "total_bytes": plan.estimate.total,
     }
+    if serving:
+        doc |= {
+            "parallel": cfg.n_seq,
+            "ctx_per_slot": cfg.n_ctx,
+            "total_ctx": cfg.total_ctx,
+            "kv_unified": cfg.kv_unified,
+            "swa_full": cfg.swa_full,
+            "kv_cache_bytes": sum(d.kv_cache for d in plan.estimate.devices),
+        }
+    return doc
 
 
 def default_context(info: ModelInfo) -> int:
@@ -438,8 +507,31 @@ def _contexts(info: ModelInfo, wanted: int | None) -> list[int]:
 
 
 def plan_candidate(candidate: Candidate, hw: HardwareInfo, overrides: Overrides | None = None) -> CandidatePlan:
-    """The best way to load one candidate on ``hw``, or why it cannot be loaded."""
+    """The best way to load one candidate on ``hw``, or why it cannot be loaded.
+
+    A serving plan (``Overrides.for_server``) gets ``parallel`` slots, or else the most
+    of ``SLOT_LADDER`` whose contexts fit beside the weights as placed for one slot:
+    slots never move a layer off the GPU, and never shorten a slot's context below
+    the one asked for (or the default). Otherwise the plan is for one sequence.
+    """
     o = overrides or Overrides()
+    if not o.for_server:
+        return _plan_slots(candidate, hw, o, 1, swa_full=True)
+    # llama-server keeps only the window of sliding-window layers (its --swa-full is off).
+    if o.parallel is not None:
+        return _plan_slots(candidate, hw, o, o.parallel, swa_full=False)
+    one = _plan_slots(candidate, hw, o, 1, swa_full=False)
+    if not one.fits or one.config.n_ctx < (o.n_ctx or default_context(candidate.info)):
+        return one
+    for slots in SLOT_LADDER:
+        estimate = estimate_memory(candidate.info, replace(one.config, n_seq=slots), hw)
+        if estimate.fits:
+            return _describe(candidate, estimate, hw, candidate.info.layer_count or 0)
+    return one
+
+
+def _plan_slots(candidate: Candidate, hw: HardwareInfo, o: Overrides, slots: int, *, swa_full: bool) -> CandidatePlan:
+    """The plan for ``slots`` sequences: the longest context of the ladder, then the most GPU layers."""
     info = candidate.info
     n_layer = info.layer_count or 0
     gpus = hw.usable_gpus
@@ -451,6 +543,8 @@ def plan_candidate(candidate: Candidate, hw: HardwareInfo, overrides: Overrides 
         n_batch=o.n_batch or 512,
         n_ubatch=o.n_ubatch or 512,
         projector_bytes=candidate.projector_size,
+        swa_full=swa_full,
+        n_seq=slots,
     )
     first: MemoryEstimate | None = None
     for n_ctx in _contexts(info, o.n_ctx):
@@ -464,10 +558,8 @@ def plan_candidate(candidate: Candidate, hw: HardwareInfo, overrides: Overrides 
             return _describe(candidate, estimate, hw, n_layer)
     assert first is not None
     biggest = max(first.devices, key=lambda d: d.total - (d.available or 0))
-    reason = (
-        f"needs {_gib(first.total)} at {first.config.n_ctx} tokens of context; "
-        f"{biggest.device} would need {_gib(biggest.total)} of {_gib(biggest.available or 0)} available"
-    )
+    context = f"{first.config.n_ctx} tokens of context" if slots == 1 else f"{slots} slots of {first.config.n_ctx} tokens of context"
+    reason = f"needs {_gib(first.total)} at {context}; {biggest.device} would need {_gib(biggest.total)} of {_gib(biggest.available or 0)} available"
     return CandidatePlan(candidate, TOO_LARGE, first, expected_tokens_per_second(first), reason)
 
 
@@ -524,7 +616,8 @@ def make_plan(
     then partial offload, then CPU only), preferring up to Q8_0-level precision;
     in partial offload and CPU-only classes a candidate must also reach at least
     half the fastest one's expected speed. Nothing that does not fit is chosen
-    unless ``force`` is set.
+    unless ``force`` is set. A serving plan's candidates each carry their slots
+    (``plan_candidate``); the choice among them is the same.
     """
     o = overrides or Overrides()
     plans = [plan_candidate(c, hw, o) for c in candidates]
@@ -543,10 +636,20 @@ def make_plan(
         if not force:
             from llmctl.errors import DoesNotFitError
 
-            raise DoesNotFitError(chosen)
+            error = DoesNotFitError(chosen)
+            if o.parallel is not None and o.parallel > 1:
+                fewer = _most_slots_that_fit(candidates, hw, o)
+                error.hint = (
+                    f"try --parallel {fewer} (the most slots that fit), a shorter --ctx, or a smaller quantisation"
+                    if fewer
+                    else "not even one slot fits: try a shorter --ctx or a smaller quantisation"
+                )
+            raise error
         warnings.append(f"{chosen.candidate.label} does not fit ({chosen.reason}); loading anyway because of --force")
     reasons.append(f"{chosen.fit}: {chosen.reason}")
     cfg = chosen.config
+    if o.for_server:
+        reasons.append(_why_slots(chosen, o))
     trained = chosen.candidate.info.context_length
     if trained and cfg.n_ctx > trained:
         warnings.append(f"context {cfg.n_ctx} is longer than the {trained} tokens the model was trained on")
@@ -554,7 +657,36 @@ def make_plan(
         reasons.append(f"context {cfg.n_ctx} of the model's {trained}" + (" (the default cap)" if cfg.n_ctx == DEFAULT_CTX else " (more does not fit)"))
     if hw.gpus and not hw.usable_gpus:
         warnings.append("a GPU is present but the installed llama.cpp cannot use it (see `llmctl hwinfo`)")
-    return Plan(chosen, plans, threads, hw.source, reasons, warnings)
+    return Plan(chosen, plans, threads, hw.source, reasons, warnings, serving=o.for_server)
+
+
+def _why_slots(chosen: CandidatePlan, o: Overrides) -> str:
+    cfg = chosen.config
+    kv = _gib(sum(d.kv_cache for d in chosen.estimate.devices))
+    slots = f"{cfg.n_seq} parallel slot{'s' if cfg.n_seq > 1 else ''} of {cfg.n_ctx} tokens ({kv} of KV cache)"
+    if o.parallel is not None:
+        return f"{slots}: --parallel"
+    if cfg.n_seq == SLOT_LADDER[0]:
+        return f"{slots}: llama-server's own default count"
+    if cfg.n_seq > 1:
+        return f"{slots}: {cfg.n_seq + 1} do not fit beside the weights"
+    if not chosen.fits:
+        return slots
+    if cfg.n_ctx < (o.n_ctx or default_context(chosen.candidate.info)):
+        return f"{slots}: the context was already shortened to fit one"
+    return f"{slots}: a second does not fit beside the weights"
+
+
+def _most_slots_that_fit(candidates: list[Candidate], hw: HardwareInfo, o: Overrides) -> int:
+    """The most slots, below ``o.parallel``, with which some candidate fits (0: not even one)."""
+    low, high, best = 1, (o.parallel or 1) - 1, 0
+    while low <= high:  # more slots only ever need more memory
+        middle = (low + high) // 2
+        if any(plan_candidate(c, hw, replace(o, parallel=middle)).fits for c in candidates):
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 def _pick_quality(pool: list[CandidatePlan]) -> CandidatePlan:
