@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llmctl import output
 from llmctl.commands import open_store
 from llmctl.models.hfcache import find_partials
 from llmctl.models.importer import find_import_partials
-from llmctl.models.store import Listing, source_label
+from llmctl.models.store import Listing, ModelEntry, projector_of, source_label
 from llmctl.options import JsonOpt
 from llmctl.output import Column
 
@@ -66,6 +67,7 @@ def listing_json(row: Listing) -> dict[str, Any]:
         "source": row.entry.source if row.entry else {"type": "hf-cache", **row.extra},
         "files": [str(p) for p in row.paths],
         "size_bytes": row.size,
+        "mmproj": mmproj_json(row.entry, row.kind, row.paths),
         "quant": info.quant if info else None,
         "parameters": info.parameter_count if info else None,
         "architecture": info.architecture if info else None,
@@ -73,3 +75,11 @@ def listing_json(row: Listing) -> dict[str, Any]:
         "added": row.entry.added if row.entry else None,
         "last_used": row.last_used,
     }
+
+
+def mmproj_json(entry: ModelEntry | None, kind: str, paths: list[Path]) -> dict[str, Any] | None:
+    """A model's multimodal projector for ``show`` and ``list``: its path and size (None: the file is gone)."""
+    path = projector_of(entry, kind, paths)
+    if path is None:
+        return None
+    return {"path": str(path), "size_bytes": path.stat().st_size if path.is_file() else None}

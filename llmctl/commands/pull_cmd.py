@@ -30,6 +30,9 @@ def pull_command(
     name: Annotated[str | None, typer.Option("--name", help="Register under this name (default: catalog name or repo, plus the quant).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be downloaded, its size and fit; download nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Pull even if the planner says it does not fit.")] = False,
+    no_mmproj: Annotated[
+        bool, typer.Option("--no-mmproj", help="Skip the repo's multimodal projector (mmproj), which is otherwise fetched with the model.")
+    ] = False,
     hw_profile: HwProfileOpt = None,
     json_output: JsonOpt = False,
 ) -> None:
@@ -38,15 +41,17 @@ def pull_command(
     ref = pull.parse_or_suggest(model)
     hw = get_hardware(get_settings(), hw_profile, with_bandwidth=True)
     with output.status(f"Reading {ref.repo_id} on the Hub…"):
-        pull_plan = pull.plan_pull(store, ref, hw, quant=quant, overrides=Overrides(n_ctx=ctx), force=force, name=name)
-    chosen = pull_plan.plan.chosen
+        pull_plan = pull.plan_pull(store, ref, hw, quant=quant, overrides=Overrides(n_ctx=ctx), force=force, name=name, mmproj=not no_mmproj)
+    chosen, projector = pull_plan.plan.chosen, pull_plan.projector
     if not json_output:
         if len(pull_plan.plan.candidates) > 1:
             render_candidates(pull_plan.plan, stderr=True)
         output.info(f"Chose {chosen.candidate.label} ({output.human_bytes(chosen.candidate.size)}): " + "; ".join(pull_plan.plan.reasons))
+        if projector is not None:
+            output.info(f"With its multimodal projector {projector.path} ({output.human_bytes(projector.size)}; --no-mmproj skips it)")
         for warning in pull_plan.plan.warnings:
             output.warn(warning)
-    existing = pull.already_pulled(store, ref, pull_plan.listing.commit, chosen.candidate.label)
+    existing = pull.already_pulled(store, ref, pull_plan.listing.commit, chosen.candidate.label, projector)
     if dry_run or existing is not None:
         if json_output:
             output.emit_json(_json(pull_plan, existing.name if existing else None, dry_run))
@@ -58,10 +63,10 @@ def pull_command(
         return
     waiting = lambda: output.info("Another llmctl is downloading this file; waiting for it…")  # noqa: E731
     try:
-        with output.ByteProgress(f"Pulling {pull_plan.name}", chosen.candidate.size) as progress:
+        with output.ByteProgress(f"Pulling {pull_plan.name}", pull_plan.size) as progress:
             entry = pull.execute(store, pull_plan, progress=progress.advance, resumed=progress.resumed, on_wait=waiting)
     except KeyboardInterrupt:
-        again = _command(model, quant=quant, ctx=ctx, name=name, force=force, hw_profile=hw_profile)
+        again = _command(model, quant=quant, ctx=ctx, name=name, force=force, no_mmproj=no_mmproj, hw_profile=hw_profile)
         raise pull.interrupted(store, pull_plan, again) from None
     if json_output:
         output.emit_json(_json(pull_plan, entry.name, False))
@@ -91,6 +96,7 @@ def _json(pull_plan: pull.PullPlan, name: str | None, dry_run: bool) -> dict:
         "revision": pull_plan.listing.commit,
         "files": [f.path for f in pull_plan.model.files],
         "size_bytes": pull_plan.model.size,
+        "mmproj": {"file": pull_plan.projector.path, "size_bytes": pull_plan.projector.size} if pull_plan.projector else None,
         "download_bytes": 0 if (name and not dry_run) else pull_plan.to_download,
         "dry_run": dry_run,
         "plan": pull_plan.plan.to_dict(),

@@ -8,6 +8,7 @@ import typer
 
 from llmctl import gguf, output
 from llmctl.commands import open_store
+from llmctl.commands.list_cmd import mmproj_json
 from llmctl.errors import LlmctlError
 from llmctl.models.locate import locate
 from llmctl.models.store import ResolvedModel
@@ -77,9 +78,19 @@ def _fields(resolved: ResolvedModel, info: gguf.ModelInfo) -> list[tuple[str, An
         ("gguf", f"v{info.gguf_version}, {info.tensor_count} tensors, {info.split_count} file(s)"),
         ("source", entry.source_label if entry else resolved.kind),
         ("path", "\n".join(str(p) for p in resolved.paths)),
+        ("projector", _projector(resolved)),
         ("sha256", sha),
         ("tuned here", _tuned(resolved)),
     ]
+
+
+def _projector(resolved: ResolvedModel) -> str:
+    projector = mmproj_json(resolved.entry, resolved.kind, resolved.paths)
+    if projector is None:
+        return "none"
+    if projector["size_bytes"] is None:
+        return f"{projector['path']} (missing)"
+    return f"{projector['path']} ({output.human_bytes(projector['size_bytes'])})"
 
 
 def _tuned(resolved: ResolvedModel) -> str:
@@ -99,6 +110,7 @@ def show_json(resolved: ResolvedModel, headers: list[gguf.GGUFHeader], info: ggu
         "files": [str(p) for p in resolved.paths],
         "source": entry.source if entry else None,
         "sha256": entry.sha256 if entry else None,
+        "mmproj": mmproj_json(entry, resolved.kind, resolved.paths),
         "info": info.to_dict(),
         "metadata": gguf.metadata_for_json(headers[0]),
     }

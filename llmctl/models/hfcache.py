@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from llmctl import gguf
 from llmctl.errors import StoreError
 from llmctl.fileio import lock_held, unused_lock
-from llmctl.models.names import check_revision
+from llmctl.models.names import check_revision, is_model_filename, is_projector_filename, pick_projector
 
 PARTIAL_SUFFIX = ".llmctl.partial"
 LOCK_SUFFIX = ".llmctl.lock"
@@ -209,7 +209,8 @@ class CachedModel:
 
 def discover(cache: Path, known: set[str]) -> list[CachedModel]:
     """GGUF models in the cache's snapshots, except those whose real path is in ``known``
-    (registered ones); a blob linked from several snapshots is found once."""
+    (registered ones); a blob linked from several snapshots is found once. Projectors and
+    importance matrices are GGUF files too, but not models."""
     if not cache.is_dir():
         return []
     found: dict[str, CachedModel] = {}
@@ -218,6 +219,8 @@ def discover(cache: Path, known: set[str]) -> list[CachedModel]:
         if not snapshots.is_dir():
             continue
         for path in sorted(snapshots.glob("*/**/*.gguf")):
+            if not is_model_filename(path.name):
+                continue
             split = gguf.SPLIT_RE.match(path.name)
             if split and int(split["no"]) != 1:
                 continue
@@ -227,6 +230,18 @@ def discover(cache: Path, known: set[str]) -> list[CachedModel]:
             revision, *rel = path.relative_to(snapshots).parts
             found[real] = CachedModel(_repo_id(folder), revision, "/".join(rel), gguf.split_parts(path))
     return list(found.values())
+
+
+def snapshot_projector(path: Path) -> Path | None:
+    """The multimodal projector that goes with a model file in a snapshot (``snapshots/<commit>/…``):
+    among the snapshot's ``mmproj`` GGUF files, the one llama.cpp's ``-hf`` would pick
+    (``names.pick_projector``); None outside a snapshot or when it has none."""
+    root = next((p for p in path.parents if p.parent.name == "snapshots" and p.parent.parent.name.startswith(_REPO_PREFIX)), None)
+    if root is None:
+        return None
+    found = {p.relative_to(root).as_posix(): p for p in root.glob("**/*.gguf") if is_projector_filename(p.name) and p.is_file()}
+    chosen = pick_projector(path.relative_to(root).as_posix(), list(found))
+    return found[chosen] if chosen else None
 
 
 # --- deleting a model --------------------------------------------------------------------

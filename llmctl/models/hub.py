@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 from llmctl.errors import EXIT_HUB, LlmctlError, NotFoundError, UsageError
 from llmctl.fileio import exclusive_lock
 from llmctl.models import hfcache, hubhttp
-from llmctl.models.names import check_revision, quant_of_filename
+from llmctl.models.names import check_revision, is_model_filename, is_projector_filename, pick_projector, quant_of_filename
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
@@ -363,6 +363,12 @@ class RepoListing:
     models: list[RemoteModel]
     gated: bool = False
     other_files: list[str] = field(default_factory=list)
+    projectors: list[RemoteFile] = field(default_factory=list)  # multimodal projectors (``mmproj`` GGUFs)
+
+    def projector_for(self, model: RemoteModel) -> RemoteFile | None:
+        """The projector a pull of ``model`` fetches with it (``names.pick_projector``), if the repo has one."""
+        chosen = pick_projector(model.files[0].path, [p.path for p in self.projectors])
+        return next((p for p in self.projectors if p.path == chosen), None)
 
 
 _UNSAFE = re.compile(r"(^|/)\.\.?(/|$)|\\|^/|//|[\x00-\x1f]")
@@ -387,7 +393,7 @@ def check_commit(commit: object, repo_id: str) -> str:
 
 
 def list_repo(repo_id: str, revision: str | None = None) -> RepoListing:
-    """The repo's GGUF models (split files grouped) at a commit, with sizes and LFS sha256."""
+    """The repo's GGUF models (split files grouped) and projectors at a commit, with sizes and LFS sha256."""
     from llmctl.gguf import SPLIT_RE
 
     check_revision(revision)
@@ -397,23 +403,23 @@ def list_repo(repo_id: str, revision: str | None = None) -> RepoListing:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     commit = check_commit(info.sha, repo_id)
     files: dict[str, RemoteFile] = {}
-    others = []
+    others, projectors = [], []
     for sibling in info.siblings or []:
         name = sibling.rfilename
         if not isinstance(name, str):
             raise HubError(f"the Hub lists a file name of {repo_id} that is not text: {name!r:.60}", hint="check HF_ENDPOINT")
-        if not name.lower().endswith(".gguf"):
-            others.append(name)
+        if not (is_model_filename(name) or is_projector_filename(name)):
+            others.append(name)  # not GGUF, or an importance matrix
             continue
-        lower = name.rsplit("/", 1)[-1].lower()
-        if "mmproj" in lower or "imatrix" in lower:
-            others.append(name)  # vision projectors and importance matrices are not models
-            continue
-        check_safe_filename(name)  # a model file's name becomes a path in the cache
+        check_safe_filename(name)  # a model or projector file's name becomes a path in the cache
         lfs = sibling.lfs
         sha = getattr(lfs, "sha256", None) if lfs is not None else None
         size = getattr(lfs, "size", None) if lfs is not None else None
-        files[name] = RemoteFile(name, _checked_size(size if size is not None else sibling.size or 0, repo_id, name), _checked_sha(sha, repo_id, name))
+        remote = RemoteFile(name, _checked_size(size if size is not None else sibling.size or 0, repo_id, name), _checked_sha(sha, repo_id, name))
+        if is_projector_filename(name):
+            projectors.append(remote)  # loaded beside a model (llama-server --mmproj), never as one
+        else:
+            files[name] = remote
     groups: dict[str, list[RemoteFile]] = {}
     for name in sorted(files):
         match = SPLIT_RE.match(name.rsplit("/", 1)[-1])
@@ -427,7 +433,7 @@ def list_repo(repo_id: str, revision: str | None = None) -> RepoListing:
     for model in models:  # two files with one quant (e.g. in folders): label them by path
         if labels.count(model.label) > 1:
             model.label = model.files[0].path
-    return RepoListing(repo_id, commit, models, bool(info.gated), others)
+    return RepoListing(repo_id, commit, models, bool(info.gated), others, sorted(projectors, key=lambda p: p.path))
 
 
 def _checked_size(size: object, repo_id: str, name: str) -> int:

@@ -15,7 +15,7 @@ from llmctl import gguf
 from llmctl.errors import NotFoundError
 from llmctl.models import catalog, hub, pull
 from llmctl.models.names import HubRef, parse_ref
-from llmctl.models.store import ResolvedModel, Store
+from llmctl.models.store import ResolvedModel, Store, mmproj_for
 from llmctl.plan import fit
 
 
@@ -42,9 +42,15 @@ class Located:
         headers, info = gguf.read_model(model.paths)
         return cls(model, headers, info, sum(p.stat().st_size for p in model.paths))
 
-    def candidate(self) -> fit.Candidate:
-        """The model as the planner takes it."""
-        return fit.Candidate(self.model.name, self.info, self.size, str(self.model.paths[0]))
+    @property
+    def mmproj(self) -> Path | None:
+        """The multimodal projector to load with it (llama-server ``--mmproj``), if it has one (``mmproj_for``)."""
+        return mmproj_for(self.model)
+
+    def candidate(self, *, with_mmproj: bool = False) -> fit.Candidate:
+        """The model as the planner takes it; ``with_mmproj`` counts its projector (a server that loads it)."""
+        projector = self.mmproj if with_mmproj else None
+        return fit.Candidate(self.model.name, self.info, self.size, str(self.model.paths[0]), projector.stat().st_size if projector else 0)
 
 
 def locate(store: Store, name: str, *, paths: bool = True) -> Located:

@@ -89,6 +89,49 @@ def quant_of_filename(filename: str) -> str | None:
     return match["quant"].upper() if match else None
 
 
+def is_projector_filename(filename: str) -> bool:
+    """A multimodal projector (``mmproj-model-f16.gguf``, ``Qwen2-VL-mmproj-Q8_0.gguf``): loaded beside a
+    model (llama-server ``--mmproj``), never as one."""
+    name = filename.rsplit("/", 1)[-1].lower()
+    return name.endswith(".gguf") and "mmproj" in name
+
+
+def is_model_filename(filename: str) -> bool:
+    """A GGUF file that holds a model: not a projector, not an importance matrix (``imatrix``)."""
+    name = filename.rsplit("/", 1)[-1].lower()
+    return name.endswith(".gguf") and "mmproj" not in name and "imatrix" not in name
+
+
+_TAG_RE = re.compile(r"[-.](?P<tag>[A-Z0-9_]+)$", re.IGNORECASE)
+
+
+def quant_bits(filename: str) -> int:
+    """The bits of the quant a file name ends with, as llama.cpp reads it (``-Q4_K_M`` → 4, ``-f16`` → 16);
+    0 when the name has none."""
+    match = _TAG_RE.search(_stem(filename.rsplit("/", 1)[-1]))
+    digits = re.search(r"\d+", match["tag"]) if match else None
+    return int(digits[0]) if digits else 0
+
+
+def pick_projector(model: str, projectors: list[str]) -> str | None:
+    """The projector that goes with ``model`` (both paths inside one repo or snapshot), as llama.cpp's
+    ``-hf`` picks it (common/download.cpp, ``find_best_sibling``): one in the model's folder or a folder
+    above it, the deepest such folder first, then the one whose quant bits are closest to the model's
+    (``mmproj-Q8_0`` for a Q4_K_M model rather than ``mmproj-f16``); the first in path order on a tie."""
+    model_dir = model.split("/")[:-1]
+    model_bits = quant_bits(model)
+    best: tuple[int, int] | None = None
+    chosen = None
+    for path in sorted(projectors):
+        folder = path.split("/")[:-1]
+        if folder != model_dir[: len(folder)]:
+            continue
+        rank = (-len(folder), abs(quant_bits(path) - model_bits))
+        if best is None or rank < best:
+            best, chosen = rank, path
+    return chosen
+
+
 def _stem(filename: str) -> str:
     """A GGUF file's name without ``.gguf`` and without a split suffix (``-00001-of-00003.gguf``)."""
     split = SPLIT_RE.match(filename)

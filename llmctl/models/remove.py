@@ -1,5 +1,6 @@
-"""Removing models: for each, its index entry and the files llmctl owns (others only when asked);
-and the unfinished downloads and copies that pulls and imports left behind.
+"""Removing models: for each, its index entry and the files llmctl owns (others only when asked),
+its multimodal projector among them unless a model that stays uses it; and the unfinished downloads
+and copies that pulls and imports left behind.
 
 Removal is planned first and refused as a whole (a path, a discovered model
 without ``delete_files``, a link outside a Hugging Face cache) before anything
@@ -8,12 +9,14 @@ is forgotten or deleted.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmctl.errors import UsageError
 from llmctl.models import hfcache, importer
-from llmctl.models.store import ResolvedModel, Store
+from llmctl.models.names import is_projector_filename
+from llmctl.models.store import ResolvedModel, Store, projector_of
 
 
 @dataclass
@@ -42,6 +45,7 @@ def plan_removal(store: Store, names: list[str], *, delete_files: bool) -> list[
         model = store.resolve(name)
         resolved.setdefault(model.name, model)
     plan = [_removal(model, delete_files) for model in resolved.values()]
+    _keep_shared_projectors(store, plan)
     for removal in plan:
         if removal.in_hf_cache:
             hfcache.check_snapshot_links(removal.delete)
@@ -60,7 +64,27 @@ def _removal(model: ResolvedModel, delete_files: bool) -> Removal:
             hint="pass --delete-files to delete it anyway",
         )
     owned = model.entry is not None and model.entry.owned
-    return Removal(model, model.paths if (owned or delete_files) else [])
+    if not (owned or delete_files):
+        return Removal(model, [])
+    projector = projector_of(model.entry, model.kind, model.paths)
+    return Removal(model, model.paths + ([projector] if projector is not None and os.path.lexists(projector) else []))
+
+
+def _keep_shared_projectors(store: Store, plan: list[Removal]) -> None:
+    """Leave a projector that a model staying behind also uses (two quants of one repo pulled at one
+    commit share its snapshot link; a model found in the same snapshot picks it up)."""
+    projectors = {os.path.abspath(p) for r in plan for p in r.delete if is_projector_filename(p.name)}
+    if not projectors:
+        return
+    going = {os.path.abspath(p) for r in plan for p in r.model.paths}
+    staying = set()
+    for row in store.listing_for_resolution(store.entries()):
+        if not going.intersection(os.path.abspath(p) for p in row.paths):
+            projector = projector_of(row.entry, row.kind, row.paths)
+            if projector is not None:
+                staying.add(os.path.abspath(projector))
+    for removal in plan:
+        removal.delete = [p for p in removal.delete if os.path.abspath(p) not in staying]
 
 
 def remove(store: Store, removal: Removal) -> None:

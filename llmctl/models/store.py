@@ -51,10 +51,18 @@ class ModelEntry:
     added: str
     last_used: str | None = None
     header: dict[str, Any] | None = None
+    # The multimodal projector pulled with it: {"path", "file" (in the repo), "size", "sha256"}; absent in
+    # indexes written before projectors were pulled, which read as None.
+    mmproj: dict[str, Any] | None = None
 
     @property
     def paths(self) -> list[Path]:
         return [Path(f) for f in self.files]
+
+    @property
+    def mmproj_path(self) -> Path | None:
+        path = self.mmproj.get("path") if isinstance(self.mmproj, dict) else None
+        return Path(path) if isinstance(path, str) and path else None
 
     @property
     def source_label(self) -> str:
@@ -115,6 +123,24 @@ class Listing:
     last_used: str | None = None
     entry: ModelEntry | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def projector_of(entry: ModelEntry | None, kind: str, paths: list[Path]) -> Path | None:
+    """A model's multimodal projector, as recorded or found, whether or not it is still on disk: the one
+    pulled with a registered model; for a model found in the Hugging Face cache, the ``mmproj`` GGUF of
+    its snapshot that llama.cpp's ``-hf`` would pick; none for imported files and plain paths."""
+    if entry is not None:
+        return entry.mmproj_path
+    if kind == "discovered" and paths:
+        return hfcache.snapshot_projector(paths[0])
+    return None
+
+
+def mmproj_for(resolved: ResolvedModel) -> Path | None:
+    """The projector to load with a resolved model (llama-server ``--mmproj``), None when it has none or
+    its file is gone (the model then serves text only)."""
+    path = projector_of(resolved.entry, resolved.kind, resolved.paths)
+    return path if path is not None and path.is_file() else None
 
 
 # --- file helpers --------------------------------------------------------------

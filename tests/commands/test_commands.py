@@ -57,6 +57,7 @@ def test_list_json_schema(cli, demo_copy: Path) -> None:
         "source": {"type": "import", "path": str(demo_copy.resolve())},
         "files": [str(demo_copy.resolve())],
         "size_bytes": 98_362_432,
+        "mmproj": None,
         "quant": "Q4_1",
         "parameters": 134_515_008,
         "architecture": "llama",

@@ -90,6 +90,49 @@ def write_model(
     return path
 
 
+def write_projector(path: Path, *, f16: bool = True, n_embd: int = 64, n_layers: int = 2, image_size: int = 32, patch_size: int = 8) -> Path:
+    """A tiny multimodal projector as llama.cpp's converter writes one (``general.architecture`` "clip",
+    a ViT of ``v.*`` tensors and an ``mm.*`` MLP): what a repo's ``mmproj-*.gguf`` holds."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "clip")
+    writer.add_name("Tiny Test Projector")
+    writer.add_type("mmproj")
+    writer.add_file_type(1 if f16 else 0)
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_uint32("clip.vision.image_size", image_size)
+    writer.add_uint32("clip.vision.patch_size", patch_size)
+    writer.add_uint32("clip.vision.embedding_length", n_embd)
+    writer.add_uint32("clip.vision.feed_forward_length", 2 * n_embd)
+    writer.add_uint32("clip.vision.projection_dim", n_embd)
+    writer.add_uint32("clip.vision.block_count", n_layers)
+    writer.add_uint32("clip.vision.attention.head_count", 4)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    dtype = np.float16 if f16 else np.float32
+    n_patches = (image_size // patch_size) ** 2
+
+    def tensor(tname: str, *shape: int) -> None:
+        writer.add_tensor(tname, np.ones(tuple(reversed(shape)), dtype=dtype))
+
+    tensor("v.patch_embd.weight", patch_size, patch_size, 3, n_embd)
+    tensor("v.position_embd.weight", n_embd, n_patches)
+    for i in range(n_layers):
+        for part in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            tensor(f"v.blk.{i}.{part}.weight", n_embd, n_embd)
+        tensor(f"v.blk.{i}.ffn_up.weight", n_embd, 2 * n_embd)
+        tensor(f"v.blk.{i}.ffn_down.weight", 2 * n_embd, n_embd)
+    tensor("mm.0.weight", n_embd, n_embd)
+    tensor("mm.2.weight", n_embd, n_embd)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # --- raw, field-by-field writer ---------------------------------------------------
 
 T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)
