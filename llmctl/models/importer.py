@@ -128,6 +128,11 @@ def import_model(
     for part in parts:
         require_regular_file(part)
     _, info = gguf.read_model(parts)
+    if info.architecture == "clip":  # what llama.cpp's converter writes for every mmproj file
+        raise UsageError(
+            f"{path} is a multimodal projector (mmproj), not a model",
+            hint="it is loaded beside its model; import the model's own GGUF (`pull` fetches a repo's projector with the model)",
+        )
     existing = store.find_by_path(parts[0])
     if existing is not None:
         raise UsageError(f"{path} is already registered as '{existing.name}'", hint="use that name")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmctl.errors import EXIT_NOT_FOUND
+from llmctl.errors import EXIT_NOT_FOUND, EXIT_USAGE
 from llmctl.models.names import is_model_filename, is_projector_filename, pick_projector, quant_bits
 from tests.support.gguf_factory import write_model, write_projector
 
@@ -200,6 +200,13 @@ def test_a_projector_is_never_offered_as_a_model(cli, hub, projectors) -> None:
     assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)["files"]
     assert len(rows) == 2 and not any("mmproj" in f for row in rows for f in row["files"])
+
+
+def test_a_projector_cannot_be_imported_as_a_model(cli, projectors) -> None:
+    r = cli("import", projectors["f16"])
+    assert r.exit_code == EXIT_USAGE
+    assert "is a multimodal projector (mmproj), not a model" in r.stderr
+    assert models(cli) == []
 
 
 # --- show, list, rm -----------------------------------------------------------------------
