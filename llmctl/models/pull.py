@@ -188,7 +188,7 @@ def execute(
             "revision": listing.commit,
             "files": [f.path for f in model.files],
             **({"alias": pull_plan.ref.alias} if pull_plan.ref.alias else {}),
-            **({"mmproj": mmproj["file"]} if mmproj else {}),
+            **({"mmproj": mmproj.get("file")} if mmproj else {}),
         },
         owned=True,
         size=model.size,
@@ -228,10 +228,10 @@ def _kept_projector(store: Store, pull_plan: PullPlan) -> dict[str, Any] | None:
     repo at the same commit keeps the projector that pull fetched, still on disk: its files stay recorded, and
     ``rm`` deletes them with the model."""
     earlier = store.get(pull_plan.name)
-    if earlier is None or earlier.mmproj is None or earlier.source.get("type") != "hub":
+    if earlier is None or earlier.mmproj_path is None or earlier.source.get("type") != "hub":
         return None
     same = str(earlier.source.get("repo", "")).lower() == pull_plan.listing.repo_id.lower() and earlier.source.get("revision") == pull_plan.listing.commit
-    return earlier.mmproj if same and Path(earlier.mmproj["path"]).exists() else None
+    return earlier.mmproj if same and earlier.mmproj_path.exists() else None
 
 
 def already_pulled(store: Store, ref: HubRef, commit: str, label: str | None, projector: hub.RemoteFile | None = None) -> ModelEntry | None:
@@ -242,7 +242,8 @@ def already_pulled(store: Store, ref: HubRef, commit: str, label: str | None, pr
             continue
         if source.get("revision") != commit or not all(Path(f).exists() for f in entry.files):
             continue
-        if projector is not None and (entry.mmproj is None or entry.mmproj.get("file") != projector.path or not Path(entry.mmproj["path"]).exists()):
+        recorded = entry.mmproj if isinstance(entry.mmproj, dict) else {}
+        if projector is not None and (recorded.get("file") != projector.path or entry.mmproj_path is None or not entry.mmproj_path.exists()):
             continue  # pulled without the projector this pull fetches: pull again, which adds it
         files = [str(f) for f in source.get("files", [])]
         if ref.filename and ref.filename not in files:

@@ -305,6 +305,11 @@ def test_an_index_written_before_projectors_reads_as_models_without_one(cli, mak
     (entry,) = models(cli)
     assert entry["name"] == "old:q8_0" and entry["mmproj"] is None and entry["status"] == "ok"
     assert json.loads(cli("show", "old:q8_0", "--json").stdout)["mmproj"] is None
+    # a record whose projector is not what llmctl writes reads as none, never as a crash
+    for garbage in ("/some/path.gguf", ["x"], {"path": 7}, {}):
+        (isolated / "index.json").write_text(json.dumps({"version": 1, "models": [{**record, "mmproj": garbage}]}))
+        assert models(cli)[0]["mmproj"] is None, garbage
+        assert cli("rm", "old:q8_0", "-y", "--json").exit_code == 0
 
 
 # --- the plan --------------------------------------------------------------------------------
