@@ -123,6 +123,12 @@ def test_pull_fetches_and_verifies_the_projector_for_the_chosen_quant(cli, hub, 
     store = Store(get_settings())
     assert store.get("vision:q8_0").mmproj["sha256"] == blob.name
     assert mmproj_for(store.resolve("vision:q8_0")) == projector
+    from llmctl.models.locate import locate
+
+    located = locate(store, "vision:q8_0")
+    assert located.mmproj == projector
+    assert located.candidate().projector_size == 0  # run and bench load no projector
+    assert located.candidate(with_mmproj=True).projector_size == projectors["f32"].stat().st_size
     # the other quant takes the other projector
     r = cli("pull", f"{VISION}:F16")
     assert r.exit_code == 0, r.stderr
@@ -165,6 +171,11 @@ def test_no_mmproj_skips_it_and_a_later_pull_adds_it(cli, hub, projectors) -> No
     for extra in ((), ("--no-mmproj",)):
         r = cli("pull", f"{VISION}:Q8_0", *extra)
         assert r.exit_code == 0 and "already pulled" in r.stderr, extra
+    assert models(cli)[0]["mmproj"] == entry["mmproj"]
+    # the model's file gone, pulled again with --no-mmproj: the projector already there stays recorded
+    os.unlink(entry["files"][0])
+    r = cli("pull", f"{VISION}:Q8_0", "--no-mmproj")
+    assert r.exit_code == 0 and "already pulled" not in r.stderr, r.stderr
     assert models(cli)[0]["mmproj"] == entry["mmproj"]
 
 
