@@ -199,15 +199,19 @@ def require(tool: str) -> Path:
 
 
 def _backends(server: Path) -> list[str]:
-    """The backends a build has, from ``--list-devices`` (CPU is always there)."""
-    try:
-        done = subprocess.run([str(server), "--list-devices"], capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return ["CPU"]
+    """The backends a build has: CPU always; GPUs as ``--list-devices`` names them (CUDA0, Metal…);
+    RPC when the server takes ``--rpc``."""
     found = ["CPU"]
-    for name in ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL", "RPC"):
-        if re.search(rf"\b{name}\d*\b", done.stdout + done.stderr) and name not in found:
-            found.append(name)
+    for args in (["--list-devices"], ["--help"]):
+        try:
+            done = subprocess.run([str(server), *args], capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        text = done.stdout + done.stderr
+        names = ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL") if args == ["--list-devices"] else ()
+        found += [name for name in names if re.search(rf"\b{name}\d*\b", text) and name not in found]
+        if args == ["--help"] and "--rpc" in text:
+            found.append("RPC")
     return found
 
 
