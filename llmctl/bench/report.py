@@ -4,6 +4,7 @@ Field names and types follow llama-bench's JSON/CSV output where they exist,
 so tools that read llama-bench's files read these (``flash_attn`` is a
 number, 0 or 1, as there; CSV writes every boolean as 0 or 1, as llama-bench
 does); llmctl's own fields are added after them (docs/json.md lists both).
+A serving benchmark's levels (``bench --serve``) have their own records, tables and comparisons.
 
 Text cells come from model files (``general.*`` metadata, file names) and are
 untrusted. JSON and JSONL escape every non-ASCII character and so stay exact.
@@ -24,7 +25,7 @@ from enum import Enum
 from html import escape
 from typing import Any
 
-from llmctl.bench.run import BenchRun, Row
+from llmctl.bench.run import BenchRun, Row, ServingRow
 from llmctl.output import safe
 
 
@@ -61,6 +62,24 @@ def record(run: BenchRun, row: Row) -> dict[str, Any]:
     return out
 
 
+SERVING_FIELDS = [
+    "kind", "model", "server", "fresh", "server_build", "server_slots", "endpoint", "test", "concurrency", "n_prompt", "n_gen",
+    "repetitions", "ignore_eos", "test_time", "requests", "failed", "prompt_tokens", "completion_tokens", "avg_ts", "stddev_ts",
+    "noisy", "request_ts", "ttft_p50_s", "ttft_p95_s", "status", "errors", "cpu_info", "run_id", "llmctl_version",
+    "samples_ts", "samples_request_ts", "samples_ttft_s",
+]  # fmt: skip
+
+
+def serving_record(run: BenchRun, row: ServingRow) -> dict[str, Any]:
+    """One level of a serving benchmark as a flat record (docs/json.md)."""
+    data = asdict(row)
+    data["kind"] = "serving"
+    data["cpu_info"] = run.fingerprint.get("cpu_info")
+    data["run_id"] = run.run_id
+    data["llmctl_version"] = run.fingerprint.get("llmctl_version")
+    return {name: data.get(name) for name in SERVING_FIELDS}
+
+
 def to_json(run: BenchRun) -> str:
     doc = {
         "run_id": run.run_id,
@@ -70,15 +89,19 @@ def to_json(run: BenchRun) -> str:
         "results": [record(run, r) for r in run.rows],
         "extras": [asdict(e) for e in run.extras],
         "failed_models": run.failed_models,
+        "serving": [serving_record(run, s) for s in run.serving],
     }
     return json.dumps(doc, indent=2)
 
 
 def to_jsonl(run: BenchRun) -> str:
-    return "".join(json.dumps(record(run, r)) + "\n" for r in run.rows)
+    records = [record(run, r) for r in run.rows] + [serving_record(run, s) for s in run.serving]
+    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def to_csv(run: BenchRun) -> str:
+    if run.serving and not run.rows:
+        return serving_csv(run)
     buffer = io.StringIO()
     fields = LLAMA_BENCH_FIELDS + LLMCTL_FIELDS + ["samples_ns", "samples_ts"]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
@@ -87,6 +110,18 @@ def to_csv(run: BenchRun) -> str:
         rec = record(run, row)
         rec["samples_ns"] = ";".join(str(v) for v in rec["samples_ns"])
         rec["samples_ts"] = ";".join(str(v) for v in rec["samples_ts"])
+        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
+    return buffer.getvalue()
+
+
+def serving_csv(run: BenchRun) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SERVING_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in run.serving:
+        rec = serving_record(run, row)
+        for name in ("errors", "samples_ts", "samples_request_ts", "samples_ttft_s"):
+            rec[name] = ";".join(str(v) for v in rec[name])
         writer.writerow({key: csv_cell(value) for key, value in rec.items()})
     return buffer.getvalue()
 
@@ -157,7 +192,77 @@ def table_rows(run: BenchRun) -> tuple[list[str], list[list[str]]]:
     return columns, rows
 
 
+SERVING_RIGHT = ("clients", "prompt", "generated", "t/s total", "t/s per client", "TTFT p50", "TTFT p95", "failed")
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms"
+
+
+def _tokens(mean: float | None) -> str:
+    return "-" if mean is None else f"{mean:g}"
+
+
+def serving_table_rows(run: BenchRun) -> tuple[list[str], list[list[str]]]:
+    """The serving levels as a table: the load, the aggregate and per-client rates, TTFT, failures."""
+    multi_server = len({s.server for s in run.serving}) > 1
+    columns = ["model", *(["server"] if multi_server else []), "test", "clients", "prompt", "generated", *SERVING_RIGHT[3:]]
+    rows = []
+    for s in run.serving:
+        total = "-" if s.avg_ts is None else f"{s.avg_ts:.2f} ± {s.stddev_ts or 0:.2f}" + (" (noisy)" if s.noisy else "")
+        rows.append(
+            [
+                s.model,
+                *([s.server] if multi_server else []),
+                s.test,
+                str(s.concurrency),
+                _tokens(s.prompt_tokens),
+                _tokens(s.completion_tokens),
+                total,
+                "-" if s.request_ts is None else f"{s.request_ts:.2f}",
+                _ms(s.ttft_p50_s),
+                _ms(s.ttft_p95_s),
+                f"{s.failed}/{s.requests}",
+            ]
+        )
+    return columns, rows
+
+
+def serving_summary(run: BenchRun) -> list[str]:
+    """A line per server: where, which API, what it said of itself."""
+    lines = []
+    for server in dict.fromkeys(s.server for s in run.serving):
+        first = next(s for s in run.serving if s.server == server)
+        about = [f"/v1/{'chat/' if first.endpoint == 'chat' else ''}completions", f"{first.repetitions} repetitions per level"]
+        if first.fresh:
+            about.insert(0, "a fresh llmctl serve")
+        if first.server_build:
+            about.append(f"build {first.server_build}")
+        if first.server_slots:
+            about.append(f"{first.server_slots} slots")
+        if not first.ignore_eos:
+            about.append("ignore_eos refused: replies may end early")
+        lines.append(f"{server}: " + ", ".join(about))
+    return lines
+
+
+def serving_markdown(run: BenchRun) -> str:
+    columns, rows = serving_table_rows(run)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---:" if c in SERVING_RIGHT else "---" for c in columns) + " |"]
+    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n\n" + "".join(f"{md_cell(line)}\n" for line in serving_summary(run))
+    for s in run.serving:
+        if not s.ok:
+            text += f"\n{md_cell(s.model)} {md_cell(s.test)} × {s.concurrency}: {md_cell(s.status)}"
+    return text if text.endswith("\n") else text + "\n"
+
+
 def to_markdown(run: BenchRun) -> str:
+    if run.serving and not run.rows:
+        return serving_markdown(run)
     columns, rows = table_rows(run)
     right = {"size", "params", "threads", "t/s", "% of bw bound"}
     lines = ["| " + " | ".join(columns) + " |"]
@@ -271,6 +376,86 @@ def compare_markdown(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float
     return "\n".join(lines) + "\n"
 
 
+SERVING_COMPARE_FIELDS = ["kind", "model", "endpoint", "test", "concurrency", "n_prompt", "n_gen", "avg_ts_a", "stddev_ts_a", "avg_ts_b",
+                          "stddev_ts_b", "ratio", "ttft_p50_s_a", "ttft_p50_s_b", "request_ts_a", "request_ts_b", "server_a", "server_b",
+                          "run_a", "run_b"]  # fmt: skip
+
+
+def serving_compare_records(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> list[dict[str, Any]]:
+    """One record per serving level measured in both runs: both aggregate rates, B's ÷ A's, both TTFT p50s."""
+    return [
+        {
+            "kind": "serving",
+            "model": x.model,
+            "endpoint": x.endpoint,
+            "test": x.test,
+            "concurrency": x.concurrency,
+            "n_prompt": x.n_prompt,
+            "n_gen": x.n_gen,
+            "avg_ts_a": x.avg_ts,
+            "stddev_ts_a": x.stddev_ts,
+            "avg_ts_b": y.avg_ts,
+            "stddev_ts_b": y.stddev_ts,
+            "ratio": round(ratio, 4),
+            "ttft_p50_s_a": x.ttft_p50_s,
+            "ttft_p50_s_b": y.ttft_p50_s,
+            "request_ts_a": x.request_ts,
+            "request_ts_b": y.request_ts,
+            "server_a": x.server,
+            "server_b": y.server,
+            "run_a": a.run_id,
+            "run_b": b.run_id,
+        }
+        for x, y, ratio in pairs
+    ]
+
+
+def serving_compare_json(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> str:
+    doc = {
+        "run_a": {"run_id": a.run_id, "created": a.created, "cpu_info": a.fingerprint.get("cpu_info")},
+        "run_b": {"run_id": b.run_id, "created": b.created, "cpu_info": b.fingerprint.get("cpu_info")},
+        "results": [],
+        "serving": serving_compare_records(a, b, pairs),
+    }
+    return json.dumps(doc, indent=2)
+
+
+def serving_compare_table(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> tuple[list[str], list[list[str]]]:
+    columns = ["model", "test", "clients", f"{a.run_id} t/s", f"{b.run_id} t/s", "ratio", "TTFT p50 A", "TTFT p50 B"]
+    rows = [
+        [x.model, x.test, str(x.concurrency), f"{x.avg_ts:.2f}", f"{y.avg_ts:.2f}", f"{ratio:.3f}", _ms(x.ttft_p50_s), _ms(y.ttft_p50_s)]
+        for x, y, ratio in pairs
+    ]
+    return columns, rows
+
+
+def serving_compare_markdown(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> str:
+    columns, rows = serving_compare_table(a, b, pairs)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" if c in ("model", "test") else "---:" for c in columns) + " |"]
+    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def serving_compare_csv(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SERVING_COMPARE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for rec in serving_compare_records(a, b, pairs):
+        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
+    return buffer.getvalue()
+
+
+def serving_compare_chart_pairs(pairs: list[tuple[ServingRow, ServingRow, float]]) -> list[tuple[str, float]]:
+    """B's aggregate rate as a percentage of A's, per level."""
+    multi = len({x.model for x, _, _ in pairs}) > 1
+    return [(" ".join([*([x.model] if multi else []), x.test, f"c{x.concurrency}"]), ratio * 100) for x, _, ratio in pairs]
+
+
+def serving_chart_pairs(run: BenchRun) -> list[tuple[str, float]]:
+    multi = len({s.model for s in run.serving}) > 1
+    return [(" ".join([*([s.model] if multi else []), s.test, f"c{s.concurrency}"]), s.avg_ts) for s in run.serving if s.avg_ts]
+
+
 def _s(value: float | None) -> str:
     return f"{value:.3f} s" if value is not None else "-"
 
@@ -298,7 +483,7 @@ def chart_pairs(run: BenchRun) -> list[tuple[str, float]]:
             continue
         label = " ".join([*([r.model] if multi else []), r.test, f"t{r.n_threads}", *[f"{c}={param_cell(getattr(r, c))}" for c in extra_cols]])
         pairs.append((label, r.avg_ts))
-    return pairs
+    return pairs + serving_chart_pairs(run)
 
 
 def svg_chart(pairs: list[tuple[str, float]], title: str) -> str:

@@ -8,6 +8,8 @@ warm load time, time to first token and end-to-end generation rate through
 the same path as ``run``, and peak memory; each generation result is set
 against the memory-bandwidth bound (a roofline percentage). Runs are stored
 as JSON under ``$LLMCTL_HOME/bench`` for ``--history`` and ``--compare``.
+A run of ``bench --serve`` holds ``ServingRow``s instead (measured by
+``llmctl.bench.serving``): one per concurrency level, in the same history.
 
 Contexts are made as llama-bench makes them, so that ``llmctl bench M`` and
 ``llama-bench -m M`` measure the same configuration: its defaults (the
@@ -125,6 +127,52 @@ class ModelExtras:
 
 
 @dataclass
+class ServingRow:
+    """One level of a serving benchmark (``bench --serve``): ``concurrency`` streaming clients, each
+    sending a prompt of about ``n_prompt`` tokens and asking for ``n_gen``, ``repetitions`` times.
+
+    ``samples_ts`` holds each repetition's aggregate rate (every completion token of the round ÷
+    the round's wall time); ``request_ts`` is the mean of each request's own generation rate
+    (tokens after the first ÷ first to last token); TTFTs run from sending a request to its first
+    content token. ``prompt_tokens`` and ``completion_tokens`` are the means the server reported.
+    Failed requests are counted in ``failed`` (``errors`` says why) and left out of every figure.
+    """
+
+    model: str
+    server: str  # the URL benchmarked
+    endpoint: str  # completions | chat
+    concurrency: int
+    n_prompt: int
+    n_gen: int
+    test: str  # pp128+tg64
+    test_time: str
+    repetitions: int
+    fresh: bool = False  # a `llmctl serve` started for this run
+    server_build: str | None = None
+    server_slots: int | None = None
+    ignore_eos: bool = True
+    requests: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)  # "3 × HTTP 503: …"
+    prompt_tokens: float | None = None
+    completion_tokens: float | None = None
+    samples_ts: list[float] = field(default_factory=list)
+    avg_ts: float | None = None
+    stddev_ts: float | None = None
+    request_ts: float | None = None
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    samples_request_ts: list[float] = field(default_factory=list)
+    samples_ttft_s: list[float] = field(default_factory=list)
+    noisy: bool = False
+    status: str = "ok"  # ok | failed: N of M requests … | interrupted
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
 class BenchRun:
     run_id: str
     created: str
@@ -133,6 +181,7 @@ class BenchRun:
     extras: list[ModelExtras] = field(default_factory=list)
     interrupted: bool = False
     failed_models: list[dict[str, str | None]] = field(default_factory=list)  # {"model", "reason", "hint"}: nothing measured
+    serving: list[ServingRow] = field(default_factory=list)  # bench --serve
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +193,7 @@ class BenchRun:
             "results": [asdict(r) for r in self.rows],
             "extras": [asdict(e) for e in self.extras],
             "failed_models": self.failed_models,
+            **({"serving": [asdict(s) for s in self.serving]} if self.serving else {}),
         }
 
     @classmethod
@@ -156,7 +206,13 @@ class BenchRun:
             extras=[ModelExtras(**e) for e in data.get("extras", [])],
             interrupted=bool(data.get("interrupted")),
             failed_models=list(data.get("failed_models", [])),
+            serving=[ServingRow(**s) for s in data.get("serving", [])],
         )
+
+    @property
+    def models(self) -> list[str]:
+        """The models benchmarked, in order, in-process and served."""
+        return list(dict.fromkeys([*(r.model for r in self.rows), *(s.model for s in self.serving)]))
 
     def fail_model(self, model: str, reason: str, hint: str | None = None) -> None:
         self.failed_models.append({"model": model, "reason": reason, "hint": hint})
@@ -437,5 +493,22 @@ def compare(a: BenchRun, b: BenchRun) -> list[tuple[Row, Row, float]]:
     for row in b.rows:
         base = index.get(row_key(row))
         if base is not None and base.avg_ts and row.ok and row.avg_ts:  # index holds measured rows only
+            out.append((base, row, row.avg_ts / base.avg_ts))
+    return out
+
+
+def serving_key(row: ServingRow) -> tuple[Any, ...]:
+    """What makes two serving levels comparable: the model's name, the API and the load. The server
+    is left out, so that two servers of one model compare (``llmctl serve`` against ``llama-server``)."""
+    return (row.model, row.endpoint, row.concurrency, row.n_prompt, row.n_gen)
+
+
+def compare_serving(a: BenchRun, b: BenchRun) -> list[tuple[ServingRow, ServingRow, float]]:
+    """Serving levels measured in both runs without a failed request, with B's aggregate rate ÷ A's."""
+    index = {serving_key(s): s for s in a.serving if s.ok and s.avg_ts}
+    out = []
+    for row in b.serving:
+        base = index.get(serving_key(row))
+        if base is not None and base.avg_ts and row.ok and row.avg_ts:
             out.append((base, row, row.avg_ts / base.avg_ts))
     return out

@@ -1,8 +1,10 @@
-"""``llmctl bench``: llama-bench's numbers, plus load, first-token and roofline figures; history and tuning."""
+"""``llmctl bench``: llama-bench's numbers, plus load, first-token and roofline figures; history and tuning;
+with ``--serve``, a serving benchmark (concurrent streaming clients against a server)."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -11,6 +13,7 @@ import typer
 
 from llmctl import output
 from llmctl.bench.report import ReportFormat
+from llmctl.bench.serving import Endpoint
 from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import LlmctlError, UsageError
@@ -24,11 +27,15 @@ if TYPE_CHECKING:
 
 def bench(
     models: ModelsArg = None,
-    n_prompt: Annotated[str, typer.Option("--n-prompt", "-p", help="Prompt lengths to process (pp tests), e.g. 512 or 128,512.")] = "512",
-    n_gen: Annotated[str, typer.Option("--n-gen", "-n", help="Tokens to generate (tg tests), e.g. 128.")] = "128",
+    n_prompt: Annotated[
+        str | None, typer.Option("--n-prompt", "-p", help="Prompt lengths to process (pp tests), e.g. 512 or 128,512 (default 512; 128 with --serve).")
+    ] = None,
+    n_gen: Annotated[str | None, typer.Option("--n-gen", "-n", help="Tokens to generate (tg tests), e.g. 128 (default 128; 64 with --serve).")] = None,
     prompt_gen: Annotated[str | None, typer.Option("--prompt-gen", "-pg", help="Combined tests PROMPT,GEN (e.g. 512,128); ';' separates several.")] = None,
     depth: Annotated[str, typer.Option("--depth", "-d", help="Tokens already in the context before each test.")] = "0",
-    repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1, max=1000, help="Timed repetitions after the warm-up.")] = 5,
+    repetitions: Annotated[
+        int | None, typer.Option("--repetitions", "-r", min=1, max=1000, help="Timed repetitions after the warm-up (default 5; 3 with --serve).")
+    ] = None,
     threads: Annotated[str | None, typer.Option("--threads", "-t", help="Thread counts, e.g. 1,2,4 or 1-8 (default: physical cores, as llama-bench).")] = None,
     gpu_layers: Annotated[str | None, typer.Option("--gpu-layers", "-ngl", help="GPU layer counts (default: the plan's, all that fit).")] = None,
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Logical batch sizes.")] = "2048",
@@ -47,8 +54,19 @@ def bench(
     history: Annotated[bool, typer.Option("--history", help="List past benchmark runs.")] = False,
     compare: Annotated[tuple[str, str] | None, typer.Option("--compare", help="Compare two past runs: RUN_A RUN_B (or 'last').")] = None,
     tune: Annotated[bool, typer.Option("--tune", help="Find the fastest threads / batch / GPU layers for MODEL and save them for run and chat.")] = False,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Benchmark serving: concurrent streaming clients against a fresh `llmctl serve` (or --server URL).")
+    ] = False,
+    server: Annotated[
+        str | None, typer.Option("--server", help="Benchmark the running OpenAI-compatible server at URL (llmctl serve, llama-server); implies --serve.")
+    ] = None,
+    concurrency: Annotated[str | None, typer.Option("--concurrency", "-c", help="With --serve: concurrent clients, e.g. 1,4,8 (the default).")] = None,
+    endpoint: Annotated[Endpoint, typer.Option("--endpoint", help="With --serve: the API the clients call.")] = Endpoint.completions,
+    serve_args: Annotated[
+        str | None, typer.Option("--serve-args", help="With --serve: options for the fresh `llmctl serve`, e.g. --serve-args='--parallel 8'.")
+    ] = None,
 ) -> None:
-    """Benchmark models like llama-bench (pp/tg tokens per second, its defaults), with roofline, load and first-token figures."""
+    """Benchmark models like llama-bench (pp/tg tokens per second, its defaults), with roofline, load and first-token figures; or a server under concurrent clients (--serve)."""
     from llmctl.bench import report as benchreport
     from llmctl.bench import run as benchrun
 
@@ -59,6 +77,27 @@ def bench(
     if compare:
         _compare(home, compare, output_format)
         return
+    in_process_only = {"--prompt-gen": prompt_gen, "--depth": depth if depth != "0" else None, "--threads": threads, "--gpu-layers": gpu_layers,
+                       "--batch-size": batch_size if batch_size != "2048" else None, "--ubatch-size": ubatch_size if ubatch_size != "512" else None,
+                       "--flash-attn": flash_attn if flash_attn != "auto" else None, "--cache-type-k": cache_type_k if cache_type_k != "f16" else None,
+                       "--cache-type-v": cache_type_v if cache_type_v != "f16" else None, "--no-extras": no_extras or None, "--tune": tune or None}  # fmt: skip
+    if serve or server is not None:
+        if given := [flag for flag, value in in_process_only.items() if value is not None]:
+            raise UsageError(f"{given[0]} sets up llama.cpp in this process; with --serve the server's own settings apply",
+                             hint="pass the server's options with --serve-args, or start it with them and use --server URL")  # fmt: skip
+        if server is not None and serve_args:
+            raise UsageError("--serve-args starts a fresh `llmctl serve`; --server benchmarks one already running", hint="use one of them")
+        plan = _serving_plan(concurrency, n_prompt, n_gen, repetitions, endpoint)
+        _bench_serving(home, models or [], plan, server, shlex.split(serve_args or ""), output_format, chart, chart_file)
+        return
+    for flag, value in (
+        ("--concurrency", concurrency),
+        ("--serve-args", serve_args),
+        ("--endpoint", endpoint if endpoint is not Endpoint.completions else None),
+    ):
+        if value is not None:
+            raise UsageError(f"{flag} is for serving benchmarks", hint="add --serve (a fresh llmctl serve) or --server URL")
+    n_prompt, n_gen, repetitions = n_prompt or "512", n_gen or "128", repetitions or 5
     if not models:
         raise UsageError("name at least one model to benchmark", hint="e.g. llmctl bench smollm2")
     hw = get_hardware(get_settings(), with_bandwidth=True)
@@ -116,6 +155,88 @@ def bench(
 
 
 LOAD_HINT = "check that llama.cpp can load the model: `llmctl run MODEL hello`; LLMCTL_DEBUG=1 shows its log"
+
+
+def _serving_plan(concurrency: str | None, n_prompt: str | None, n_gen: str | None, repetitions: int | None, endpoint: Endpoint):
+    from llmctl.bench.measure import parse_sweep
+    from llmctl.bench.serving import ServingPlan
+
+    return ServingPlan(
+        concurrency=parse_sweep(concurrency or "1,4,8", "--concurrency", minimum=1),
+        n_prompt=parse_sweep(n_prompt or "128", "--n-prompt", minimum=1),
+        n_gen=parse_sweep(n_gen or "64", "--n-gen", minimum=1),
+        repetitions=repetitions or 3,
+        endpoint=endpoint,
+    )
+
+
+def _bench_serving(home: Path, names: list[str], plan, url: str | None, serve_args: list[str], fmt: str, chart: bool, chart_file: Path | None) -> None:
+    """bench --serve: measure, save, render; then the failures, if any, as the exit status."""
+    from llmctl.bench import report as benchreport
+    from llmctl.bench import run as benchrun
+    from llmctl.bench import serving
+
+    run = benchrun.new_run(get_hardware(get_settings()))
+    if url is None:  # a fresh server resolves names from this store: unknown ones fail now, before it starts
+        names = [m.label for m in _models(names, run)] if names else []
+    failure: LlmctlError | None = None
+    with _ServingProgress() as progress:
+        try:
+            serving.bench_serving(run, names, plan, url=url, serve_args=serve_args, on_row=progress.row, on_step=progress.step)
+        except KeyboardInterrupt:
+            run.interrupted = True
+        except LlmctlError as exc:
+            failure = exc  # raised after the levels measured before it are shown and saved
+    if any(s.avg_ts for s in run.serving):
+        output.info(f"saved as run {run.run_id} ({benchrun.save_run(home, run)})")
+    if run.serving:
+        _render(run, fmt)
+        if chart:
+            output.info(benchreport.bar_chart(benchreport.chart_pairs(run)), multiline=True)
+        if chart_file:
+            chart_file.write_text(benchreport.svg_chart(benchreport.chart_pairs(run), f"llmctl bench --serve {run.run_id}"), encoding="utf-8")
+    if failure is not None:
+        raise failure
+    if run.interrupted:
+        raise benchrun.BenchInterrupted("interrupted", hint="the results above are those measured before Ctrl-C" if run.serving else None)
+    failed = [s for s in run.serving if not s.ok]
+    if failed:
+        lost = sum(s.failed for s in run.serving)
+        raise LlmctlError(
+            f"{lost} of {sum(s.requests for s in run.serving)} requests failed, in {len(failed)} of {len(run.serving)} levels "
+            f"(first: {failed[0].test} × {failed[0].concurrency}: {failed[0].errors[0]})",
+            hint="the figures leave the failed requests out; the server's log says why they failed",
+        )
+    if run.failed_models:
+        _some_models_failed(run, len(names))
+
+
+class _ServingProgress:
+    """bench --serve's progress on stderr: a spinner naming the level on a terminal, and a line per level."""
+
+    def __init__(self) -> None:
+        self.spinner: Any = None
+
+    def __enter__(self) -> _ServingProgress:
+        if output.interactive_stderr():
+            self.spinner = output._make_console(stderr=True).status("starting")
+            self.spinner.__enter__()
+        return self
+
+    def step(self, text: str) -> None:
+        if self.spinner is not None:
+            self.spinner.update(text)
+
+    def row(self, row) -> None:
+        from llmctl.bench.report import _ms
+
+        rate = f"{row.avg_ts:.2f} t/s total" if row.avg_ts is not None else "no tokens"
+        line = f"{row.model} {row.test} × {row.concurrency}: {rate}, TTFT p50 {_ms(row.ttft_p50_s)}"
+        output.info(line if row.ok else f"{line}; {row.status}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.spinner is not None:
+            self.spinner.__exit__(*exc)
 
 
 def _some_models_failed(run: benchrun.BenchRun, asked: int) -> None:
@@ -234,7 +355,15 @@ class _Progress:
 def _render(run: benchrun.BenchRun, fmt: str, *, extras: bool = True) -> None:
     from llmctl.bench import report as benchreport
 
-    if fmt == "md":
+    if fmt == "table" and run.serving and not run.rows:
+        columns, cells = benchreport.serving_table_rows(run)
+        output.emit_table(columns, cells, right_align=benchreport.SERVING_RIGHT)
+        for line in benchreport.serving_summary(run):
+            output.info(line)
+        for level in run.serving:
+            if not level.ok:
+                output.warn(f"{level.model} {level.test} × {level.concurrency}: {'; '.join(level.errors)}")
+    elif fmt == "md":
         output.emit_text(benchreport.to_markdown(run))
     elif fmt == "csv":
         sys.stdout.write(benchreport.to_csv(run))
@@ -268,8 +397,8 @@ def _history(home: Path, fmt: str = "table") -> None:
 
     runs = benchrun.list_runs(home)
     if fmt in ("json", "jsonl"):
-        docs = [{"run_id": r.run_id, "created": r.created, "models": sorted({row.model for row in r.rows}),
-                 "tests": len(r.rows), "interrupted": r.interrupted, "cpu_info": r.fingerprint.get("cpu_info")} for r in runs]  # fmt: skip
+        docs = [{"run_id": r.run_id, "created": r.created, "models": sorted(r.models), "tests": len(r.rows), "serving": len(r.serving),
+                 "interrupted": r.interrupted, "cpu_info": r.fingerprint.get("cpu_info")} for r in runs]  # fmt: skip
         output.emit_json({"runs": docs}) if fmt == "json" else output.emit_text("".join(json.dumps(d) + "\n" for d in docs) or "\n")
         return
     if not runs:
@@ -277,8 +406,13 @@ def _history(home: Path, fmt: str = "table") -> None:
         return
     output.emit_table(
         ["RUN", "DATE", "MODELS", "TESTS", "CPU"],
-        [[r.run_id, r.created, ", ".join(sorted({row.model for row in r.rows})), len(r.rows), r.fingerprint.get("cpu_info", "-")] for r in runs],
+        [[r.run_id, r.created, ", ".join(sorted(r.models)), _tests_cell(r), r.fingerprint.get("cpu_info", "-")] for r in runs],
     )
+
+
+def _tests_cell(run: benchrun.BenchRun) -> str:
+    """How many tests a run holds: in-process ones, or a serving benchmark's levels."""
+    return str(len(run.rows)) if run.rows or not run.serving else f"{len(run.serving)} serving"
 
 
 def _compare(home: Path, ids: tuple[str, str], fmt: str = "table") -> None:
@@ -287,6 +421,9 @@ def _compare(home: Path, ids: tuple[str, str], fmt: str = "table") -> None:
 
     a, b = (benchrun.load_run(home, run_id) for run_id in ids)
     pairs = benchrun.compare(a, b)
+    if not pairs and (serving_pairs := benchrun.compare_serving(a, b)):
+        _compare_serving(a, b, serving_pairs, fmt)
+        return
     if not pairs:
         raise UsageError(f"runs {a.run_id} and {b.run_id} have no test in common", hint="compare runs of the same model and settings")
     if fmt == "json":
@@ -301,6 +438,24 @@ def _compare(home: Path, ids: tuple[str, str], fmt: str = "table") -> None:
         columns, rows = benchreport.compare_table(a, b, pairs)
         output.emit_table(columns, rows, right_align=("threads", columns[-3], columns[-2], "ratio"))
         output.info(benchreport.bar_chart(benchreport.compare_chart_pairs(a, b, pairs)), multiline=True)
+
+
+def _compare_serving(a: benchrun.BenchRun, b: benchrun.BenchRun, pairs: list, fmt: str) -> None:
+    """Two serving benchmarks, level by level (same model name, API, load): B's aggregate rate ÷ A's."""
+    from llmctl.bench import report as benchreport
+
+    if fmt == "json":
+        output.emit_text(benchreport.serving_compare_json(a, b, pairs))
+    elif fmt == "jsonl":
+        sys.stdout.write("".join(json.dumps(r) + "\n" for r in benchreport.serving_compare_records(a, b, pairs)))
+    elif fmt == "csv":
+        sys.stdout.write(benchreport.serving_compare_csv(a, b, pairs))
+    elif fmt == "md":
+        output.emit_text(benchreport.serving_compare_markdown(a, b, pairs))
+    else:
+        columns, rows = benchreport.serving_compare_table(a, b, pairs)
+        output.emit_table(columns, rows, right_align=tuple(columns[2:]))
+        output.info(benchreport.bar_chart(benchreport.serving_compare_chart_pairs(pairs)), multiline=True)
 
 
 def _tune(home: Path, name: str, hw) -> None:
