@@ -298,7 +298,7 @@ class _Client:
             return LlmctlError(f"{url} needs an API key (HTTP {status})", hint="set LLMCTL_API_KEY to the server's key")
         if status == 404:
             return NotFoundError(f"{url} has no model '{self.model}' ({_error_message(status, raw)})", hint="its models: GET /v1/models")
-        return LlmctlError(f"{url} refused the benchmark's first request: {_error_message(status, raw)}")
+        return LlmctlError(f"{url} refused a request: {_error_message(status, raw)}")
 
     async def get(self, path: str) -> tuple[int, Any]:
         """GET ``path``: its status and JSON answer (None if not JSON); unreachable servers raise."""

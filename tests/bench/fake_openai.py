@@ -7,7 +7,8 @@ once (the others wait, as on a server with fewer slots than clients); ``max_acti
 most that ran together. Faults on request: every ``fail_every``-th timed request is answered 503,
 every ``drop_every``-th has its connection dropped after ``drop_after`` tokens, an API key is
 required when ``api_key`` is set, unknown models are 404, and ``refuse_ignore_eos`` answers 400 to
-requests carrying ``ignore_eos`` (replies then end after ``natural_tokens``).
+requests carrying ``ignore_eos`` (replies then end after ``natural_tokens``), and prompts longer
+than ``max_prompt_tokens`` are answered 400.
 
 Also runs as a process, as ``llmctl serve`` would be started: ``python -m tests.bench.fake_openai
 --host H --port P [--ttft S] [--token S] [--exit-after N]`` (the process exits after N streamed replies).
@@ -41,6 +42,7 @@ class FakeOpenAI:
         natural_tokens: int = 5,
         template_tokens: int = 6,
         usage: bool = True,
+        max_prompt_tokens: int = 0,
         exit_after: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -48,7 +50,7 @@ class FakeOpenAI:
         self.ttft_s, self.token_s, self.models, self.api_key = ttft_s, token_s, models, api_key
         self.fail_every, self.drop_every, self.drop_after = fail_every, drop_every, drop_after
         self.refuse_ignore_eos, self.natural_tokens, self.template_tokens, self.usage = refuse_ignore_eos, natural_tokens, template_tokens, usage
-        self.exit_after = exit_after
+        self.exit_after, self.max_prompt_tokens = exit_after, max_prompt_tokens
         self.slot_count = slots
         self.slots = threading.Semaphore(slots) if slots else None
         self.lock = threading.Lock()
@@ -127,6 +129,9 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 return
             fake.bodies.append(body)
             prompt = fake.prompt_tokens(body)
+            if fake.max_prompt_tokens and prompt > fake.max_prompt_tokens:
+                self._error(400, "the request exceeds the available context size")
+                return
             wanted = int(body.get("max_tokens") or 16)
             n = wanted if body.get("ignore_eos") else min(wanted, fake.natural_tokens)
             chat = "messages" in body

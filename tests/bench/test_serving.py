@@ -188,6 +188,9 @@ def test_errors_a_user_can_act_on(monkeypatch: pytest.MonkeyPatch) -> None:
         assert serving.server_models(Server.at(fake.url)) == ["fake"]
         with pytest.raises(NotFoundError, match="has no model 'nope'"):
             _bench(fake.url, plan, model="nope")
+    with FakeOpenAI(max_prompt_tokens=16) as fake:
+        with pytest.raises(LlmctlError, match=r"refused a request: HTTP 400: the request exceeds the available context size$"):
+            _bench(fake.url, ServingPlan([1], [64], [4]))
 
 
 def test_several_models_one_unknown_the_others_run() -> None:
