@@ -232,7 +232,13 @@ class _ServingProgress:
 
         rate = f"{row.avg_ts:.2f} t/s total" if row.avg_ts is not None else "no tokens"
         line = f"{row.model} {row.test} × {row.concurrency}: {rate}, TTFT p50 {_ms(row.ttft_p50_s)}"
-        output.info(line if row.ok else f"{line}; {row.status}")
+        line = line if row.ok else f"{line}; {row.status}"
+        if self.spinner is not None:  # through the spinner's console, so the line lands above it
+            from rich.text import Text
+
+            self.spinner.console.print(Text(output.safe(line)))
+        else:
+            output.info(line)
 
     def __exit__(self, *exc: object) -> None:
         if self.spinner is not None:
