@@ -27,7 +27,9 @@ PS_COLUMNS = [
     Column("MEMORY", lambda m: output.human_bytes(m["memory_bytes"]), right=True),
     Column("CONTEXT", lambda m: m["n_ctx"], right=True),
     Column("GPU LAYERS", lambda m: m["n_gpu_layers"], right=True),
+    Column("SLOTS", lambda m: m["slots"], right=True),
     Column("BUSY", lambda m: m["busy"], right=True),
+    Column("STATE", lambda m: m["state"]),
     Column("EXPIRES", lambda m: "never" if m["expires_in_s"] is None else f"in {m['expires_in_s']:.0f}s"),
 ]
 
@@ -39,21 +41,23 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback should have --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = DEFAULT_PORT,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="LLMCTL_API_KEY", help="Require 'Authorization: Bearer KEY' (LLMCTL_API_KEY).")] = None,
-    ctx: Annotated[int | None, typer.Option("--ctx", "-c", min=256, help="Context size for every model (default: each model's plan).")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", min=256, help="Context of each slot, for every model (default: each model's plan).")] = None,
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="How long an idle model stays loaded: 300, 5m, 1h, or -1 for ever.")] = "5m",
     max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help="Models loaded at once; the least recently used is unloaded first.")] = 2,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a busy model before 503.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for a model whose slots are all busy, before 503.")] = 8,
     parallel: Annotated[
         int | None, typer.Option("--parallel", min=1, help="Requests each model serves at once (default: as many slots as memory allows, up to 4).")
     ] = None,
 ) -> None:
-    """Serve models over an OpenAI-compatible HTTP API (chat, completions, streaming, JSON mode)."""
+    """Serve models over OpenAI- and Anthropic-compatible HTTP APIs, each in llama.cpp's llama-server."""
+    from llmctl.engine import native
     from llmctl.serve.app import run_server
     from llmctl.serve.pool import ModelPool, ServerSettings
 
     if not _is_loopback(host) and not api_key:
         output.warn(f"binding to {host} without --api-key: anyone who can reach this port can use your models")
     settings = ServerSettings(keep_alive=parse_duration(keep_alive), max_loaded=max_loaded, max_queue=max_queue, ctx=ctx, api_key=api_key, parallel=parallel)
+    native.require("llama-server")  # missing: one error line with the hint, before anything listens
     store = open_store()
     for name in models or []:
         if store.resolve(name).kind == "path":  # unknown names fail now, not at the first request

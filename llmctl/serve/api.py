@@ -1,28 +1,25 @@
-"""The OpenAI API as serve speaks it: errors in OpenAI's format, each request body checked whole
-into a ``Job`` before anything queues or loads, and the answers' shapes.
+"""What serve's front checks in a request before llama-server sees it, and its errors in OpenAI's format.
 
-Nothing here knows HTTP or the pool: the app reads bodies and sends what these functions build;
-the pool raises ``ApiError`` for names it cannot serve and for full queues.
+The front owns the API key, the body's size, that it is JSON (an object, valid Unicode, nested at
+most ``MAX_JSON_DEPTH`` deep, numbers a C++ parser holds), the model's name, and what protects a
+shared child from one request (the length of ``stop`` lists); llama-server checks the rest and
+answers with its own status codes. Nothing here knows HTTP or the pool.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+import math
+from typing import Any
 
-from llmctl.engine.base import Result, Timings
-from llmctl.engine.llama import grammar_for
-from llmctl.engine.sampling import SamplingSettings, SettingError, from_request
-from llmctl.errors import LlmctlError
+from llmctl.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
-if TYPE_CHECKING:
-    from llmctl.engine.base import Engine
-
-MAX_JSON_DEPTH = 64  # real requests (messages, JSON schemas) nest a dozen levels at most
+MAX_JSON_DEPTH = 64  # real requests (messages, JSON schemas, tools) nest a dozen levels at most
 MAX_MODEL_NAME = 256
+_INT_RANGE = (-(2**63), 2**64 - 1)  # what llama-server's JSON parser (nlohmann) holds as a number
+
+# Content parts that need a multimodal projector: OpenAI's image and audio parts, Anthropic's image blocks.
+MEDIA_PARTS = frozenset({"image_url", "input_audio", "image"})
 
 
 class ApiError(Exception):
@@ -36,27 +33,31 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
 
 
-# --- requests ----------------------------------------------------------------------------
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (JSON has no NaN or Infinity)")
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
     """A request body: a JSON object, nested at most MAX_JSON_DEPTH deep, whose strings are all valid
-    Unicode (JSON's "\\ud800" decodes to a lone surrogate no encoder accepts)."""
+    Unicode (JSON's "\\ud800" decodes to a lone surrogate no encoder accepts) and whose numbers are
+    finite and fit 64 bits. The body then goes to llama-server as it came: what passes here must
+    parse there the same way."""
     try:
-        body = json.loads(raw or b"{}")
+        body = json.loads(raw or b"{}", parse_constant=_no_constants)
     except RecursionError:
         raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
-    except ValueError as exc:  # also bytes that are not UTF-8
+    except ValueError as exc:  # also bytes that are not UTF-8, and integers of more than 4,300 digits
         raise ApiError(400, f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    stack: list[tuple[Any, int]] = [(body, 1)]
+    stack: list[tuple[Any, int, str | None]] = [(body, 1, None)]
     while stack:
-        value, depth = stack.pop()
+        value, depth, top = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
+            field = top if top is not None else str(key)
             for text in (key, item):
                 if isinstance(text, str) and not text.isascii():
                     try:
@@ -64,188 +65,62 @@ def parse_json(raw: bytes) -> dict[str, Any]:
                     except UnicodeEncodeError:
                         raise ApiError(400, "the JSON body holds an unpaired UTF-16 surrogate (such as \\ud800), which is not text") from None
             if isinstance(item, (dict, list)):
-                stack.append((item, depth + 1))
+                stack.append((item, depth + 1, field))
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise ApiError(400, f"'{field}' holds a number too large for a 64-bit float", param=field)
+            elif isinstance(item, int) and not isinstance(item, bool) and not _INT_RANGE[0] <= item <= _INT_RANGE[1]:
+                raise ApiError(400, f"'{field}' holds an integer that does not fit 64 bits", param=field)
     return body
 
 
-def sampling_from(body: dict[str, Any]) -> SamplingSettings:
-    """The request's sampling settings (llmctl/engine/sampling.py checks them); errors name the API's fields."""
-    try:
-        return from_request(body)
-    except SettingError as exc:
-        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else ""), param=exc.setting) from None
-
-
-def response_format_from(body: dict[str, Any]) -> dict[str, Any] | None:
-    fmt = body.get("response_format")
-    if fmt is None:
-        return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise ApiError(400, "'response_format.type' must be text, json_object or json_schema", param="response_format")
-    if fmt["type"] == "text":
-        return None
-    if fmt["type"] == "json_schema":
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ApiError(400, "'response_format.json_schema' must be an object with a 'schema' object", param="response_format")
-        result = {"type": "json_object", "schema": schema}
-    else:
-        result = {"type": "json_object", **({"schema": fmt["schema"]} if isinstance(fmt.get("schema"), dict) else {})}
-    return result
-
-
-def grammar_from(body: dict[str, Any]) -> Any:
-    """The request's response_format as a ready llama.cpp grammar (None for plain text): built once, here,
-    so that a bad schema is a 400 before anything queues or loads, and the worker reuses it."""
-    try:
-        return grammar_for(response_format_from(body))
-    except LlmctlError as exc:
-        raise ApiError(400, exc.message, param="response_format") from None
-
-
-def messages_from(body: dict[str, Any]) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"messages[{index}] needs a role of system, user or assistant", param="messages")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            texts = []
-            for part_index, part in enumerate(content):
-                if not isinstance(part, dict):
-                    raise ApiError(400, f"messages[{index}].content[{part_index}] must be an object", param="messages")
-                if part.get("type") == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise ApiError(400, f"messages[{index}].content[{part_index}].text must be a string", param="messages")
-                    texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts", param="messages")
-        out.append({"role": "system" if message["role"] == "developer" else message["role"], "content": content})
-    return out
-
-
-def prompt_from(body: dict[str, Any]) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be a string", param="prompt")
-    return prompt
-
-
-@dataclass
-class Job:
-    """One completion request, checked whole before it queues or loads anything."""
-
-    kind: str  # "chat" or "text"
-    model: str
-    sampling: SamplingSettings
-    grammar: Any  # from the response_format, built once when the request is checked; None: plain text
-    messages: list[dict[str, str]] | None
-    prompt: str | None
-    stream: bool
-    include_usage: bool
-
-    def generate(self, engine: Engine) -> Iterator[str | Result]:
-        """Start the job on ``engine``: its pieces, then one ``Result``."""
-        if self.kind == "chat":
-            assert self.messages is not None
-            return engine.chat(self.messages, self.sampling, grammar=self.grammar)
-        assert self.prompt is not None
-        return engine.complete(self.prompt, self.sampling, grammar=self.grammar)
-
-
-def job_from(kind: str, body: dict[str, Any]) -> Job:
+def model_name(body: dict[str, Any]) -> str:
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "'model' is required", param="model")
     if len(name) > MAX_MODEL_NAME:
         raise ApiError(400, f"'model' is longer than {MAX_MODEL_NAME} characters", param="model")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", param="stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    include_usage = (options or {}).get("include_usage")
-    if include_usage is not None and not isinstance(include_usage, bool):
-        raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options")
-    return Job(
-        kind,
-        name,
-        sampling_from(body),
-        grammar_from(body),
-        messages_from(body) if kind == "chat" else None,
-        prompt_from(body) if kind == "text" else None,
-        bool(stream),
-        bool(include_usage),
-    )
+    return name
 
 
-def context_error(exc: Exception) -> ApiError | None:
-    """llama.cpp's "Requested tokens (N) exceed context window of M" as the client's fault (400)."""
-    text = str(getattr(exc, "message", exc))
-    if "context window" in text.lower() or "n_ctx" in text.lower():
-        return ApiError(400, f"the prompt does not fit the model's context: {text}", param="messages")
-    return None
+def check_stop(body: dict[str, Any]) -> None:
+    """``stop`` (and Anthropic's ``stop_sequences``) bounded as ``run``'s ``--stop`` is: llama-server
+    checks every stop string at every token, so one request with 350,000 of them slowed every slot."""
+    for key in ("stop", "stop_sequences"):
+        stop = body.get(key)
+        strings = [stop] if isinstance(stop, str) else stop
+        if not isinstance(strings, list):
+            continue  # absent, or llama-server's to refuse
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"{len(strings)} stop strings, more than the {MAX_STOP_STRINGS} allowed", param=key)
+        for text in strings:
+            if isinstance(text, str) and len(text) > MAX_STOP_CHARS:
+                raise ApiError(400, f"a stop string of {len(text)} characters, longer than {MAX_STOP_CHARS}", param=key)
 
 
-# --- answers -----------------------------------------------------------------------------
+def media_parts(body: dict[str, Any]) -> bool:
+    """Whether a chat request's messages hold images or audio (which need the model's projector)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(part, dict) and part.get("type") in MEDIA_PARTS for part in content):
+            return True
+    return False
 
 
-def completion_id(kind: str) -> str:
-    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(timings: Timings) -> dict[str, int]:
-    return {
-        "prompt_tokens": timings.prompt_tokens,
-        "completion_tokens": timings.generated_tokens,
-        "total_tokens": timings.prompt_tokens + timings.generated_tokens,
-    }
-
-
-def full_response(kind: str, name: str, result: Result) -> dict[str, Any]:
-    """A whole answer: ``chat.completion`` or ``text_completion``."""
-    base = {"id": completion_id(kind), "created": int(time.time()), "model": name, "usage": usage(result.timings)}
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason, "logprobs": None}
-        return {**base, "object": "chat.completion", "choices": [choice]}
-    return {**base, "object": "text_completion", "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}]}
-
-
-class Chunks:
-    """The server-sent events of one streamed answer, all under one id and creation time."""
-
-    def __init__(self, kind: str, model: str) -> None:
-        self.kind, self.model = kind, model
-        self.ident = completion_id(kind)
-        self.created = int(time.time())
-
-    def delta(self, delta: dict[str, Any] | None, text: str | None, finish: str | None) -> str:
-        """A piece of the answer (or its end, with ``finish``): a chat ``delta`` or a completion's ``text``."""
-        if self.kind == "chat":
-            choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
-            data = {"id": self.ident, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]}
-        else:
-            data = {"id": self.ident, "object": "text_completion", "created": self.created, "model": self.model,
-                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}  # fmt: skip
-        return event(data)
-
-    def usage(self, timings: Timings) -> str:
-        """The last event, as OpenAI sends it: no choices, the completion's own id."""
-        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return event({"id": self.ident, "object": kind, "created": self.created, "model": self.model, "choices": [], "usage": usage(timings)})
-
-
-def event(data: Any) -> str:
+def event(data: Any) -> bytes:
     """One server-sent event."""
-    return f"data: {json.dumps(data)}\n\n"
+    return f"data: {json.dumps(data)}\n\n".encode()
 
 
-DONE = "data: [DONE]\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def stream_error(error: ApiError, anthropic: bool) -> bytes:
+    """The last events of a stream that failed midway: OpenAI's error event and ``[DONE]``, or, for the
+    Anthropic Messages API, its ``error`` event."""
+    if anthropic:
+        data = {"type": "error", "error": {"type": "api_error", "message": error.message}}
+        return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+    return event(error.body()) + DONE

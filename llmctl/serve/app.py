@@ -1,85 +1,132 @@
-"""An OpenAI-compatible local server over the model store: the HTTP front (routes, the API key,
-body limits, one log line per request) and the streaming of answers.
+"""serve's HTTP front: the API key, body limits, model names and one log line per request; every
+generation, embedding and rerank is passed to the model's ``llama-server`` child and its answer
+relayed as it comes.
 
-Why not llama-cpp-python's own server: it serves one model at a time (its
-proxy swaps models per request), and has no keep-alive expiry, no LRU of
-several loaded models within a memory budget, no per-model bounded queue
-answering 503 + Retry-After, and no model listing from llmctl's store. So the
-HTTP layer is a small FastAPI app of our own, on the same stack that server
-uses (FastAPI, uvicorn, SSE), and generation goes through llmctl's Engine
-(the same path as ``run``), loaded with each model's fit plan.
+What the front owns it checks and refuses in OpenAI's error format (``api.py``): the key on every
+route, the body's size and JSON, the model's name (404 for anything but a model of the store), a
+full queue (503 + Retry-After). The request body then goes to the child as it came (answers carry
+llmctl's name for the model: the child is started with it as its alias), and the child's status
+code and body come back unchanged, streams event by event. A child that dies mid-answer ends a
+stream with an error event (and ``data: [DONE]``), or answers 502; the next request starts it again.
 
-The rooms: ``api`` checks requests and shapes answers, ``pool`` holds the loaded models, this
-module joins them to HTTP. It logs to the "llmctl.serve.app" logger; ``llmctl serve`` writes
-the "llmctl.serve" loggers to stderr.
-
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``,
-``POST /v1/completions`` (streaming with server-sent events, or not),
-``GET /health``, and for ``llmctl ps`` / ``llmctl stop``: ``GET /api/ps``,
-``POST /api/stop``.
+Endpoints: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/rerank``,
+``/v1/messages`` and ``/v1/messages/count_tokens`` (Anthropic), passed through; ``GET /v1/models``
+and ``/v1/models/{id}`` from the store; ``GET /health``; for ``llmctl ps`` / ``llmctl stop``:
+``GET /api/ps``, ``POST /api/stop``. It logs to the "llmctl.serve.app" logger; ``llmctl serve``
+writes the "llmctl.serve" loggers to stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
-import threading
+import re
 import time
-from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request  # at module level: FastAPI resolves endpoint annotations from here
+from starlette.responses import StreamingResponse
 
 from llmctl.config import debug_enabled
-from llmctl.engine.base import EngineError, Result, Timings
 from llmctl.errors import LlmctlError
-from llmctl.serve.api import DONE, MAX_MODEL_NAME, ApiError, Chunks, Job, context_error, event, full_response, job_from, parse_json
+from llmctl.serve.api import MAX_MODEL_NAME, ApiError, check_stop, media_parts, model_name, parse_json, stream_error
 from llmctl.serve.pool import Loaded, ModelPool
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a few images, base64-encoded, in one chat request
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/messages", "/v1/messages/count_tokens")
+USAGE_WINDOW = 4096  # the end of an answer, where its usage and timings are
+CONNECT_TIMEOUT_S = 5.0
+
+
+class Guard:
+    """Outermost checks and the log line, as plain ASGI (no per-chunk cost on streams): the API key
+    (``Authorization: Bearer KEY``, or Anthropic's ``x-api-key: KEY``) on every route but
+    ``/health``, the declared body size, an error in OpenAI's format for any failure, and one line
+    per request with what the handler noted (model, tokens, time to first token)."""
+
+    def __init__(self, app: Any, api_key: str | None) -> None:
+        self.app = app
+        self.keys = [f"Bearer {api_key}".encode(), api_key.encode()] if api_key else []
+
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        if not self.keys:
+            return True
+        bearer, plain = self.keys
+        return hmac.compare_digest(headers.get(b"authorization", b""), bearer) or hmac.compare_digest(headers.get(b"x-api-key", b""), plain)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        state = scope.setdefault("state", {})
+        status = [0]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        length = headers.get(b"content-length", b"")
+        if scope["path"] != "/health" and not self.authorized(headers):
+            await _send_error(sending, ApiError(401, "invalid or missing API key", "authentication_error"))
+        elif length.isdigit() and int(length) > MAX_BODY_BYTES:
+            await _send_error(sending, ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes"))
+        else:
+            try:
+                await self.app(scope, receive, sending)
+            except Exception as exc:  # noqa: BLE001 - a bug answers 500 in OpenAI's format, logged on one line
+                log.error(f"{scope['method']} {scope['path'][:200]} internal error: {type(exc).__name__}: {exc}", exc_info=debug_enabled())
+                if not status[0]:
+                    await _send_error(sending, ApiError(500, f"internal error: {type(exc).__name__}", "server_error"))
+        note = state.get("log")
+        shown = state.get("status") or status[0]
+        log.info(f"{scope['method']} {scope['path'][:200]} {shown} {time.perf_counter() - started:.3f}s" + (f" {note}" if note else ""))
+
+
+async def _send_error(send: Any, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(pool: ModelPool) -> Any:
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None)
-    api_key = pool.settings.api_key
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        pool.on_unload = lambda model: _close_client(model, loop)
+        reaping = loop.create_task(reaper(pool))
+        try:
+            yield
+        finally:
+            reaping.cancel()
+            log.info("shutting down: in-flight requests were given 5 s to finish")
+            # Here, not only after uvicorn returns: on SIGTERM uvicorn raises the signal again once
+            # it has shut down, and the process ends there.
+            await loop.run_in_executor(None, pool.close)
 
-    def authorized(request: Request) -> bool:
-        if not api_key:
-            return True
-        supplied = request.headers.get("authorization", "").encode("utf-8", "replace")
-        return hmac.compare_digest(supplied, f"Bearer {api_key}".encode())
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        started = time.perf_counter()
-        path = request.url.path
-        if path != "/health" and not authorized(request):
-            response = _error(ApiError(401, "invalid or missing API key", "authentication_error"))
-        elif (length := request.headers.get("content-length")) and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            response = _error(ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes"))
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # noqa: BLE001 - a bug answers 500 in OpenAI's format, logged on one line
-                log.error(f"{request.method} {path[:200]} internal error: {type(exc).__name__}: {exc}", exc_info=debug_enabled())
-                response = _error(ApiError(500, f"internal error: {type(exc).__name__}", "server_error"))
-        # Completions log their own line (model, tokens, timings) when they succeed.
-        if path not in ("/v1/chat/completions", "/v1/completions") or response.status_code != 200:
-            log.info(f"{request.method} {path[:200]} {response.status_code} {time.perf_counter() - started:.3f}s")
-        return response
+    app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(Guard, api_key=pool.settings.api_key)
 
     def _error(error: ApiError) -> Any:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> Any:
+    async def api_error(request: Request, exc: ApiError) -> Any:
+        if exc.status >= 500 or exc.status == 499:
+            request.state.log = (getattr(request.state, "log", "") + f" {exc.message}").strip()
         return _error(exc)
 
     @app.exception_handler(HTTPException)
@@ -88,22 +135,27 @@ def create_app(pool: ModelPool) -> Any:
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        if not authorized(request):  # names of loaded models only for those holding the key
+        guard = Guard(None, pool.settings.api_key)
+        if not guard.authorized(dict(request.scope["headers"])):  # names of loaded models only for those holding the key
             return {"status": "ok"}
         return {"status": "ok", "loaded": [m["name"] for m in pool.ps()]}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         names = await asyncio.get_running_loop().run_in_executor(pool.control, pool.names)
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "llmctl"} for n in names]}
+        return {"object": "list", "data": [_model_record(n) for n in names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        return _model_record(await asyncio.get_running_loop().run_in_executor(pool.control, pool.canonical, model_id[: MAX_MODEL_NAME + 1]))
 
     @app.get("/api/ps")
     async def ps() -> dict[str, Any]:
-        return {"models": pool.ps(), "keep_alive_s": pool.settings.keep_alive, "max_loaded": pool.settings.max_loaded}
+        return {"models": pool.ps(), "keep_alive_s": pool.settings.keep_alive, "max_loaded": pool.settings.max_loaded, "max_queue": pool.settings.max_queue}
 
     @app.post("/api/stop")
     async def stop(request: Request) -> Any:
-        body = await _json_body(request)
+        body = parse_json(await _body(request))
         name = body.get("model")
         if not isinstance(name, str) or len(name) > MAX_MODEL_NAME:
             raise ApiError(400, f"'model' must be a string of at most {MAX_MODEL_NAME} characters", param="model")
@@ -111,47 +163,188 @@ def create_app(pool: ModelPool) -> Any:
             raise ApiError(404, f"model '{name}' is not loaded", param="model")
         return {"stopped": name}
 
-    async def _json_body(request: Request) -> dict[str, Any]:
-        raw = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: a chunked upload has no Content-Length
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        return parse_json(bytes(raw))
-
-    async def completion(request: Request, kind: str) -> Any:
-        job = job_from(kind, await _json_body(request))  # all checked before queueing or loading
+    async def proxy(request: Request) -> Any:
+        raw = await _body(request)
+        body = parse_json(raw)  # all checked before queueing or loading
+        name = model_name(body)
+        check_stop(body)
+        path = request.url.path
         # A client that leaves while its model loads gives its place back (the load itself goes on).
-        model = await _unless_client_leaves(request, pool.acquire_async(job.model))
+        model = await _unless_client_leaves(request, pool.acquire_async(name))
+        request.state.log = f"model={model.name}"
         started = time.perf_counter()
-        if job.stream:
-            return StreamingResponse(
-                _stream(request, pool, model, job, started), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )  # generation is queued now and releases the model itself, even if the client never reads
-        cancelled = threading.Event()
-        future = pool.submit(model, lambda: _generate_now(model, job, None, cancelled))
-
-        def stop() -> None:
-            cancelled.set()  # a running generation stops at its next token
-            future.cancel()  # one still waiting for its turn never starts, and frees its place now
-
         try:
-            result = await _unless_client_leaves(request, asyncio.wrap_future(future), on_leave=stop)
-        except asyncio.CancelledError:
-            stop()
+            _check_fit(path, body, model)
+            upstream = await _unless_client_leaves(request, _send(pool, model, path, raw))
+        except BaseException:
+            pool.release(model)
             raise
-        _log_request(job.kind, model.name, result, started, 200)
-        return full_response(job.kind, model.name, result)
+        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            events = _relay(request, pool, model, upstream, started, anthropic=path.startswith("/v1/messages"))
+            return Relay(events, status_code=upstream.status_code, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            content = await _unless_client_leaves(request, upstream.aread())
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the child went away mid-answer
+            raise await _child_failed(model, exc) from None
+        finally:
+            await upstream.aclose()
+            pool.release(model)
+        request.state.log += _usage_note(content[-USAGE_WINDOW:], started, None)
+        return Response(content, status_code=upstream.status_code, media_type=upstream.headers.get("content-type", "application/json"))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        return await completion(request, "chat")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
-        return await completion(request, "text")
+    for path in PROXIED:
+        app.post(path)(proxy)
 
     return app
+
+
+def _model_record(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llmctl"}
+
+
+async def _body(request: Any) -> bytes:
+    raw = bytearray()
+    async for chunk in request.stream():  # counted as it arrives: a chunked upload has no Content-Length
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    return bytes(raw)
+
+
+def _check_fit(path: str, body: dict[str, Any], model: Loaded) -> None:
+    """Refuse clearly what the model cannot do, rather than with llama-server's 500s and 501s."""
+    spec = model.child.spec
+    if path == "/v1/rerank" and not spec.reranker:
+        raise ApiError(400, f"model '{model.name}' is not a reranker (its GGUF has no 'rank' pooling); /v1/rerank needs a reranking model", param="model")
+    if path in ("/v1/chat/completions", "/v1/messages") and spec.mmproj is None and media_parts(body):
+        raise ApiError(
+            400, f"model '{model.name}' has no multimodal projector (mmproj), so it cannot read images or audio; pull a repo that has an mmproj file",
+            param="messages",
+        )  # fmt: skip
+
+
+def _client(model: Loaded) -> Any:
+    """The model's HTTP client to its child: kept-alive connections, no read timeout (a generation
+    takes as long as it takes), a connect timeout."""
+    if model.client is None:
+        import httpx2 as httpx
+
+        address = model.child.address
+        model.client = httpx.AsyncClient(
+            base_url=address.base_url,
+            transport=httpx.AsyncHTTPTransport(uds=str(address.uds)) if address.uds is not None else httpx.AsyncHTTPTransport(),
+            timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=None, write=60.0, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0),
+            headers={"accept-encoding": "identity", **address.headers()},
+        )
+    return model.client
+
+
+def _close_client(model: Loaded, loop: asyncio.AbstractEventLoop) -> None:
+    """Close an unloaded model's client on the event loop (unloads happen on other threads)."""
+    client, model.client = model.client, None
+    if client is not None and not loop.is_closed():
+        try:
+            asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+        except RuntimeError:
+            pass  # the loop has stopped: the process is ending
+
+
+async def _send(pool: ModelPool, model: Loaded, path: str, raw: bytes) -> Any:
+    client = _client(model)
+    request = client.build_request("POST", path, content=raw, headers={"content-type": "application/json"})
+    try:
+        return await client.send(request, stream=True)
+    except Exception as exc:  # noqa: BLE001 - httpx's transport errors: the child is gone or not answering
+        raise await _child_failed(model, exc) from None
+
+
+async def _child_failed(model: Loaded, exc: BaseException) -> ApiError:
+    """The error for a request whose child stopped answering; the pool hears of it at once."""
+    for _ in range(25):  # the socket closes a moment before the process can be reaped
+        if not model.alive:
+            break
+        await asyncio.sleep(0.02)
+    state = model.child.state()
+    if model.alive:
+        why = f"the llama-server of model '{model.name}' stopped answering ({type(exc).__name__})"
+    else:
+        why = f"the llama-server of model '{model.name}' {state} mid-answer; it starts again on the next request"
+    return ApiError(502, why, "server_error")
+
+
+class Relay(StreamingResponse):
+    """A stream whose events are closed however the response ends (the client gone, the server
+    stopping): that closes the child's request, so llama-server frees the slot at once."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def _relay(request: Any, pool: ModelPool, model: Loaded, upstream: Any, started: float, *, anthropic: bool) -> AsyncIterator[bytes]:
+    """The child's server-sent events, passed on as whole events as they arrive; if the child fails
+    midway, the part of an event it sent is dropped and an error event ends the stream."""
+    tail = b""
+    recent = b""
+    first: float | None = None
+    ended = False
+    failed: ApiError | None = None
+    try:
+        try:
+            async for chunk in upstream.aiter_raw():
+                data = tail + chunk if tail else chunk
+                cut = data.rfind(b"\n\n") + 2
+                if cut < 2:
+                    tail = data
+                    continue
+                out, tail = data[:cut], data[cut:]
+                recent = out[-USAGE_WINDOW:] if len(out) >= USAGE_WINDOW else (recent + out)[-USAGE_WINDOW:]
+                if first is None:
+                    first = time.perf_counter()
+                yield out
+            if tail:
+                yield tail
+        except Exception as exc:  # noqa: BLE001 - httpx's read errors: the child went away
+            failed = await _child_failed(model, exc)
+            yield stream_error(failed, anthropic)
+        ended = True
+    finally:
+        await upstream.aclose()
+        pool.release(model)
+        state = request.state
+        state.log = getattr(state, "log", "") + _usage_note(recent, started, first) + " stream"
+        if failed is not None:
+            state.status = failed.status
+            state.log += f": {failed.message}"
+        elif not ended:
+            state.status = 499
+            state.log += " (the client went away)"
+
+
+_NUMBERS = [
+    (re.compile(rb'"prompt_n":\s*(\d+)'), re.compile(rb'"predicted_n":\s*(\d+)')),  # llama-server's timings
+    (re.compile(rb'"prompt_tokens":\s*(\d+)'), re.compile(rb'"completion_tokens":\s*(\d+)')),  # OpenAI's usage
+    (re.compile(rb'"input_tokens":\s*(\d+)'), re.compile(rb'"output_tokens":\s*(\d+)')),  # Anthropic's usage
+]
+
+
+def _usage_note(end: bytes, started: float, first: float | None) -> str:
+    """`` in=N out=M ttft=…`` from the end of an answer (its usage or timings), for the log line."""
+    note = ""
+    for prompt, generated in _NUMBERS:
+        found = prompt.findall(end)
+        if found:
+            out = generated.findall(end)
+            note = f" in={int(found[-1])}" + (f" out={int(out[-1])}" if out else "")
+            break
+    if first is not None:
+        note += f" ttft={first - started:.3f}s"
+    return note
 
 
 async def _client_left(request: Any) -> None:
@@ -159,8 +352,8 @@ async def _client_left(request: Any) -> None:
 
     Only once the body has been read: from then on the server's ``receive``
     has nothing else to give. Neither uvicorn nor Starlette cancels a request
-    whose client leaves before its answer begins, so a non-streaming request
-    has to watch for it itself.
+    whose client leaves before its answer begins, so a request has to watch
+    for it itself until the child's answer starts.
     """
     while (await request.receive())["type"] != "http.disconnect":
         await asyncio.sleep(0.1)  # nothing else should come; never spin if it does
@@ -182,169 +375,23 @@ async def _unless_client_leaves(request: Any, awaitable: Any, on_leave: Callable
     if task.done():
         return task.result()
     task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     if on_leave is not None:
         on_leave()
     raise ApiError(499, "the client closed the connection before the answer", "client_closed")
 
 
-def _generate_now(model: Loaded, job: Job, sink: Callable[[str], bool] | None, cancelled: threading.Event) -> Result:
-    """Generate on the model's thread (so one request at a time per model); feed pieces to ``sink``.
-
-    Every failure becomes an ApiError: the model's thread and busy count come back whatever happens.
-    """
-    if cancelled.is_set():  # the client left while waiting for its turn
-        return Result("", "cancelled", Timings())
-    result = None
-    try:
-        stream = job.generate(model.engine)
-        for piece in stream:
-            if isinstance(piece, Result):
-                result = piece
-            elif cancelled.is_set() or (sink is not None and not sink(piece)):
-                _close(stream)  # the client went away: stop generating
-                return Result("", "cancelled", getattr(model.engine, "last_timings", None) or Timings())
-    except ApiError:
-        raise
-    except EngineError as exc:
-        raise context_error(exc) or ApiError(500, exc.message, "server_error") from None
-    except Exception as exc:  # noqa: BLE001 - reported to the client; the server lives on
-        raise ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error") from None
-    if result is None:
-        raise ApiError(500, "generation ended without a result", "server_error")
-    return result
-
-
-def _close(stream: Any) -> None:
-    """Stop a generation midway: closing its generator ends llama.cpp's loop (and records its timings)."""
-    close = getattr(stream, "close", None)
-    if close is not None:
-        close()
-
-
-def _log_request(kind: str, name: str, result: Result, started: float, status: int) -> None:
-    t = result.timings
-    log.info(f"POST /v1/{'chat/' if kind == 'chat' else ''}completions model={name} in={t.prompt_tokens} out={t.generated_tokens} "
-             f"ttft={t.ttft_s:.3f}s total={time.perf_counter() - started:.3f}s {status} {result.finish_reason}")  # fmt: skip
-
-
-class _Handoff:
-    """Pieces from the generation thread to the event loop, waking the loop only when it waits.
-
-    A wake-up per token (call_soon_threadsafe) costs a syscall and a loop turn
-    that compete with llama.cpp for the CPU; here the loop sleeps a few
-    milliseconds between events and takes whatever arrived meanwhile.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.items: list[tuple[str, Any]] = []
-        self.lock = threading.Lock()
-        self.waiter: asyncio.Future[None] | None = None
-
-    def put(self, item: tuple[str, Any]) -> None:
-        with self.lock:
-            self.items.append(item)
-            waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            self.loop.call_soon_threadsafe(_wake, waiter)
-
-    async def take(self, timeout: float) -> list[tuple[str, Any]]:
-        with self.lock:
-            if not self.items:
-                self.waiter = self.loop.create_future()
-            waiter = self.waiter
-        if waiter is not None:
-            try:
-                await asyncio.wait_for(waiter, timeout)
-            except asyncio.TimeoutError:
-                pass
-        with self.lock:
-            self.waiter = None
-            items, self.items = self.items, []
-        return items
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-PACE_S = 0.02  # between stream events: at most ~50 events/s (smooth to the eye), tokens beyond that share an event
-
-
-def _stream(request: Any, pool: ModelPool, model: Loaded, job: Job, started: float) -> Any:
-    """Queue the generation on the model's thread now; return the async generator of SSE events that relays it."""
-    handoff = _Handoff(asyncio.get_running_loop())
-    cancelled = threading.Event()
-
-    def sink(piece: str) -> bool:
-        handoff.put(("piece", piece))
-        return not cancelled.is_set()
-
-    def worker() -> None:
-        try:
-            handoff.put(("done", _generate_now(model, job, sink, cancelled)))
-        except ApiError as exc:
-            handoff.put(("error", exc))
-        except Exception as exc:  # noqa: BLE001 - reported to the client as a stream error
-            handoff.put(("error", ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")))
-
-    future = pool.submit(model, worker)
-    return _relay(request, model, job, handoff, cancelled, future, started)
-
-
-async def _relay(
-    request: Any, model: Loaded, job: Job, handoff: _Handoff, cancelled: threading.Event, future: Future[None], started: float
-) -> AsyncIterator[str]:
-    """The SSE events of one stream. It always ends with ``data: [DONE]``, after an error event if
-    generation failed, unless the client went away."""
-    status = 200
-    chunks = Chunks(job.kind, model.name)
-    try:
-        if job.kind == "chat":
-            yield chunks.delta({"role": "assistant", "content": ""}, None, None)
-        finished = False
-        while not finished:
-            items = await handoff.take(0.5)
-            if not items and await request.is_disconnected():
-                status = 499
-                break
-            text = "".join(value for what, value in items if what == "piece")
-            if text:
-                yield chunks.delta({"content": text}, text, None)
-            for what, value in items:
-                if what == "done":
-                    yield chunks.delta({}, "", value.finish_reason)
-                    if job.include_usage:
-                        yield chunks.usage(value.timings)
-                    yield DONE
-                    _log_request(job.kind, model.name, value, started, 200)
-                    finished = True
-                elif what == "error":
-                    status = value.status
-                    yield event(value.body())
-                    yield DONE
-                    log.info(f"POST stream model={model.name} {status}: {value.message}")
-                    finished = True
-            if text and not finished:
-                await asyncio.sleep(PACE_S)
-    finally:
-        cancelled.set()
-        if status == 499:
-            log.info(f"POST stream model={model.name} {status} (client went away)")
-        if not future.cancel():  # still waiting for its turn: it never starts
-            # Wait for the generation to notice, holding no thread meanwhile.
-            await asyncio.wrap_future(future)
-
-
 async def reaper(pool: ModelPool) -> None:
+    """Every half second: unload what keep-alive lets go, and notice children that ended."""
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(0.5)
-        await asyncio.get_running_loop().run_in_executor(pool.control, pool.expire)
+        await loop.run_in_executor(pool.control, pool.expire)
+        pool.check_children()
 
 
 def run_server(pool: ModelPool, host: str, port: int, preload: list[str]) -> None:
-    """Check the port, load the named models, then serve until Ctrl-C / SIGTERM."""
+    """Check the port, load the named models, then serve until Ctrl-C / SIGTERM; the children end with it."""
     import socket
 
     import uvicorn
@@ -355,28 +402,19 @@ def run_server(pool: ModelPool, host: str, port: int, preload: list[str]) -> Non
             probe.bind((host, port))
     except OSError as exc:
         raise LlmctlError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="choose another --port, or stop what uses it") from None
-    for name in preload:
-        try:
-            model = pool.acquire(name)
-        except ApiError as exc:
-            raise LlmctlError(f"cannot serve '{name}': {exc.message}") from None
-        pool.release(model)
-        log.info(f"loaded {model.name}")
-    app = create_app(pool)
-
-    @app.on_event("startup")
-    async def _start() -> None:
-        asyncio.get_running_loop().create_task(reaper(pool))
-
-    @app.on_event("shutdown")
-    async def _stop() -> None:
-        log.info("shutting down: in-flight requests were given 5 s to finish")
-
-    log.info(f"serving on http://{host}:{port}/v1 (models: {', '.join(pool.names()) or 'none yet'})")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    except SystemExit as exc:  # uvicorn exits on start-up failures it has already logged
-        if exc.code not in (0, None):
-            raise LlmctlError(f"the server could not start on {host}:{port}") from None
+        for name in preload:
+            try:
+                model = pool.acquire(name)
+            except ApiError as exc:
+                raise LlmctlError(f"cannot serve '{name}': {exc.message}") from None
+            pool.release(model)
+        app = create_app(pool)
+        log.info(f"serving on http://{host}:{port}/v1 (models: {', '.join(pool.names()) or 'none yet'})")
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        except SystemExit as exc:  # uvicorn exits on start-up failures it has already logged
+            if exc.code not in (0, None):
+                raise LlmctlError(f"the server could not start on {host}:{port}") from None
     finally:
         pool.close()

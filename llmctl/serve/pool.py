@@ -1,11 +1,17 @@
-"""The models a server holds: loaded on demand, kept for keep-alive, unloaded least recently used
-first within ``--max-loaded`` and the memory budget, each with its bounded queue.
+"""The models a server holds, each in a ``llama-server`` child of its own: loaded on demand, kept for
+keep-alive, unloaded least recently used first within ``--max-loaded`` and the memory budget, each
+with a bounded number of requests in flight.
 
 The pool is the front's bookkeeping (as Ollama's scheduler and llama-swap are): names, loading,
-keep-alive, memory budgets and queue places. What serves a loaded model is made by its
-``loader`` (a field, like the clock: tests give fakes): today an in-process engine per model,
-fed by one generation thread of its own; an engine in a process of its own can take its place
-behind the same ``plan``/``load`` seam.
+keep-alive, memory budgets and places in the queue. Generation is llama-server's: a model's slots
+decode together (continuous batching) and up to ``--max-queue`` more requests wait in its queue.
+What starts a child is the ``loader`` (a field, like the clock: tests give one that starts a fake
+llama-server, or none at all).
+
+Why a child per model and not llama-server's router mode (``--models-preset``): the pool already
+owns names from the store, load on demand, keep-alive and LRU within a memory budget, and each
+model gets its own fit plan (GPU layers, context, slots, KV types, flash attention), which a
+router's presets would have to repeat; a child per model also keeps a crash to that model.
 
 It answers in the API's terms (``ApiError``: 404 for a name it cannot serve, 503 with
 Retry-After for a full queue) and logs what it does to the "llmctl.serve.pool" logger.
@@ -19,77 +25,138 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from llmctl.errors import AmbiguousNameError, LlmctlError, NotFoundError, UsageError
 from llmctl.serve.api import ApiError
 
 if TYPE_CHECKING:
-    from llmctl.engine.base import Engine
+    from llmctl.engine.server_process import Address, ServerSpec
     from llmctl.models.store import Store
 
 log = logging.getLogger(__name__)
 
-CONTROL_THREADS = 4  # store look-ups, listings, unloads: never shared with generation or loading
+CONTROL_THREADS = 4  # store look-ups, listings, unloads: never shared with loading
+LOAD_TIMEOUT_S = 300.0
 
 
 @dataclass
 class ServerSettings:
     keep_alive: float = 300.0  # seconds a model stays loaded after its last request; < 0: for ever
     max_loaded: int = 2
-    max_queue: int = 8  # requests waiting per model before 503
+    max_queue: int = 8  # requests waiting per model, beyond its slots, before 503
     ctx: int | None = None
     api_key: str | None = None
     parallel: int | None = None  # slots per model (llama-server -np); None: the fit plan's choice
+    load_timeout: float = LOAD_TIMEOUT_S  # for a child to answer /health after it starts
+
+
+class Child(Protocol):
+    """A loaded model's server: ``engine.server_process.ServerProcess``, or a test's stand-in."""
+
+    spec: ServerSpec
+    address: Address
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+    def exit_code(self) -> int | None: ...
+
+    def state(self) -> str: ...
+
+    def terminate(self) -> None:
+        """Ask it to end (SIGTERM), without waiting."""
+        ...
+
+    def stop(self) -> None:
+        """End it and wait (SIGKILL after a grace period)."""
+        ...
 
 
 class Loader(Protocol):
     """How the pool loads a model: first its plan (the memory it will take, weighed against the
-    budget before anything is unloaded), then the engine that serves it."""
+    budget before anything is unloaded), then the child that serves it."""
 
     def plan(self, name: str) -> tuple[int, Any]:
         """The bytes the model will take, and what ``load`` needs."""
         ...
 
-    def load(self, planned: Any) -> Engine: ...
+    def load(self, planned: Any) -> Child: ...
+
+    def close(self) -> None: ...
 
 
-class PlannedLoader:
-    """The pool's loader in use: the model's fit plan (whose estimate the memory budget uses), then
-    the engine ``llmctl.engine.runner`` makes from it (the same path as ``run``)."""
+class ChildLoader:
+    """The pool's loader in use: the model's serving plan (``fit``'s, with slots), then a llama-server
+    child started with it. ``command`` is what runs instead of llama-server (tests: a fake one)."""
 
-    def __init__(self, store: Store, ctx: int | None) -> None:
-        self.store, self.ctx = store, ctx
+    def __init__(self, store: Store, settings: ServerSettings, *, command: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        from llmctl.engine.server_process import Sockets
+
+        self.store, self.settings, self.command, self.env = store, settings, command, env
+        self.sockets = Sockets()
+        self._templates: Any = None  # a TemplateWorker, started at the first load
 
     def plan(self, name: str) -> tuple[int, Any]:
-        from llmctl.engine.runner import plan_model
+        from llmctl.engine.server_process import plan_server
         from llmctl.plan.fit import Overrides
 
-        planned = plan_model(self.store, name, Overrides(n_ctx=self.ctx))
-        return planned.plan.chosen.estimate.total, planned
+        planned = plan_server(self.store, name, Overrides(n_ctx=self.settings.ctx, parallel=self.settings.parallel, serving=True))
+        return planned.memory, planned
 
-    def load(self, planned: Any) -> Engine:
-        from llmctl.engine.runner import LoadFeedback, load_planned
+    def load(self, planned: Any) -> Child:
+        from llmctl.config import get_settings
+        from llmctl.engine import native
+        from llmctl.engine.server_process import check_chat_template, log_path_for, start_server
 
-        return load_planned(self.store, planned, feedback=LoadFeedback(note=log.warning)).engine
+        for warning in planned.warnings:
+            log.warning(warning)
+        if self._templates is None:
+            from llmctl.engine.chat_template import TemplateWorker
 
+            self._templates = TemplateWorker()
+        check_chat_template(self._templates, planned.chat_template)
+        spec = planned.spec
+        command = self.command or [str(native.require("llama-server"))]
+        return start_server(
+            spec.alias,
+            spec,
+            command=command,
+            address=self.sockets.next(),
+            log_path=log_path_for(get_settings().home / "logs", spec.alias),
+            deadline_s=self.settings.load_timeout,
+            env=self.env,
+        )
 
-def _generation_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmctl-generate")
+    def close(self) -> None:
+        self.sockets.close()
+        if self._templates is not None:
+            self._templates.close()
 
 
 @dataclass
 class Loaded:
     name: str
-    engine: Engine
+    child: Child
     memory: int
     loaded_at: float
     last_used: float
-    busy: int = 0  # requests running or waiting
-    # One thread per model: its queue is the model's queue (one generation at a time), and a
-    # request waiting for its turn holds no thread that other routes or models need.
-    executor: ThreadPoolExecutor = field(default_factory=_generation_thread)
+    busy: int = 0  # requests in flight: decoding in a slot or waiting for one
+    reported: bool = False  # its end has been logged
+    client: Any = None  # the HTTP client to its child, made by the front on first use
+
+    @property
+    def slots(self) -> int:
+        return self.child.spec.slots
+
+    @property
+    def alive(self) -> bool:
+        return self.child.exit_code() is None
 
     def expires_at(self, keep_alive: float) -> float | None:
         return None if keep_alive < 0 else self.last_used + keep_alive
@@ -113,10 +180,11 @@ class ModelPool:
     def __init__(self, store: Store, settings: ServerSettings, loader: Loader | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.settings = settings
-        self.loader: Loader = loader or PlannedLoader(store, settings.ctx)
+        self.loader: Loader = loader or ChildLoader(store, settings)
         self.clock = clock  # when models were used, for keep-alive and least-recently-used
         self.models: dict[str, Loaded] = {}
-        self._guard = threading.Lock()  # the dict, busy counts, load/unload decisions
+        self.on_unload: Callable[[Loaded], None] = lambda _model: None  # the front closes its client
+        self._guard = threading.Lock()  # the dict, busy counts, load/unload decisions; never held while a child stops
         self._load_lock = threading.Lock()  # one load at a time
         self._waiting_loads: dict[str, int] = {}
         # Names clients used for loaded models → the store's name, valid while the index is unchanged
@@ -125,6 +193,9 @@ class ModelPool:
         self._names: dict[str, str] = {}
         self._names_stamp: Any = None
         self.control = ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="llmctl-control")
+        # Children are started on this one long-lived thread (or the main thread, for the models
+        # named on the command line): Linux's PR_SET_PDEATHSIG kills a child when the thread that
+        # started it ends, so it must not be a thread that comes and goes.
         self._loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmctl-load")
 
     def names(self) -> list[str]:
@@ -137,9 +208,9 @@ class ModelPool:
         from llmctl.plan.hardware import get_hardware
 
         hw = get_hardware(get_settings())
-        # A live probe's available RAM already excludes the loaded models; a profile's is what the
-        # described machine has free before anything is loaded.
-        held = sum(m.memory for m in self.models.values()) if hw.source == "live" else 0
+        # A live probe's available RAM already excludes the running children; a profile's is what
+        # the described machine has free before anything is loaded.
+        held = sum(m.memory for m in self.models.values() if m.alive) if hw.source == "live" else 0
         return hw.ram_available + held - RAM_MARGIN
 
     # --- names ---------------------------------------------------------------------------
@@ -192,14 +263,22 @@ class ModelPool:
     # --- taking a model, loading it ------------------------------------------------------
 
     def _claim(self, canonical: str) -> Loaded | None:
-        """Count a request on the loaded model (None if it is not loaded); 503 past the queue."""
+        """Count a request on the loaded model (None if it is not loaded, or its child has ended:
+        it is then loaded afresh); 503 when its slots and queue are full."""
         with self._guard:
             model = self.models.get(canonical)
-            if model is not None:
-                if model.busy > self.settings.max_queue:
-                    raise ApiError(503, f"model '{canonical}' is busy ({model.busy} requests queued)", "server_error", headers={"Retry-After": "1"})
-                model.busy += 1
-                model.last_used = self.clock()
+            if model is None:
+                return None
+            if not model.alive:
+                return None
+            limit = model.slots + self.settings.max_queue
+            if model.busy >= limit:
+                raise ApiError(
+                    503, f"model '{canonical}' is busy ({model.slots} slot(s) in use, {model.busy - model.slots} request(s) queued)", "server_error",
+                    headers={"Retry-After": "1"},
+                )  # fmt: skip
+            model.busy += 1
+            model.last_used = self.clock()
             return model
 
     def acquire(self, name: str) -> Loaded:
@@ -255,64 +334,73 @@ class ModelPool:
             except LlmctlError as exc:
                 raise ApiError(500, f"model '{canonical}' cannot be loaded: {exc.message}", "server_error") from None
             with self._guard:
-                self._make_room(memory)
+                ended = [(m, f"its llama-server {m.child.state()}") for m in self.models.values() if not m.alive]
+                for model, _why in ended:
+                    self._forget(model)
+                victims = self._make_room(memory)
+            self._stop(ended + victims)
             try:
-                engine = self.loader.load(planned)
+                child = self.loader.load(planned)
             except LlmctlError as exc:
+                log.error(f"{canonical} failed to load: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
                 raise ApiError(500, f"model '{canonical}' failed to load: {exc.message}", "server_error") from None
             except Exception as exc:  # noqa: BLE001 - one bad file must not take the server down
                 raise ApiError(500, f"model '{canonical}' failed to load: {type(exc).__name__}: {exc}", "server_error") from None
+            log.info(f"loaded {canonical} ({child.spec.slots} slot(s) of {child.spec.n_ctx} tokens, pid {child.pid}, log {child.log_path})")
             now = self.clock()
             with self._guard:
-                model = Loaded(canonical, engine, memory, now, now, busy=1)
+                model = Loaded(canonical, child, memory, now, now, busy=1)
                 self.models[canonical] = model
                 return model
-
-    # --- a request's turn ----------------------------------------------------------------
-
-    def submit(self, model: Loaded, work: Callable[[], Any]) -> Future[Any]:
-        """Queue ``work`` on the model's own thread; the request stops counting as busy when it ends,
-        however it ends (finished, failed, cancelled before its turn)."""
-        try:
-            future = model.executor.submit(work)
-        except RuntimeError:  # unloaded meanwhile (cannot happen while busy; belt and braces)
-            self.release(model)
-            raise ApiError(503, f"model '{model.name}' was unloaded; try again", "server_error", headers={"Retry-After": "1"}) from None
-        future.add_done_callback(lambda _: self.release(model))
-        return future
 
     def release(self, model: Loaded) -> None:
         with self._guard:
             model.busy -= 1
             model.last_used = self.clock()
 
+    # --- children that end ---------------------------------------------------------------
+
+    def check_children(self) -> None:
+        """Log, once, each child that has ended; the next request for its model starts it again."""
+        with self._guard:
+            ended = [m for m in self.models.values() if not m.reported and not m.alive]
+            for model in ended:
+                model.reported = True
+        for model in ended:
+            log.warning(f"{model.name}: llama-server {model.child.state()}; it starts again on the next request (log {model.child.log_path})")
+
     # --- unloading -----------------------------------------------------------------------
 
-    def _make_room(self, memory: int) -> None:
-        """Unload idle models, least recently used first, until one more model of ``memory`` bytes fits
-        both ``--max-loaded`` and the memory budget (per the planner's estimates)."""
+    def _make_room(self, memory: int) -> list[tuple[Loaded, str]]:
+        """Take idle models out, least recently used first, until one more model of ``memory`` bytes
+        fits both ``--max-loaded`` and the memory budget (per the planner's estimates); returns them
+        and why, to be stopped once the guard is let go."""
         budget = self._memory_budget()
+        victims = []
         while self.models and (len(self.models) + 1 > self.settings.max_loaded or sum(m.memory for m in self.models.values()) + memory > budget):
             idle = [m for m in self.models.values() if m.busy == 0]
             if not idle:
                 raise ApiError(503, "every loaded model is busy; try again shortly", "server_error", headers={"Retry-After": "2"})
             victim = min(idle, key=lambda m: m.last_used)
-            self._unload(victim.name, "making room" if len(self.models) >= self.settings.max_loaded else "making room in memory")
+            victims.append((victim, "making room" if len(self.models) >= self.settings.max_loaded else "making room in memory"))
+            self._forget(victim)
+        return victims
 
-    def _unload(self, name: str, why: str) -> None:
-        model = self.models.pop(name, None)
-        for client_name in [k for k, v in self._names.items() if v == name]:
+    def _forget(self, model: Loaded) -> None:
+        """Out of the pool (under the guard); its child is stopped by ``_stop``."""
+        if self.models.get(model.name) is model:
+            del self.models[model.name]
+        for client_name in [k for k, v in self._names.items() if v == model.name]:
             del self._names[client_name]
-        if model is not None:
-            model.executor.shutdown(wait=False)  # idle: its thread ends at once
-            # frees llama.cpp's memory (and the engine's helpers) now, not at garbage collection
-            close = getattr(model.engine, "close", None) or getattr(model.engine.llm, "close", None)
-            if close is not None:
-                close()
-            log.info(f"unloaded {name} ({why})")
+
+    def _stop(self, models: list[tuple[Loaded, str]]) -> None:
+        for model, why in models:
+            model.child.stop()
+            self.on_unload(model)
+            log.info(f"unloaded {model.name} ({why})")
 
     def unload(self, name: str) -> bool:
-        """Unload a loaded model by its name (or another name of it); refuse while it is generating."""
+        """Unload a loaded model by its name (or another name of it); refuse while it has requests in flight."""
         try:
             canonical = self.canonical(name) if name else ""
         except ApiError:
@@ -321,24 +409,34 @@ class ModelPool:
             model = self.models.get(canonical)
             if model is None:
                 return False
-            if model.busy:
-                # llama.cpp's memory cannot be freed under a running generation.
+            if model.busy and model.alive:
                 raise ApiError(409, f"model '{model.name}' is busy ({model.busy} request(s)); try again when it is idle", "invalid_request_error", "model")
-            self._unload(model.name, "stopped")
-            return True
+            self._forget(model)
+        self._stop([(model, "stopped")])
+        return True
 
     def expire(self) -> None:
         """Unload the idle models whose keep-alive has run out."""
         now = self.clock()
         with self._guard:
+            expired = []
             for model in list(self.models.values()):
                 expiry = model.expires_at(self.settings.keep_alive)
                 if model.busy == 0 and expiry is not None and now >= expiry:
-                    self._unload(model.name, "keep-alive expired")
+                    self._forget(model)
+                    expired.append((model, "keep-alive expired"))
+        self._stop(expired)
 
     def close(self) -> None:
-        """Stop the pool's threads (queued work is dropped; running work finishes)."""
-        for executor in [self.control, self._loading, *(m.executor for m in self.models.values())]:
+        """Stop every child (SIGTERM together, then each waited for) and the pool's threads."""
+        with self._guard:
+            models = list(self.models.values())
+            self.models.clear()
+        for model in models:
+            model.child.terminate()  # all at once: each takes a moment to end
+        self._stop([(model, "the server is stopping") for model in models])
+        self.loader.close()
+        for executor in (self.control, self._loading):
             executor.shutdown(wait=False, cancel_futures=True)
 
     def ps(self) -> list[dict[str, Any]]:
@@ -350,12 +448,17 @@ class ModelPool:
 
 def _ps_record(model: Loaded, keep_alive: float, now: float) -> dict[str, Any]:
     expiry = model.expires_at(keep_alive)
+    spec = model.child.spec
     return {
         "name": model.name,
         "memory_bytes": model.memory,
-        "n_ctx": model.engine.n_ctx,
-        "n_gpu_layers": model.engine.config.n_gpu_layers,
+        "n_ctx": spec.n_ctx,
+        "n_gpu_layers": spec.n_gpu_layers,
+        "slots": spec.slots,
         "busy": model.busy,
+        "state": model.child.state(),
+        "pid": model.child.pid,
+        "log": str(model.child.log_path),
         "loaded_s_ago": round(now - model.loaded_at, 1),
         "expires_in_s": None if expiry is None else round(max(expiry - now, 0), 1),
     }

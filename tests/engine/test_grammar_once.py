@@ -1,6 +1,6 @@
-"""A response format's grammar is built once per request: where the request (or run's flags) is
-checked, then handed to the engine as it is. Converting a JSON schema is not free, and building it
-again in the worker and the engine repeated work on every request."""
+"""A response format's grammar is built once per run: where run's flags are checked, then handed to
+the engine as it is. Converting a JSON schema is not free, and building it again in the engine
+repeated the work. (serve hands response formats to llama-server, which builds its own.)"""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from llmctl.engine.fake import FakeEngine
 from llmctl.errors import EXIT_USAGE
-from tests.serve.inprocess import serving
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
@@ -43,39 +41,6 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(LlamaGrammar, "from_json_schema", staticmethod(counted_schema))
     monkeypatch.setattr(LlamaGrammar, "from_string", staticmethod(counted_string))
     return made
-
-
-@pytest.fixture
-def model_a(cli, make_gguf) -> str:
-    r = cli("import", make_gguf("a.Q8_0.gguf"), "--name", "a")
-    assert r.exit_code == 0, r.stderr
-    return "a"
-
-
-def test_serve_builds_a_requests_grammar_once(model_a: str, builds: list[str]) -> None:
-    from llama_cpp import LlamaGrammar
-
-    engine = FakeEngine(name=model_a)  # notes the grammar each reply was asked for (engine.calls)
-    chat = {"model": model_a, "messages": [{"role": "user", "content": "hi"}]}
-    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
-    with serving({model_a: engine}) as client:
-        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"model": model_a, "prompt": "hi"})):
-            for stream in (False, True):
-                builds.clear()
-                status, _ = client.call("POST", path, {**body, "stream": stream, "response_format": schema_format})
-                assert status == 200 and builds == ["schema"], (path, stream, builds)
-                assert isinstance(engine.calls[-1].grammar, LlamaGrammar)  # the one built, handed down as it is
-        builds.clear()
-        status, _ = client.call("POST", "/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}})
-        assert status == 200 and builds == ["json"]
-        builds.clear()
-        status, _ = client.call("POST", "/v1/chat/completions", chat)  # plain text: nothing built, no grammar passed
-        assert status == 200 and builds == [] and engine.calls[-1].grammar is None
-        started = engine.started
-        bad = {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}
-        status, answer = client.call("POST", "/v1/chat/completions", {**chat, "response_format": bad})
-        assert status == 400 and answer["error"]["param"] == "response_format"
-        assert engine.started == started  # refused before any generation
 
 
 @pytest.mark.slow  # llama.cpp on the demo model, a grammar-constrained reply per case

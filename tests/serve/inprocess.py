@@ -1,39 +1,35 @@
-"""serve in the test's own process: the pool over fake engines, uvicorn on a thread on a free
+"""serve in the test's own process: the pool starting fake llama-servers (tests/support/fake_llama_server.py,
+real child processes on Unix sockets) through its child-launcher seam, uvicorn on a thread on a free
 loopback port, and a raw HTTP client (the openai client cannot send most of what the tests try).
 
-The engines are ``llmctl.engine.fake.FakeEngine``s, handed out by name by ``FakeLoader``: their
-delays, gates and failures are under the test's control. The server's log goes to stderr as
-``llmctl serve`` writes it.
+The fakes' behaviour is under the test's control: at start through ``fake=`` (per model, see the
+fake's docstring), per request through a ``"fake"`` object in the body; what they did is in
+``client.stats(name)``. The server's log goes to stderr as ``llmctl serve`` writes it.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
+import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
-from llmctl.engine.fake import FakeEngine
+FAKE_SERVER = Path(__file__).parents[1] / "support" / "fake_llama_server.py"
 
 
-class FakeLoader:
-    """The pool's loader over fake engines: the engine named like the model, ``memory`` bytes each
-    (per name, or one figure for all); ``loads`` lists the names loaded, in order."""
+def fake_loader(store: Any, settings: Any, stats_dir: Path, fake: dict[str, Any] | None = None) -> Any:
+    """The pool's real loader, starting the fake llama-server instead of llama.cpp's."""
+    from llmctl.serve.pool import ChildLoader
 
-    def __init__(self, engines: dict[str, FakeEngine], memory: dict[str, int] | int = 1 << 20) -> None:
-        self.engines = engines
-        self.memory = memory
-        self.loads: list[str] = []
-
-    def plan(self, name: str) -> tuple[int, str]:
-        return (self.memory[name] if isinstance(self.memory, dict) else self.memory), name
-
-    def load(self, name: str) -> FakeEngine:
-        self.loads.append(name)
-        return self.engines[name]
+    env = {"LLMCTL_FAKE_SERVER": json.dumps(fake or {}), "LLMCTL_FAKE_DIR": str(stats_dir)}
+    return ChildLoader(store, settings, command=[sys.executable, str(FAKE_SERVER)], env=env)
 
 
 def free_port() -> int:
@@ -43,12 +39,19 @@ def free_port() -> int:
 
 
 class Client:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, stats_dir: Path, pool: Any) -> None:
         self.port = port
+        self.stats_dir = stats_dir
+        self.pool = pool
 
     def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any]:
         """Raw HTTP: ``body`` as bytes goes out as it is; anything else as JSON. Returns status and
         the parsed JSON answer (the text of a stream)."""
+        status, _headers, answer = self.exchange(method, path, body, headers, timeout)
+        return status, answer
+
+    def exchange(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, Any, Any]:
+        """``call``, with the answer's headers."""
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -58,23 +61,37 @@ class Client:
         finally:
             conn.close()
         if response.getheader("content-type", "").startswith("text/event-stream"):
-            return response.status, raw.decode()
-        return response.status, json.loads(raw) if raw else None
+            return response.status, response.headers, raw.decode()
+        return response.status, response.headers, json.loads(raw) if raw else None
 
     def ps(self, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         return self.call("GET", "/api/ps", headers=headers)[1]["models"]
 
+    def stats(self, name: str) -> dict[str, Any]:
+        """What the fake llama-server of model ``name`` did (its latest child)."""
+        path = self.stats_dir / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def wait_idle(self, headers: dict[str, str] | None = None) -> None:
-        deadline = time.time() + 20
-        while any(m["busy"] for m in self.ps(headers)) and time.time() < deadline:
-            time.sleep(0.05)
-        assert all(m["busy"] == 0 for m in self.ps(headers)), self.ps(headers)
+        wait_for(lambda: all(m["busy"] == 0 for m in self.ps(headers)))
+
+
+def wait_for(condition: Any, seconds: float = 20) -> None:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
+def events(stream: str) -> list[str]:
+    """The data of a stream's events, in order."""
+    return [line[len("data: ") :] for line in stream.splitlines() if line.startswith("data: ")]
 
 
 @contextmanager
-def serving(engines: dict[str, FakeEngine], *, loader: Any = None, **settings: Any) -> Iterator[Client]:
-    """The app over a pool of ``engines`` (or ``loader``) on a free port; ``settings`` are ServerSettings'.
-    On the way out every engine's gate opens, so no request is left hanging."""
+def serving(*, fake: dict[str, Any] | None = None, loader: Any = None, **settings: Any) -> Iterator[Client]:
+    """The app over a pool of fake llama-servers on a free port; ``settings`` are ServerSettings'.
+    On the way out the server stops, and with it every child."""
     import uvicorn
 
     from llmctl.commands import open_store
@@ -83,10 +100,13 @@ def serving(engines: dict[str, FakeEngine], *, loader: Any = None, **settings: A
     from llmctl.serve.pool import ModelPool, ServerSettings
 
     log_to_stderr()
-    pool = ModelPool(open_store(), ServerSettings(**settings), loader=loader or FakeLoader(engines))
+    stats_dir = Path(tempfile.mkdtemp(prefix="llmctl-fake-"))
+    store = open_store()
+    server_settings = ServerSettings(**settings)
+    pool = ModelPool(store, server_settings, loader=loader or fake_loader(store, server_settings, stats_dir, fake))
     port = free_port()
     # log_config=None: uvicorn's own loggers propagate to pytest's capture, tracebacks included.
-    server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=port, log_level="warning", log_config=None, lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -94,10 +114,9 @@ def serving(engines: dict[str, FakeEngine], *, loader: Any = None, **settings: A
         assert thread.is_alive() and time.time() < deadline, "the server did not start"
         time.sleep(0.02)
     try:
-        yield Client(port)
+        yield Client(port, stats_dir, pool)
     finally:
-        for engine in engines.values():
-            engine.gate.set()
         server.should_exit = True
         thread.join(20)
         pool.close()
+        shutil.rmtree(stats_dir, ignore_errors=True)

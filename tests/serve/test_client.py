@@ -1,4 +1,4 @@
-"""`llmctl ps` and `llmctl stop` against a server in this process (fake engines), and the log lines
+"""`llmctl ps` and `llmctl stop` against a server in this process (fake llama-servers), and the log lines
 `llmctl serve` writes."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ import json
 import logging
 import re
 
-from llmctl.engine.fake import FakeEngine
+from llmctl import output
 from tests.serve.inprocess import serving
 
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_ps_lists_loaded_models_as_a_table_or_as_the_servers_json(models, cli) -> None:
-    with serving({"a": FakeEngine(name="a")}, keep_alive=-1) as client:
+    with serving(keep_alive=-1, parallel=2, ctx=512) as client:
         url = f"http://127.0.0.1:{client.port}"
         r = cli("ps", "--server", url)
         assert r.exit_code == 0 and r.stdout == "" and "No models loaded." in r.stderr.splitlines()  # the server's log shares stderr here
@@ -22,17 +22,20 @@ def test_ps_lists_loaded_models_as_a_table_or_as_the_servers_json(models, cli) -
         r = cli("ps", "--server", url)
         assert r.exit_code == 0, r.stderr
         lines = r.stdout.splitlines()
-        assert lines[0].split() == ["NAME", "MEMORY", "CONTEXT", "GPU", "LAYERS", "BUSY", "EXPIRES"]
-        assert lines[-1].split() == ["a", "1.0", "MiB", "2048", "0", "0", "never"]
+        assert lines[0].split() == ["NAME", "MEMORY", "CONTEXT", "GPU", "LAYERS", "SLOTS", "BUSY", "STATE", "EXPIRES"]
+        memory = client.ps()[0]["memory_bytes"]
+        assert lines[-1].split() == ["a", *output.human_bytes(memory).split(), "512", "0", "2", "0", "ready", "never"]
         r = cli("ps", "--server", url, "--json")
         assert r.exit_code == 0, r.stderr
         answer = client.call("GET", "/api/ps")[1]
         answer["models"][0]["loaded_s_ago"] = json.loads(r.stdout)["models"][0]["loaded_s_ago"]  # the one field that moves
         assert r.stdout == json.dumps(answer, indent=2, ensure_ascii=False) + "\n"  # the server's answer, as it is
-        assert json.loads(r.stdout)["models"][0] == {
-            "name": "a", "memory_bytes": 1 << 20, "n_ctx": 2048, "n_gpu_layers": 0, "busy": 0,
-            "loaded_s_ago": answer["models"][0]["loaded_s_ago"], "expires_in_s": None,
+        record = json.loads(r.stdout)["models"][0]
+        assert record == {
+            "name": "a", "memory_bytes": memory, "n_ctx": 512, "n_gpu_layers": 0, "slots": 2, "busy": 0, "state": "ready",
+            "pid": client.stats("a")["pid"], "log": record["log"], "loaded_s_ago": answer["models"][0]["loaded_s_ago"], "expires_in_s": None,
         }  # fmt: skip
+        assert record["log"].endswith("/logs/a.log") and "fake llama-server for a" in open(record["log"]).read()
         r = cli("stop", "a", "--server", url)
         assert r.exit_code == 0 and "Stopped a" in r.stderr.splitlines()
         assert client.ps() == []

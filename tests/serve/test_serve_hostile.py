@@ -1,11 +1,11 @@
-"""serve against hostile clients and failing engines.
+"""serve's front against hostile clients and failing children.
 
-The server runs in-process (tests/serve/inprocess.py: uvicorn on a thread, a free
-loopback port) over a real store of small crafted GGUFs, with fake engines
-(llmctl/engine/fake.py) injected as the pool's loader: their delays and failures
-are under the test's control. Requests are raw HTTP, since the openai client
-cannot send most of what is tried here. One slow test repeats the hostile
-requests against a real ``llmctl serve`` process and reads its log.
+The server runs in-process (tests/serve/inprocess.py: uvicorn on a thread, a free loopback
+port) over a real store of small crafted GGUFs; each model's child is the fake llama-server
+(tests/support/fake_llama_server.py), a real process started through the pool's launcher seam,
+whose delays, holds, failures and deaths are under the test's control. Requests are raw HTTP,
+since the openai client cannot send most of what is tried here. One slow test repeats the
+hostile requests against a real ``llmctl serve`` over llama.cpp's llama-server and reads its log.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from llmctl.engine.base import EngineError
-from llmctl.engine.fake import FakeEngine
 from llmctl.errors import NotFoundError
-from tests.serve.inprocess import FakeLoader, serving
+from tests.serve.inprocess import events, serving, wait_for
 
 KEY = "sekret-key-123"
+CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture
@@ -60,68 +59,10 @@ def _is_openai_error(body: Any, status: int) -> bool:
     )
 
 
-# --- one model must not stall the others ---------------------------------------------------
-
-
-def test_a_busy_model_does_not_stall_other_routes_or_models(models, log_check) -> None:
-    """40 requests wait on model a (more than any default thread pool holds); listing, health,
-    ps and model b still answer at once."""
-    engines = {"a": FakeEngine(name="a", wait=True), "b": FakeEngine(name="b")}
-    waiting = 40
-    with serving(engines, max_queue=64, max_loaded=2) as client:
-        outcomes: list[int] = []
-
-        def ask_a(stream: bool) -> None:
-            status, _ = client.call(
-                "POST", "/v1/chat/completions", {"model": "a", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}, timeout=90
-            )
-            outcomes.append(status)
-
-        threads = [threading.Thread(target=ask_a, args=(i % 8 == 0,)) for i in range(waiting)]
-        for t in threads:
-            t.start()
-        deadline = time.time() + 30
-        while not any(m["busy"] == waiting for m in client.ps()) and time.time() < deadline:
-            time.sleep(0.05)
-        assert [m["busy"] for m in client.ps()] == [waiting]
-        # a is held (its gate is shut): everything else answers within a bound far below "stalled"
-        for method, path, body in [
-            ("GET", "/v1/models", None),
-            ("GET", "/health", None),
-            ("GET", "/api/ps", None),
-            ("POST", "/v1/chat/completions", {"model": "b", "messages": [{"role": "user", "content": "hi"}]}),
-            ("POST", "/v1/completions", {"model": "b", "prompt": "hi", "stream": True}),
-        ]:
-            started = time.perf_counter()
-            status, answer = client.call(method, path, body, timeout=10)
-            assert status == 200, (path, answer)
-            assert time.perf_counter() - started < 5, path
-        assert {m["name"]: m["busy"] for m in client.ps()} == {"a": waiting, "b": 0}
-        engines["a"].gate.set()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads), "a request to a hung"
-        assert outcomes == [200] * waiting
-        client.wait_idle()
-
-
-def test_requests_past_the_queue_get_503_without_waiting(models, log_check) -> None:
-    engines = {"a": FakeEngine(name="a", wait=True)}
-    with serving(engines, max_queue=2) as client:
-        threads = [
-            threading.Thread(target=client.call, args=("POST", "/v1/completions", {"model": "a", "prompt": "x"}), kwargs={"timeout": 60}) for _ in range(3)
-        ]
-        for t in threads:
-            t.start()
-        deadline = time.time() + 20
-        while not any(m["busy"] == 3 for m in client.ps()) and time.time() < deadline:
-            time.sleep(0.05)
-        status, body = client.call("POST", "/v1/completions", {"model": "a", "prompt": "x"}, timeout=10)
-        assert status == 503 and _is_openai_error(body, 503)
-        engines["a"].gate.set()
-        for t in threads:
-            t.join(30)
-        client.wait_idle()
+def _hold(tmp_path: Path, name: str = "release") -> tuple[dict[str, Any], Path]:
+    """A ``fake`` switch that holds requests until the returned file exists."""
+    gate = tmp_path / name
+    return {"hold": str(gate)}, gate
 
 
 def _send_and_leave(port: int, body: dict[str, Any], path: str = "/v1/chat/completions") -> socket.socket:
@@ -133,56 +74,114 @@ def _send_and_leave(port: int, body: dict[str, Any], path: str = "/v1/chat/compl
     return sock
 
 
-def _wait_for(condition: Any, seconds: float = 20) -> None:
-    deadline = time.time() + seconds
-    while not condition() and time.time() < deadline:
-        time.sleep(0.05)
-    assert condition()
+# --- one model must not stall the others ---------------------------------------------------
+
+
+def test_a_busy_model_does_not_stall_other_routes_or_models(models, log_check, tmp_path: Path) -> None:
+    """40 requests wait on model a (one decoding, 39 in its queue); listing, health, ps and model b
+    still answer at once."""
+    hold, gate = _hold(tmp_path)
+    waiting = 40
+    with serving(max_queue=64, max_loaded=2, parallel=1) as client:
+        outcomes: list[int] = []
+
+        def ask_a(stream: bool) -> None:
+            status, _ = client.call("POST", "/v1/chat/completions", {**CHAT, "stream": stream, "fake": hold}, timeout=90)
+            outcomes.append(status)
+
+        threads = [threading.Thread(target=ask_a, args=(i % 8 == 0,)) for i in range(waiting)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: [m["busy"] for m in client.ps()] == [waiting], 30)
+        # a is held: everything else answers within a bound far below "stalled"
+        for method, path, body in [
+            ("GET", "/v1/models", None),
+            ("GET", "/v1/models/a", None),
+            ("GET", "/health", None),
+            ("GET", "/api/ps", None),
+            ("POST", "/v1/chat/completions", {"model": "b", "messages": [{"role": "user", "content": "hi"}]}),
+            ("POST", "/v1/completions", {"model": "b", "prompt": "hi", "stream": True}),
+        ]:
+            started = time.perf_counter()
+            status, answer = client.call(method, path, body, timeout=10)
+            assert status == 200, (path, answer)
+            assert time.perf_counter() - started < 5, path
+        assert {m["name"]: m["busy"] for m in client.ps()} == {"a": waiting, "b": 0}
+        gate.touch()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a request to a hung"
+        assert outcomes == [200] * waiting
+        client.wait_idle()
+
+
+def test_requests_past_the_queue_get_503_without_waiting(models, log_check, tmp_path: Path) -> None:
+    hold, gate = _hold(tmp_path)
+    with serving(max_queue=2, parallel=1) as client:
+        body = {"model": "a", "prompt": "x", "fake": hold}
+        threads = [threading.Thread(target=client.call, args=("POST", "/v1/completions", body), kwargs={"timeout": 60}) for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: [m["busy"] for m in client.ps()] == [3])
+        started = time.perf_counter()
+        status, headers, answer = client.exchange("POST", "/v1/completions", body, timeout=10)
+        assert status == 503 and _is_openai_error(answer, 503) and headers["Retry-After"] == "1", answer
+        assert time.perf_counter() - started < 2
+        gate.touch()
+        for t in threads:
+            t.join(30)
+        client.wait_idle()
+    assert " 503 " in log_check()
 
 
 def test_a_client_that_leaves_a_non_streaming_request_frees_the_model(models, log_check) -> None:
-    """The generation of a client gone mid-answer stops; a queued one whose client is gone never runs."""
-    engine = FakeEngine(["word " * 600], name="a", delay=0.05)  # a 30 s reply, then "hello world"
-    with serving({"a": engine}) as client:
-        running = _send_and_leave(client.port, CHAT)
-        _wait_for(lambda: engine.pieces > 0)
-        queued = _send_and_leave(client.port, CHAT)
-        _wait_for(lambda: [m["busy"] for m in client.ps()] == [2])
+    """The generation of a client gone mid-answer stops (the child's request is closed); a queued one
+    whose client is gone never starts, and its place is free at once."""
+    slow = {**CHAT, "fake": {"text": "word " * 600, "delay": 0.05}}  # a 30 s reply
+    with serving(parallel=1) as client:
+        running = _send_and_leave(client.port, slow)
+        wait_for(lambda: client.stats("a").get("pieces", 0) > 0)
+        queued = _send_and_leave(client.port, slow)
+        wait_for(lambda: [m["busy"] for m in client.ps()] == [2])
         queued.close()  # gone while waiting: its place is given back at once
-        _wait_for(lambda: [m["busy"] for m in client.ps()] == [1], seconds=5)
-        running.close()  # gone mid-answer: the generation stops at its next piece
-        _wait_for(lambda: [m["busy"] for m in client.ps()] == [0], seconds=5)
-        pieces = engine.pieces
+        wait_for(lambda: [m["busy"] for m in client.ps()] == [1], seconds=5)
+        running.close()  # gone mid-answer: the child's request is closed, and it stops
+        wait_for(lambda: [m["busy"] for m in client.ps()] == [0], seconds=5)
+        wait_for(lambda: client.stats("a")["cancelled"] == 2, seconds=5)
+        pieces = client.stats("a")["pieces"]
         assert pieces < 200, pieces  # far from the 600 of the whole reply
-        engine.delay = 0  # the next request is answered at once
         started = time.perf_counter()
         status, body = client.call("POST", "/v1/chat/completions", CHAT, timeout=60)
         assert status == 200 and body["choices"][0]["message"]["content"] == "hello world", body
         assert time.perf_counter() - started < 5
-        assert engine.started == 2  # the two that stayed: the queued request never ran
-        assert engine.pieces == pieces + 2  # the stopped reply sent nothing more; "hello ", "world" since
-    assert " 499 " in log_check()  # each client that left is one line of the log
+        stats = client.stats("a")
+        assert stats["started"] == 2  # the two that stayed: the queued request never started
+        assert stats["pieces"] == pieces + 2  # the stopped reply sent nothing more; "hello ", "world" since
+    assert log_check().count(" 499 ") == 2  # each client that left is one line of the log
 
 
-def test_a_client_that_leaves_while_its_model_loads_gives_its_place_back(models, log_check, monkeypatch) -> None:
-    engine = FakeEngine(name="a")
-    loading, release = threading.Event(), threading.Event()
-    load = FakeLoader.load
+def test_a_client_that_leaves_mid_stream_stops_its_generation(models, log_check) -> None:
+    with serving() as client:
+        body = json.dumps({**CHAT, "stream": True, "fake": {"text": "word " * 600, "delay": 0.05}}).encode()
+        with socket.create_connection(("127.0.0.1", client.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+            received = b""
+            while received.count(b"data: ") < 3:
+                received += sock.recv(4096)
+        wait_for(lambda: [m["busy"] for m in client.ps()] == [0], seconds=5)
+        wait_for(lambda: client.stats("a")["cancelled"] == 1, seconds=5)
+        assert client.stats("a")["pieces"] < 100
+    assert " 499 " in log_check() and "(the client went away)" in log_check()
 
-    def slow_load(self: FakeLoader, name: str) -> FakeEngine:
-        loading.set()
-        assert release.wait(30)
-        return load(self, name)
 
-    monkeypatch.setattr(FakeLoader, "load", slow_load)
-    with serving({"a": engine}) as client:
+def test_a_client_that_leaves_while_its_model_loads_gives_its_place_back(models, log_check) -> None:
+    with serving(fake={"a": {"load_s": 1.5}}) as client:
         sock = _send_and_leave(client.port, CHAT)
-        assert loading.wait(20)
+        wait_for(lambda: client.stats("a") != {})  # the child is starting
         sock.close()
-        time.sleep(0.5)  # the server notices the client left
-        release.set()
-        _wait_for(lambda: [m["busy"] for m in client.ps()] == [0], seconds=5)
-        assert engine.started == 0  # loaded, but nothing generated for the client that left
+        wait_for(lambda: [(m["name"], m["busy"]) for m in client.ps()] == [("a", 0)], seconds=10)
+        assert client.stats("a")["started"] == 0  # loaded, but nothing generated for the client that left
         assert client.call("POST", "/v1/chat/completions", CHAT)[0] == 200
 
 
@@ -191,48 +190,35 @@ def test_a_client_that_leaves_while_its_model_loads_gives_its_place_back(models,
     [(["x"] * 17, "17 stop strings"), (["x" * 257], "257 characters"), ([chr(0x4E00 + i % 20_000) + str(i) for i in range(350_000)], "350000 stop strings")],
     ids=["17 strings", "257 characters", "350,000 strings"],
 )
-def test_stop_lists_are_bounded(models, log_check, stop: list[str], needle: str) -> None:
-    with serving({"a": FakeEngine(name="a")}) as client:
-        status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "stop": stop})
-        assert status == 400 and _is_openai_error(body, 400) and body["error"]["param"] == "stop", body
+@pytest.mark.parametrize("field, path", [("stop", "/v1/chat/completions"), ("stop_sequences", "/v1/messages")])
+def test_stop_lists_are_bounded(models, log_check, stop: list[str], needle: str, field: str, path: str) -> None:
+    with serving() as client:
+        status, body = client.call("POST", path, {**CHAT, field: stop})
+        assert status == 400 and _is_openai_error(body, 400) and body["error"]["param"] == field, body
         assert needle in body["error"]["message"] and "--" not in body["error"]["message"], body
         assert client.ps() == []  # refused before anything loaded
-        assert client.call("POST", "/v1/chat/completions", {**CHAT, "stop": ["x" * 256] * 16})[0] == 200
-
-
-@pytest.mark.parametrize("field, value", [("temperature", b"NaN"), ("top_p", b"Infinity"), ("top_k", b"-3"), ("seed", b"-5")])
-def test_a_setting_out_of_range_is_named_by_its_api_field(models, log_check, field: str, value: bytes) -> None:
-    with serving({"a": FakeEngine(name="a")}) as client:
-        status, body = client.call("POST", "/v1/chat/completions", _chat()[:-1] + b', "%s": %s}' % (field.encode(), value))
-        assert status == 400 and _is_openai_error(body, 400) and body["error"]["param"] == field, body
-        assert body["error"]["message"].startswith(f"{field} ") and "--" not in body["error"]["message"], body
+        assert client.call("POST", path, {**CHAT, field: ["x" * 256] * 16})[0] == 200
 
 
 @pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "loading"])
-def test_max_queue_counts_the_requests_waiting_besides_the_running_one(models, log_check, monkeypatch, loaded: bool) -> None:
-    """--max-queue 2: one request runs (or waits for the load) and 2 wait; the 4th is refused."""
-    engine = FakeEngine(name="a", wait=True)
-    release = threading.Event()
-    load = FakeLoader.load
-    monkeypatch.setattr(FakeLoader, "load", lambda self, name: release.wait(30) and load(self, name))
-    with serving({"a": engine}, max_queue=2) as client:
+def test_max_queue_counts_the_requests_waiting_besides_the_running_one(models, log_check, tmp_path: Path, loaded: bool) -> None:
+    """One slot and --max-queue 2: one request decodes (or waits for the load) and 2 wait; the 4th is refused."""
+    hold, gate = _hold(tmp_path)
+    body = {"model": "a", "prompt": "x", "fake": hold}
+    with serving(parallel=1, max_queue=2, fake={"a": {"load_s": 0 if loaded else 3}}) as client:
         if loaded:
-            release.set()
-            engine.wait = False
             assert client.call("POST", "/v1/completions", {"model": "a", "prompt": "x"})[0] == 200
-            engine.wait = True
         sockets = []
         for n in range(1, 4):
-            sockets.append(_send_and_leave(client.port, {"model": "a", "prompt": "x"}, "/v1/completions"))
+            sockets.append(_send_and_leave(client.port, body, "/v1/completions"))
             if loaded:
-                _wait_for(lambda: [m["busy"] for m in client.ps()] == [n])
+                wait_for(lambda: [m["busy"] for m in client.ps()] == [n])
             else:
-                time.sleep(0.5)  # nothing to watch while the model loads: give the server time
-        status, body = client.call("POST", "/v1/completions", {"model": "a", "prompt": "x"}, timeout=10)
-        assert status == 503 and _is_openai_error(body, 503), body
-        release.set()
-        _wait_for(lambda: [m["busy"] for m in client.ps()] == [3])  # the three accepted ones, no more
-        engine.gate.set()
+                time.sleep(0.3)  # nothing to watch while the model loads: give the server time
+        status, answer = client.call("POST", "/v1/completions", body, timeout=10)
+        assert status == 503 and _is_openai_error(answer, 503), answer
+        wait_for(lambda: [m["busy"] for m in client.ps()] == [3])  # the three accepted ones, no more
+        gate.touch()
         for sock in sockets:
             sock.settimeout(20)
             assert sock.recv(100).startswith(b"HTTP/1.1 200"), "an accepted request was not answered"
@@ -240,42 +226,44 @@ def test_max_queue_counts_the_requests_waiting_besides_the_running_one(models, l
         client.wait_idle()
 
 
-# --- bad requests are 400s -----------------------------------------------------------------
-
-CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+# --- what the front refuses: 400s ----------------------------------------------------------
 
 
 def _chat(**changes: Any) -> bytes:
     return json.dumps({**CHAT, **changes}).encode()
 
 
+# Refused by the front, before anything loads: what is not JSON, or not JSON llama-server's parser
+# reads the same way, and model names that are no names.
 HOSTILE = {
     "JSON nested 1,000 deep": ("/v1/chat/completions", _chat()[:-1] + b', "x": ' + b"[" * 1000 + b"]" * 1000 + b"}", None),
     "JSON nested 100 deep": ("/v1/chat/completions", _chat()[:-1] + b', "x": ' + b"[" * 100 + b"]" * 100 + b"}", None),
-    "a text part that is a number": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), "messages"),
-    "a text part that is null": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "text", "text": None}]}]), "messages"),
-    "a content part that is a string": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": ["hi"]}]), "messages"),
-    "json_schema that is a string": ("/v1/chat/completions", _chat(response_format={"type": "json_schema", "json_schema": "x"}), "response_format"),
     "a 5,000-character model name": ("/v1/chat/completions", _chat(model="m" * 5000), "model"),
-    "stream_options that is a string": ("/v1/chat/completions", _chat(stream=True, stream_options="yes"), "stream_options"),
-    "include_usage that is a string": ("/v1/chat/completions", _chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options"),
-    "stream that is a string": ("/v1/chat/completions", _chat(stream="yes"), "stream"),
+    "a model name that is a number": ("/v1/embeddings", b'{"model": 5, "input": "x"}', "model"),
+    "no model": ("/v1/messages", b'{"messages": []}', "model"),
     "a lone surrogate in a message": ("/v1/chat/completions", _chat()[:-1].replace(b'"hi"', b'"hi \\ud800"') + b"}", None),
     "a lone surrogate in a prompt": ("/v1/completions", b'{"model": "a", "prompt": "\\udfff"}', None),
     "a lone surrogate in a key": ("/v1/chat/completions", _chat()[:-1] + b', "\\ud800": 1}', None),
     "max_tokens of 400 digits": ("/v1/chat/completions", _chat()[:-1] + b', "max_tokens": 1' + b"0" * 400 + b"}", "max_tokens"),
     "temperature of 400 digits": ("/v1/chat/completions", _chat()[:-1] + b', "temperature": 1' + b"0" * 400 + b"}", "temperature"),
-    "max_tokens that is NaN": ("/v1/chat/completions", _chat()[:-1] + b', "max_tokens": NaN}', "max_tokens"),
+    "a number past 64-bit floats": ("/v1/chat/completions", _chat()[:-1] + b', "top_p": 1e400}', "top_p"),
+    "a huge number deep in tools": (
+        "/v1/chat/completions",
+        _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"maximum": 10**30}}}]),
+        "tools",
+    ),
+    "max_tokens that is NaN": ("/v1/chat/completions", _chat()[:-1] + b', "max_tokens": NaN}', None),
+    "top_p that is Infinity": ("/v1/chat/completions", _chat()[:-1] + b', "top_p": -Infinity}', None),
     "bytes that are not UTF-8": ("/v1/chat/completions", b'{"model": "\xff\xfe"}', None),
-    "a prompt that is a number": ("/v1/completions", b'{"model": "a", "prompt": 5}', "prompt"),
+    "a body that is a list": ("/v1/completions", b'[{"model": "a"}]', None),
+    "malformed JSON": ("/v1/chat/completions", b"{not json", None),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_bad_requests_are_400_with_an_openai_error(models, log_check, case: str) -> None:
     path, body, param = HOSTILE[case]
-    engines = {"a": FakeEngine(name="a")}
-    with serving(engines) as client:
+    with serving() as client:
         status, answer = client.call("POST", path, body)
         assert status == 400 and _is_openai_error(answer, 400), answer
         assert answer["error"]["type"] == "invalid_request_error"
@@ -287,12 +275,180 @@ def test_bad_requests_are_400_with_an_openai_error(models, log_check, case: str)
     assert " 400 " in log
 
 
+def test_an_oversized_body_is_413_from_its_length_before_it_is_read(models, log_check) -> None:
+    from llmctl.serve.app import MAX_BODY_BYTES
+
+    with serving() as client:
+        with socket.create_connection(("127.0.0.1", client.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n{{".encode())  # fmt: skip
+            reply = sock.recv(8192)
+        assert reply.startswith(b"HTTP/1.1 413") and b"larger than" in reply
+        # sent in chunks, with no length: counted as it arrives
+        conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+        conn.putrequest("POST", "/v1/embeddings")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        chunk = b"x" * (1 << 20)
+        try:
+            for _ in range(MAX_BODY_BYTES // len(chunk) + 2):
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            conn.send(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server may answer and close before all is sent
+        response = conn.getresponse()
+        assert response.status == 413 and _is_openai_error(json.loads(response.read()), 413)
+        conn.close()
+        assert client.ps() == []
+
+
 def test_unknown_routes_and_methods_answer_in_openai_format(models, log_check) -> None:
-    with serving({"a": FakeEngine(name="a")}) as client:
+    with serving() as client:
         status, body = client.call("GET", "/v1/nothing")
         assert status == 404 and _is_openai_error(body, 404)
         status, body = client.call("GET", "/v1/chat/completions")
         assert status == 405 and _is_openai_error(body, 405)
+        status, body = client.call("POST", "/slots/0?action=erase", {"model": "a"})  # llama-server's own routes stay inside
+        assert status == 404 and _is_openai_error(body, 404)
+
+
+# --- what the model cannot do: 400s before llama-server's 500s and 501s ----------------------
+
+
+def test_rerank_and_images_are_refused_clearly_for_models_that_cannot(models, log_check) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with serving() as client:
+        status, body = client.call("POST", "/v1/rerank", {"model": "a", "query": "q", "documents": ["x", "y"]})
+        assert status == 400 and _is_openai_error(body, 400) and "is not a reranker" in body["error"]["message"], body
+        for path, part in (("/v1/chat/completions", image), ("/v1/messages", {"type": "image", "source": {"type": "base64", "data": "x"}})):
+            status, body = client.call("POST", path, {"model": "a", "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, part]}]})
+            assert status == 400 and "has no multimodal projector (mmproj)" in body["error"]["message"] and body["error"]["param"] == "messages", body
+        assert client.stats("a")["started"] == 0  # none of it reached the child
+        client.wait_idle()
+
+
+# --- the child's answers come back as they are -----------------------------------------------
+
+
+def test_every_route_passes_the_body_through_and_the_answer_back(models, log_check) -> None:
+    """The body reaches llama-server as the client sent it (the front rewrites nothing) and the
+    answer, status and body, comes back unchanged; the model field says llmctl's name."""
+    with serving() as client:
+        status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "model": "A"})  # another name for a
+        assert status == 200 and body["model"] == "a" and body["choices"][0]["message"]["content"] == "hello world"
+        assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+        status, body = client.call("POST", "/v1/completions", {"model": "a", "prompt": "hi", "fake": {"text": "one two three"}})
+        assert status == 200 and body["choices"][0]["text"] == "one two three"
+        status, body = client.call("POST", "/v1/embeddings", {"model": "a", "input": ["x", "y", "x"]})
+        assert status == 200 and [len(d["embedding"]) for d in body["data"]] == [8, 8, 8] and body["data"][0]["embedding"] == body["data"][2]["embedding"]
+        status, body = client.call("POST", "/v1/messages", {"model": "a", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and body["content"][0]["text"] == "hello world" and body["usage"]["output_tokens"] == 2
+        status, body = client.call("POST", "/v1/messages/count_tokens", {"model": "a", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and body["input_tokens"] > 0
+        status, stream = client.call("POST", "/v1/messages", {"model": "a", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and "event: content_block_delta" in stream and stream.rstrip().endswith('data: {"type": "message_stop"}')
+        # the child's refusals too: its status code and its body
+        status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "fake": {"status": 400, "message": "tools need --jinja"}})
+        assert (status, body) == (400, {"error": {"code": 400, "message": "tools need --jinja", "type": "invalid_request_error"}})
+        status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "fake": {"status": 500, "message": "the chat template failed"}})
+        assert status == 500 and body["error"]["message"] == "the chat template failed"
+        paths = client.stats("a")["paths"]
+        assert paths == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens", "/v1/messages",
+                         "/v1/chat/completions", "/v1/chat/completions"]  # fmt: skip
+        client.wait_idle()
+    log = log_check()
+    assert "POST /v1/chat/completions 200" in log and "model=a in=4 out=2" in log and "POST /v1/chat/completions 500" in log
+
+
+def test_streams_are_relayed_event_by_event_as_they_come(models, log_check) -> None:
+    """With 0.3 s between pieces, each event reaches the client on its own, long before the end;
+    usage comes last when asked for, then [DONE]."""
+    with serving() as client:
+        assert client.call("POST", "/v1/chat/completions", CHAT)[0] == 200  # loaded
+        body = json.dumps({**CHAT, "stream": True, "stream_options": {"include_usage": True}, "fake": {"text": "a b c d", "delay": 0.3}}).encode()
+        with socket.create_connection(("127.0.0.1", client.port), timeout=30) as sock:
+            started = time.perf_counter()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+            received = b""
+            arrivals = []
+            while not received.endswith(b"0\r\n\r\n"):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+                arrivals.append((time.perf_counter() - started, received.count(b"data: ")))
+        first = next(t for t, n in arrivals if n >= 1)
+        assert first < 0.25, arrivals  # the first piece, before the second exists
+        assert arrivals[-1][0] > 1.0  # the last after four pauses
+        data = [line for line in received.decode().splitlines() if line.startswith("data: ")]
+        assert data[-1] == "data: [DONE]" and json.loads(data[-2][6:])["usage"]["completion_tokens"] == 4
+    assert "in=" in log_check() and " stream" in log_check()
+
+
+# --- a child that dies ------------------------------------------------------------------------
+
+
+def test_a_child_killed_mid_answer_is_an_error_event_or_502_and_the_next_request_starts_it_again(models, log_check) -> None:
+    with serving(keep_alive=-1) as client:
+        status, stream = client.call("POST", "/v1/chat/completions", {**CHAT, "stream": True, "fake": {"text": "one two three four", "die_after": 2}})
+        assert status == 200
+        data = events(stream)
+        assert data[-1] == "[DONE]", stream
+        error = json.loads(data[-2])
+        assert _is_openai_error(error, 502) and "killed by SIGKILL mid-answer" in error["error"]["message"], error
+        assert [json.loads(d)["choices"][0]["delta"]["content"] for d in data[:-2]] == ["one ", "two "]  # the half event was dropped
+        assert [(m["name"], m["state"], m["busy"]) for m in client.ps()] == [("a", "killed by SIGKILL", 0)]  # ps shows it
+        first_pid = client.stats("a")["pid"]
+        status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "fake": {"die_after": 1}})  # not streamed
+        assert status == 502 and _is_openai_error(body, 502) and body["error"]["type"] == "server_error", body
+        assert client.stats("a")["pid"] != first_pid  # started again for it
+        status, stream = client.call("POST", "/v1/messages", {"model": "a", "stream": True, "messages": CHAT["messages"], "fake": {"die_after": 1}})
+        assert status == 200 and stream.rstrip().splitlines()[-2:] == ["event: error", stream.rstrip().splitlines()[-1]], stream
+        assert json.loads(stream.rstrip().splitlines()[-1][6:])["type"] == "error"  # Anthropic's error event
+        status, body = client.call("POST", "/v1/chat/completions", CHAT)
+        assert status == 200 and body["choices"][0]["message"]["content"] == "hello world"
+        assert [(m["state"], m["busy"]) for m in client.ps()] == [("ready", 0)]
+        assert client.call("POST", "/api/stop", {"model": "a"}) == (200, {"stopped": "a"})
+    log = log_check()
+    assert " 502 " in log and "killed by SIGKILL" in log and "it starts again on the next request" in log
+
+
+def test_a_child_that_cannot_load_is_a_500_with_its_last_error_and_the_others_are_served(models, log_check) -> None:
+    with serving(fake={"a": {"exit": 1}}) as client:
+        status, body = client.call("POST", "/v1/chat/completions", CHAT)
+        assert status == 500 and _is_openai_error(body, 500), body
+        assert (
+            body["error"]["message"]
+            == "model 'a' failed to load: llama-server exited 1 while loading a: llama_model_load: error loading model: fake load failure"
+        )
+        assert client.call("POST", "/v1/chat/completions", {**CHAT, "model": "b"})[0] == 200
+        assert [m["name"] for m in client.ps()] == ["b"]
+    log = log_check()
+    assert "a failed to load" in log and "logs/a.log" in log  # the log says where to look; the client is not told
+
+
+def test_a_child_that_never_gets_ready_is_given_up_at_the_load_deadline(models, log_check) -> None:
+    with serving(fake={"a": {"hang": True}}, load_timeout=1.0) as client:
+        started = time.perf_counter()
+        status, body = client.call("POST", "/v1/chat/completions", CHAT)
+        assert status == 500 and "did not finish loading a within 1 s" in body["error"]["message"], body
+        assert time.perf_counter() - started < 10
+        assert client.ps() == []
+        pid = client.stats("a")["pid"]
+        wait_for(lambda: not _alive(pid), seconds=5)  # and it was stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return True
 
 
 # --- names are model names, never paths ----------------------------------------------------
@@ -311,7 +467,7 @@ def test_path_like_names_answer_exactly_like_a_missing_model(models, log_check, 
         "a/../b", "/etc/passwd", "/nonexistent/x", str(loose), "models/loose.Q8_0.gguf", str(registered),
         "~", "~root", "~nosuchuser-llmctl", "~/x", "C:\\Windows", "a\\b", "a\x00b", "a\nb",
     ]  # fmt: skip
-    with serving({"a": FakeEngine(name="a")}) as client:
+    with serving() as client:
 
         def ask(name: str) -> tuple[int, Any]:
             status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "model": name})
@@ -345,7 +501,7 @@ def test_client_names_never_touch_the_file_system(models, tmp_path: Path, monkey
 
 def test_health_lists_loaded_models_only_to_key_holders(models, log_check) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
-    with serving({"a": FakeEngine(name="a")}, api_key=KEY) as client:
+    with serving(api_key=KEY) as client:
         assert client.call("POST", "/v1/chat/completions", CHAT)[0] == 401
         assert client.call("POST", "/v1/chat/completions", CHAT, headers=auth)[0] == 200
         assert client.call("GET", "/health") == (200, {"status": "ok"})
@@ -354,41 +510,12 @@ def test_health_lists_loaded_models_only_to_key_holders(models, log_check) -> No
     assert KEY not in log_check()
 
 
-# --- a failing generation frees its model --------------------------------------------------
-
-
-FAILURES = {
-    "engine": {"fail": EngineError("the model's chat template took longer than 1 s to render")},  # what a template over its budget raises
-    "crash": {"fail": RuntimeError("something unexpected")},
-    "midway": {"fail": EngineError("llama_decode failed"), "fail_after": 1},
-}
-
-
-@pytest.mark.parametrize("fail", sorted(FAILURES))
-def test_a_failing_generation_answers_500_and_frees_the_model(models, log_check, fail: str) -> None:
-    with serving({"a": FakeEngine(name="a", **FAILURES[fail])}) as client:
-        status, body = client.call("POST", "/v1/chat/completions", CHAT)
-        assert status == 500 and _is_openai_error(body, 500) and body["error"]["type"] == "server_error", body
-        client.wait_idle()
-        status, stream = client.call("POST", "/v1/chat/completions", {**CHAT, "stream": True})
-        assert status == 200
-        events = [line[len("data: ") :] for line in stream.splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]", stream
-        error = json.loads(events[-2])
-        assert _is_openai_error(error, 500), stream
-        client.wait_idle()
-        assert client.call("POST", "/api/stop", {"model": "a"}) == (200, {"stopped": "a"})
-        assert client.ps() == []
-    log = log_check()
-    assert "500" in log
-
-
 # --- the log -------------------------------------------------------------------------------
 
 
 def test_the_log_escapes_what_clients_send(models, log_check) -> None:
     hostile = "/%1b%5b31mred%c2%9bcsi%e2%80%aertl%e2%80%a8line%e2%81%a6iso%0aforged%20200"
-    with serving({"a": FakeEngine(name="a")}) as client:
+    with serving() as client:
         assert client.call("GET", hostile)[0] == 404
         assert client.call("POST", "/v1/chat/completions", {**CHAT, "model": "x\x1b[2Jy\u202e"})[0] == 404
     log = log_check()
@@ -461,23 +588,49 @@ def test_ps_and_stop_do_not_follow_redirects_with_the_key(cli, monkeypatch: pyte
 
 # --- the same hostile requests against a real server process -------------------------------
 
+# Passed through to llama-server, which answers them itself: requests of the wrong shape.
+PASSED_THROUGH = {
+    "a text part that is a number": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}])),
+    "a text part that is null": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "text", "text": None}]}])),
+    "a content part that is a string": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": ["hi"]}])),
+    "messages that is a string": ("/v1/chat/completions", _chat(messages="hi")),
+    "json_schema that is a string": ("/v1/chat/completions", _chat(response_format={"type": "json_schema", "json_schema": "x"})),
+    "a schema llama.cpp cannot turn into a grammar": (
+        "/v1/chat/completions",
+        _chat(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}),
+    ),
+    "stream_options that is a string": ("/v1/chat/completions", _chat(stream=True, stream_options="yes")),
+    "stream that is a string": ("/v1/chat/completions", _chat(stream="yes")),
+    "a prompt that is a number": ("/v1/completions", b'{"model": "a", "prompt": 5}'),
+    "embeddings of nothing": ("/v1/embeddings", b'{"model": "a"}'),
+    "temperature that is a string": ("/v1/chat/completions", _chat(temperature="hot")),
+}
+
 
 @pytest.mark.slow
-def test_a_real_server_answers_hostile_requests_with_400s_and_logs_no_traceback(tmp_path: Path, make_gguf) -> None:
+def test_a_real_server_answers_hostile_requests_with_errors_and_logs_no_traceback(tmp_path: Path, demo_model: Path, native_tools) -> None:
+    """The front's 400s, and llama-server's own answers to what it is passed: an error status with an
+    error body, never a dead child or a hung request."""
     from tests.serve.test_serve import Server
 
     env = {**os.environ, "LLMCTL_HOME": str(tmp_path)}
     exe = str(Path(sys.executable).with_name("llmctl"))
-    subprocess.run([exe, "import", str(make_gguf("a.Q8_0.gguf")), "--name", "a"], env=env, check=True, capture_output=True)
-    server = Server(tmp_path)
+    subprocess.run([exe, "import", str(demo_model), "--name", "a"], env=env, check=True, capture_output=True)
+    server = Server(tmp_path, "a", "--ctx", "512", "--parallel", "2")
     try:
         for case, (path, body, _param) in HOSTILE.items():
             status, answer, _ = server.raw("POST", path, body)
             assert status == 400 and _is_openai_error(answer, 400), (case, answer)
+        for case, (path, body) in PASSED_THROUGH.items():
+            status, answer, _ = server.raw("POST", path, body)
+            assert 400 <= status < 600 and status != 502 and isinstance(answer.get("error"), dict), (case, status, answer)
+            assert [m["state"] for m in server.raw("GET", "/api/ps")[1]["models"]] == ["ready"], case
         for name in ("~nosuchuser-llmctl", str(tmp_path), "/etc/passwd"):
             status, answer, _ = server.raw("POST", "/v1/chat/completions", json.dumps({**CHAT, "model": name}).encode())
             assert status == 404 and _is_openai_error(answer, 404), (name, answer)
-        assert server.raw("GET", "/health")[1] == {"status": "ok", "loaded": []}
+        assert server.raw("GET", "/health")[1] == {"status": "ok", "loaded": ["a"]}
+        reply = server.client().chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.choices[0].message.content is not None
         assert server.proc.poll() is None
     finally:
         log = server.stop()
@@ -507,23 +660,39 @@ def test_repeated_requests_to_a_loaded_model_do_not_read_the_index(models, log_c
     def ask(name: str) -> int:
         return client.call("POST", "/v1/chat/completions", {**CHAT, "model": name})[0]
 
-    with serving({"a": FakeEngine(name="a"), "b": FakeEngine(name="b")}) as client:
-        assert ask("a") == 200  # resolved, then loaded
+    with serving() as client:
+        assert ask("a") == 200  # resolved, then planned (which resolves it too) and loaded
         first = dict(counts)
-        assert first["resolve"] == 1 and first["read"] >= 1
+        assert first["resolve"] == 2 and first["read"] >= 1
         for _ in range(5):
             assert ask("a") == 200
         assert counts == first  # answered from the pool
         assert ask("A") == 200  # another name for it: resolved once, then remembered
-        assert counts["resolve"] == 2
-        assert ask("A") == 200 and counts["resolve"] == 2
+        assert counts["resolve"] == 3
+        assert ask("A") == 200 and counts["resolve"] == 3
         assert client.call("POST", "/api/stop", {"model": "A"})[0] == 200  # no index read either
-        assert counts["resolve"] == 2
-        assert ask("a") == 200 and counts["resolve"] == 3  # unloaded: resolved (and loaded) again
-        assert ask("b") == 200 and counts["resolve"] == 4
+        assert counts["resolve"] == 3
+        assert ask("a") == 200 and counts["resolve"] == 5  # unloaded: resolved (and planned) again
+        assert ask("b") == 200 and counts["resolve"] == 7
         open_store().remove_entry("b")  # `llmctl rm b` while it is loaded
         status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "model": "b"})
         assert status == 404 and _is_openai_error(body, 404) and "model 'b' not found" in body["error"]["message"]
         assert ask("a") == 200  # the index changed: resolved afresh, still served
-        assert counts["resolve"] == 6
-        assert ask("a") == 200 and counts["resolve"] == 6
+        assert counts["resolve"] == 9
+        assert ask("a") == 200 and counts["resolve"] == 9
+
+
+# --- a hostile chat template ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["{{ 'A' * 20000000000 }}", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"], ids=["multiply", "recursion"])
+def test_a_template_past_its_budgets_is_refused_before_a_child_starts(cli, make_gguf, log_check, template: str) -> None:
+    """llama-server renders the template while it loads, with no budget: llmctl renders it within
+    its own budgets first (engine/chat_template.py), and a template that blows one is a 500 at once."""
+    assert cli("import", make_gguf("h.Q8_0.gguf", chat_template=template), "--name", "h").exit_code == 0
+    assert cli("import", make_gguf("a.Q8_0.gguf"), "--name", "a").exit_code == 0
+    with serving() as client:
+        status, body = client.call("POST", "/v1/chat/completions", {**CHAT, "model": "h"})
+        assert status == 500 and "the model's chat template failed" in body["error"]["message"], body
+        assert client.stats("h") == {} and client.ps() == []  # no child was started
+        assert client.call("POST", "/v1/chat/completions", CHAT)[0] == 200  # a plain template loads
