@@ -21,23 +21,11 @@ import csv
 import io
 import json
 from dataclasses import asdict
-from enum import Enum
 from html import escape
 from typing import Any
 
 from llmctl.bench.run import BenchRun, Row, ServingRow
 from llmctl.output import safe
-
-
-class ReportFormat(str, Enum):
-    """``bench --output``: how results are written (llama-bench's formats, plus a terminal table)."""
-
-    table = "table"
-    md = "md"
-    csv = "csv"
-    json = "json"
-    jsonl = "jsonl"
-
 
 LLAMA_BENCH_FIELDS = [
     "build_commit", "build_number", "cpu_info", "gpu_info", "backends", "model_filename", "model_type",

@@ -51,10 +51,10 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
+from llmctl.bench.choices import Endpoint
 from llmctl.bench.measure import test_name
 from llmctl.bench.run import BenchRun, ServingRow
 from llmctl.errors import LlmctlError, NotFoundError, UsageError
@@ -79,13 +79,6 @@ TEXT = (
     "and how for a hundred years no ship had been lost on the rocks below while a man was there to keep the light"
 ).split()
 WORD_STEP = 37  # each request's prompt starts this many words after the last one's (prime to the text's 253 words)
-
-
-class Endpoint(str, Enum):
-    """``bench --endpoint``: the API the clients call."""
-
-    completions = "completions"  # POST /v1/completions: the prompt as it is
-    chat = "chat"  # POST /v1/chat/completions: the prompt as one user message, through the chat template
 
 
 PATHS = {Endpoint.completions: "/v1/completions", Endpoint.chat: "/v1/chat/completions"}

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from llmctl import output
-from llmctl.bench.report import ReportFormat
-from llmctl.bench.serving import Endpoint
+from llmctl.bench.choices import Endpoint, ReportFormat
 from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import LlmctlError, UsageError

@@ -18,7 +18,8 @@ import pytest
 from llmctl.bench import report as benchreport
 from llmctl.bench import run as benchrun
 from llmctl.bench import serving
-from llmctl.bench.serving import Endpoint, RequestResult, Server, ServingPlan
+from llmctl.bench.choices import Endpoint
+from llmctl.bench.serving import RequestResult, Server, ServingPlan
 from llmctl.errors import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_USAGE, LlmctlError, NotFoundError, UsageError
 from tests.bench.fake_openai import FakeOpenAI
 
