@@ -21,7 +21,7 @@ from llmctl.bench import serving
 from llmctl.bench.choices import Endpoint
 from llmctl.bench.serving import RequestResult, Server, ServingPlan
 from llmctl.errors import EXIT_ERROR, EXIT_NOT_FOUND, EXIT_USAGE, LlmctlError, NotFoundError, UsageError
-from tests.bench.fake_openai import FakeOpenAI
+from tests.support.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -208,7 +208,7 @@ def test_several_models_one_unknown_the_others_run() -> None:
 # --- a fresh server -----------------------------------------------------------------------------------
 
 
-FAKE_COMMAND = [sys.executable, "-m", "tests.bench.fake_openai"]
+FAKE_COMMAND = [sys.executable, "-m", "tests.support.fake_openai"]
 
 
 def test_a_fresh_server_is_started_used_and_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
