@@ -1,145 +1,195 @@
-"""The server's cost over `run`'s path, and its throughput under concurrency.
+"""`llmctl serve` against the llama-server it drives, started by hand with the same binary and flags.
 
-- Time to first token and generation rate for one streaming client through
-  the OpenAI API (measured by a minimal HTTP client, so the figure is the
-  server's cost and not a client library's: request sent → first content chunk;
-  tokens from the usage chunk over first → last chunk), against the same
-  request through the engine in-process (llmctl's Engine.chat, as `run` uses
-  it). Same prompt, both warm, alternating 7 times, medians. Targets: at most 10 ms added to TTFT, at least 95% of the rate.
-- Throughput: completion tokens per second over all clients with 1, 4 and 16
-  concurrent clients, each sending 2 non-streaming requests of 32 tokens.
+Method: the demo model is served by `llmctl serve` (a front over one llama-server child) and by
+the same llama-server binary started by hand with the child's own command line (read from
+/proc), both on loopback. `bench --serve`'s client (llmctl/bench/serving.py: streaming
+requests, prompts sized in the server's tokens, replies of exactly n tokens with ignore_eos)
+measures both, alternating server by server for every concurrency level and round, so host
+noise falls on both sides alike.
+
+Rows:
+- aggregate completion t/s, llmctl serve ÷ llama-server by hand, at 1, 4 and 8 streaming
+  clients: target ≥ 0.95 each;
+- TTFT added by llmctl's front (p50 at 1 client, serve − by hand): target ≤ 5 ms;
+- against the in-process server llmctl had before (the last commit with it, run from a git
+  worktree) at 4 clients: target ≥ 1.8× aggregate;
+- the child's RSS after the load and the warm-up against `fit --serve`'s estimate (info).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-import urllib.request
 from pathlib import Path
+from typing import Iterator
 
-from common import Row
+from common import ROOT, Row
 
 from tools.demo_model import ensure_demo_model
 
 LLMCTL = str(Path(sys.executable).with_name("llmctl"))
-MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
-TOKENS = 128
+OLD_SERVER_COMMIT = "b2963e0"  # the last commit whose `llmctl serve` generated in-process
+LEVELS = (1, 4, 8)
+ROUNDS = int(os.environ.get("LLMCTL_BENCH_SERVE_ROUNDS", "3"))
+N_PROMPT, N_GEN = 64, 64
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
-def _engine(model: Path):
-    from llmctl import gguf
-    from llmctl.engine.llama import Engine
-    from llmctl.plan import hardware
-    from llmctl.plan.fit import Candidate, make_plan
-
-    info = gguf.read_model([model])[1]
-    plan = make_plan([Candidate("demo", info, model.stat().st_size)], hardware.load_profile("laptop-8gb"))
-    return Engine.load("demo", [model], plan, threads=2)
+def _child_server(serve_pid: int) -> int:
+    for pid in _children(serve_pid):
+        if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"llama-server"):
+            return pid
+    raise RuntimeError("llmctl serve has no llama-server child")
 
 
-def _in_process(engine) -> tuple[float, float]:
-    from llmctl.engine.base import Result
-    from llmctl.engine.sampling import SamplingSettings
-
-    result = [p for p in engine.chat(MESSAGES, SamplingSettings(temperature=0, max_tokens=TOKENS, seed=1)) if isinstance(p, Result)][0]
-    return result.timings.ttft_s, result.timings.generation_tokens_per_second
+def _rss(pid: int) -> int:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) * 1024 if match else 0
 
 
-def _through_api(url: str) -> tuple[float, float]:
-    """One streaming request, read with a minimal client: the server's cost, not a client library's."""
-    import http.client
-    import json
-    from urllib.parse import urlparse
+@contextlib.contextmanager
+def _by_hand(serve_child: int) -> Iterator[str]:
+    """The child's own command line, on a loopback port instead of its private socket."""
+    from llmctl.bench.serving import free_port
 
-    body = {"model": "demo", "messages": MESSAGES, "temperature": 0, "max_tokens": TOKENS, "seed": 1, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    target = urlparse(url)
-    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=300)
-    start = time.perf_counter()
-    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    first = last = None
-    tokens = 0
-    while line := response.readline():
-        if not line.startswith(b"data: {"):
+    argv = [a.decode() for a in Path(f"/proc/{serve_child}/cmdline").read_bytes().split(b"\0") if a]
+    cleaned, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
             continue
-        if b'"content": "' in line and b'"content": ""' not in line:
-            now = time.perf_counter()
-            first = first or now
-            last = now
-        elif b'"usage"' in line:
-            tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    connection.close()
-    return first - start, (tokens - 1) / (last - first)
+        if arg in ("--host", "--port", "--api-key", "--api-key-file"):
+            skip = True
+            continue
+        cleaned.append(arg)
+    port = free_port()
+    child = subprocess.Popen([*cleaned, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, child)
+        yield url
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
 
 
-def _throughput(url: str, clients: int) -> float:
-    from openai import OpenAI
+def _wait_healthy(url: str, child: subprocess.Popen) -> None:
+    import time
+    import urllib.request
 
-    tokens = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError(f"{url}: exited {child.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become healthy")
 
-    def worker() -> None:
-        client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
-        for _ in range(2):
-            reply = client.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=32, temperature=0.7)
-            tokens.append(reply.usage.completion_tokens)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(tokens) / (time.perf_counter() - start)
+def _measure(url: str, model: str, clients: int) -> tuple[float, float]:
+    """(aggregate completion t/s, TTFT p50 s) of one round at ``clients`` streaming clients."""
+    from llmctl.bench.run import new_run
+    from llmctl.bench.serving import Server, ServingPlan, bench_server
+    from llmctl.plan import hardware
+
+    run = new_run(hardware.load_profile("laptop-8gb"))
+    bench_server(run, Server.at(url), model, ServingPlan([clients], [N_PROMPT], [N_GEN], repetitions=1))
+    (row,) = run.serving
+    if row.failed:
+        raise RuntimeError(f"{url}: {row.failed} failed requests: {row.errors}")
+    return float(row.avg_ts), float(row.ttft_p50_s)
+
+
+@contextlib.contextmanager
+def _serve(env: dict[str, str], python_path: str | None = None) -> Iterator[tuple[str, int]]:
+    from llmctl.bench.serving import free_port
+
+    port = free_port()
+    env = {**env, **({"PYTHONPATH": python_path} if python_path else {})}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(port), "demo"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, child)
+        yield url, child.pid
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _old_tree() -> Iterator[str | None]:
+    folder = tempfile.mkdtemp(prefix="llmctl-old-serve-")
+    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", folder, OLD_SERVER_COMMIT], capture_output=True)
+    try:
+        yield folder if added.returncode == 0 else None
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", folder], capture_output=True)
 
 
 def run() -> list[Row]:
     model = ensure_demo_model()
-    engine = _engine(model)
-    with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "LLMCTL_HOME": home}
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "LLMCTL_HOME": str(Path(tmp) / "home"), "HF_HUB_CACHE": str(Path(tmp) / "hub")}
         subprocess.run([LLMCTL, "import", str(model), "--name", "demo"], env=env, check=True, capture_output=True)
-        port = _port()
-        url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([LLMCTL, "serve", "demo", "--port", str(port), "--max-queue", "64"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            for _ in range(300):
-                try:
-                    urllib.request.urlopen(url + "/health", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            _through_api(url)  # warm: the same prompt is then in both KV caches
-            _in_process(engine)
-            added, local_rates, api_rates = [], [], []
-            for _ in range(7):  # alternate, so drift in machine speed hits both sides alike
-                local_ttft, local_rate = _in_process(engine)
-                api_ttft, api_rate = _through_api(url)
-                added.append((api_ttft - local_ttft) * 1000)
-                local_rates.append(local_rate)
-                api_rates.append(api_rate)
-            throughput = {n: _throughput(url, n) for n in (1, 4, 16)}
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    added_ms = statistics.median(added)
-    api_rate, local_rate = statistics.median(api_rates), statistics.median(local_rates)
-    rows = [
-        Row("serve: TTFT added over in-process", added_ms, "ms", 10.0, "budget", "<= 10 ms", added_ms <= 10.0),
-        Row("serve: generation rate, 1 client", api_rate, "t/s", local_rate, "in-process (run path)", ">= 95%", api_rate >= 0.95 * local_rate),
-    ]
-    rows += [Row(f"serve: throughput, {n} concurrent clients", tps, "t/s", None, "-", "info", None) for n, tps in throughput.items()]
+        os.environ.update({k: env[k] for k in ("LLMCTL_HOME", "HF_HUB_CACHE")})
+        fit = subprocess.run([LLMCTL, "fit", "demo", "--serve", "--json"], env=env, check=True, capture_output=True, text=True).stdout
+        import json
+
+        estimate = int(json.loads(fit)["chosen"]["total_bytes"])
+        with _serve(env) as (serve_url, serve_pid):
+            _measure(serve_url, "demo", 1)  # warm-up (and the child's load)
+            child = _child_server(serve_pid)
+            rss = _rss(child)
+            with _by_hand(child) as hand_url:
+                _measure(hand_url, "demo", 1)
+                ours: dict[int, list[tuple[float, float]]] = {c: [] for c in LEVELS}
+                theirs: dict[int, list[tuple[float, float]]] = {c: [] for c in LEVELS}
+                for round_ in range(ROUNDS):
+                    for clients in LEVELS:
+                        pair = [(ours, serve_url), (theirs, hand_url)]
+                        for results, url in pair if round_ % 2 == 0 else pair[::-1]:
+                            results[clients].append(_measure(url, "demo", clients))
+        for clients in LEVELS:
+            a = statistics.median(t for t, _ in ours[clients])
+            b = statistics.median(t for t, _ in theirs[clients])
+            rows.append(Row(f"serve ÷ llama-server by hand, {clients} client(s), aggregate", a, "t/s", b, "llama-server", "≥ 0.95", a / b >= 0.95))
+        added_ms = (statistics.median(t for _, t in ours[1]) - statistics.median(t for _, t in theirs[1])) * 1e3
+        rows.append(Row("serve: TTFT added by the front, p50, 1 client", added_ms, "ms", 5.0, "budget", "≤ 5 ms", added_ms <= 5.0))
+        rows.append(Row("serve: llama-server child RSS after load vs fit --serve", rss / 2**20, "MiB", estimate / 2**20, "fit estimate", "reported", None))
+        with _old_tree() as old:
+            if old is None:
+                rows.append(Row("serve vs the old in-process server, 4 clients", 0.0, "t/s", None, "git worktree unavailable", "≥ 1.8×", None))
+            else:
+                new_ts, old_ts = [], []
+                with _serve(env) as (serve_url, _pid), _serve(env, python_path=old) as (old_url, _old_pid):
+                    _measure(serve_url, "demo", 1)
+                    _measure(old_url, "demo", 1)
+                    for round_ in range(ROUNDS):
+                        pair = [(new_ts, serve_url), (old_ts, old_url)]
+                        for results, url in pair if round_ % 2 == 0 else pair[::-1]:
+                            results.append(_measure(url, "demo", 4)[0])
+                a, b = statistics.median(new_ts), statistics.median(old_ts)
+                rows.append(Row("serve vs the old in-process server, 4 clients, aggregate", a, "t/s", b, "in-process serve", "≥ 1.8×", a / b >= 1.8))
     return rows
