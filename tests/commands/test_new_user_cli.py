@@ -1,5 +1,5 @@
 """What a new user trips over in the shell around the models: names that `list` prints, what `rm` leaves,
-parser errors, piped tables, shell completion, progress lines, a missing config file, the stream's usage chunk."""
+parser errors, piped tables, shell completion, progress lines, a missing config file."""
 
 from __future__ import annotations
 
@@ -291,25 +291,3 @@ def test_a_config_file_named_but_missing_warns_once(cli, monkeypatch, tmp_path: 
     assert r.exit_code == 0 and r.stderr == ""
     monkeypatch.delenv("LLMCTL_CONFIG")  # the default file may well be absent: no warning
     assert cli("list", "--json").stderr == ""
-
-
-# --- 8. the stream's usage chunk --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("path", "body", "kind"), [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "chat.completion.chunk"),
-    ("/v1/completions", {"prompt": "hi"}, "text_completion"),
-])  # fmt: skip
-def test_the_usage_chunk_carries_the_completions_id(cli, make_gguf, path: str, body: dict, kind: str) -> None:
-    from llmctl.engine.fake import FakeEngine
-    from tests.serve.test_serve_hostile import serving
-
-    assert cli("import", make_gguf("a.Q8_0.gguf"), "--name", "a").exit_code == 0
-    with serving({"a": FakeEngine(["hello world"], name="a")}) as client:
-        status, text = client.call("POST", path, {"model": "a", "stream": True, "stream_options": {"include_usage": True}, **body})
-    assert status == 200
-    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
-    usage = events[-1]
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}  # "hi", "hello world"
-    assert usage["object"] == kind
-    assert {e["id"] for e in events} == {events[0]["id"]} and events[0]["id"].startswith(("chatcmpl-", "cmpl-"))
