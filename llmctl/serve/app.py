@@ -41,6 +41,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # a few images, base64-encoded, in one chat r
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/messages", "/v1/messages/count_tokens")
 USAGE_WINDOW = 4096  # the end of an answer, where its usage and timings are
 CONNECT_TIMEOUT_S = 5.0
+KEEPALIVE_S = 2.0  # below cpp-httplib's 5 s keep-alive in llama-server
 
 
 class Guard:
@@ -180,8 +181,8 @@ def create_app(pool: ModelPool) -> Any:
             pool.release(model)
             raise
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            events = _relay(request, pool, model, upstream, started, anthropic=path.startswith("/v1/messages"))
-            return Relay(events, status_code=upstream.status_code, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            relay = _Relay(request, pool, model, upstream, started, anthropic=path.startswith("/v1/messages"))
+            return Relay(relay, status_code=upstream.status_code, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             content = await _unless_client_leaves(request, upstream.aread())
         except (ApiError, asyncio.CancelledError):
@@ -236,7 +237,8 @@ def _client(model: Loaded) -> Any:
             base_url=address.base_url,
             transport=httpx.AsyncHTTPTransport(uds=str(address.uds)) if address.uds is not None else httpx.AsyncHTTPTransport(),
             timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=None, write=60.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30.0),
+            # idle connections go before llama-server's own 5 s keep-alive ends them
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S),
             headers={"accept-encoding": "identity", **address.headers()},
         )
     return model.client
@@ -253,12 +255,19 @@ def _close_client(model: Loaded, loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def _send(pool: ModelPool, model: Loaded, path: str, raw: bytes) -> Any:
+    """The child's answer, from its headers on (for a stream: as soon as it begins).
+
+    Tried twice while the child lives: a kept-alive connection the child closed just as it was
+    reused fails before the request reaches it (llama-server drops idle connections after 5 s)."""
     client = _client(model)
-    request = client.build_request("POST", path, content=raw, headers={"content-type": "application/json"})
-    try:
-        return await client.send(request, stream=True)
-    except Exception as exc:  # noqa: BLE001 - httpx's transport errors: the child is gone or not answering
-        raise await _child_failed(model, exc) from None
+    for attempt in (1, 2):
+        request = client.build_request("POST", path, content=raw, headers={"content-type": "application/json"})
+        try:
+            return await client.send(request, stream=True)
+        except Exception as exc:  # noqa: BLE001 - httpx's transport errors: the child is gone or not answering
+            if attempt == 2 or not model.alive:
+                raise await _child_failed(model, exc) from None
+    raise AssertionError("unreachable")
 
 
 async def _child_failed(model: Loaded, exc: BaseException) -> ApiError:
@@ -276,54 +285,72 @@ async def _child_failed(model: Loaded, exc: BaseException) -> ApiError:
 
 
 class Relay(StreamingResponse):
-    """A stream whose events are closed however the response ends (the client gone, the server
-    stopping): that closes the child's request, so llama-server frees the slot at once."""
+    """The child's server-sent events, relayed; its ``finish`` runs however the response ends (the
+    stream done, the client gone, the server stopping, or the response never started): that closes
+    the child's request, so llama-server frees the slot at once, and gives the request's place back."""
+
+    def __init__(self, relay: _Relay, **kwargs: Any) -> None:
+        super().__init__(relay.events(), **kwargs)
+        self.relay = relay
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self.relay.finish()
 
 
-async def _relay(request: Any, pool: ModelPool, model: Loaded, upstream: Any, started: float, *, anthropic: bool) -> AsyncIterator[bytes]:
-    """The child's server-sent events, passed on as whole events as they arrive; if the child fails
-    midway, the part of an event it sent is dropped and an error event ends the stream."""
-    tail = b""
-    recent = b""
-    first: float | None = None
-    ended = False
-    failed: ApiError | None = None
-    try:
+class _Relay:
+    """One stream from a child: passed on as whole events as they arrive; if the child fails midway,
+    the part of an event it sent is dropped and an error event ends the stream."""
+
+    def __init__(self, request: Any, pool: ModelPool, model: Loaded, upstream: Any, started: float, *, anthropic: bool) -> None:
+        self.request, self.pool, self.model, self.upstream, self.started, self.anthropic = request, pool, model, upstream, started, anthropic
+        self.recent = b""  # the end of what was sent, for the usage in the log line
+        self.first: float | None = None
+        self.ended = False
+        self.failed: ApiError | None = None
+        self.finished = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        tail = b""
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in self.upstream.aiter_raw():
                 data = tail + chunk if tail else chunk
                 cut = data.rfind(b"\n\n") + 2
                 if cut < 2:
                     tail = data
                     continue
                 out, tail = data[:cut], data[cut:]
-                recent = out[-USAGE_WINDOW:] if len(out) >= USAGE_WINDOW else (recent + out)[-USAGE_WINDOW:]
-                if first is None:
-                    first = time.perf_counter()
+                self.recent = out[-USAGE_WINDOW:] if len(out) >= USAGE_WINDOW else (self.recent + out)[-USAGE_WINDOW:]
+                if self.first is None:
+                    self.first = time.perf_counter()
                 yield out
             if tail:
                 yield tail
         except Exception as exc:  # noqa: BLE001 - httpx's read errors: the child went away
-            failed = await _child_failed(model, exc)
-            yield stream_error(failed, anthropic)
-        ended = True
-    finally:
-        await upstream.aclose()
-        pool.release(model)
-        state = request.state
-        state.log = getattr(state, "log", "") + _usage_note(recent, started, first) + " stream"
-        if failed is not None:
-            state.status = failed.status
-            state.log += f": {failed.message}"
-        elif not ended:
-            state.status = 499
-            state.log += " (the client went away)"
+            self.failed = await _child_failed(self.model, exc)
+            yield stream_error(self.failed, self.anthropic)
+        self.ended = True
+
+    async def finish(self) -> None:
+        """Once: close the child's request, give the place back, note the log line."""
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            await self.upstream.aclose()
+        finally:
+            self.pool.release(self.model)
+            state = self.request.state
+            state.log = getattr(state, "log", "") + _usage_note(self.recent, self.started, self.first) + " stream"
+            if self.failed is not None:
+                state.status = self.failed.status
+                state.log += f": {self.failed.message}"
+            elif not self.ended:
+                state.status = 499
+                state.log += " (the client went away)"
 
 
 _NUMBERS = [

@@ -70,3 +70,10 @@ def test_log_lines_are_stamped_and_escaped(capsys) -> None:
     assert re.fullmatch(r"\d\d:\d\d:\d\d warning: fell back to 0 GPU layers", lines[1]), lines[1]
     assert re.fullmatch(r"\d\d:\d\d:\d\d internal error", lines[2]) and lines[3] == "Traceback (most recent call last):"
     assert lines[-1] == "RuntimeError: boom" and err.endswith("\n")
+
+
+def test_serve_without_llama_server_is_one_error_line_with_the_way_to_get_it(cli, models, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LLMCTL_ENGINE_DIR", str(tmp_path / "no-engine"))
+    r = cli("serve", "a", "--port", "9")
+    assert r.exit_code == 1 and r.stderr.startswith("error: llama.cpp's llama-server is not installed"), r.stderr
+    assert "llmctl engine install" in r.stderr and "Traceback" not in r.stderr

@@ -282,7 +282,12 @@ def test_an_oversized_body_is_413_from_its_length_before_it_is_read(models, log_
         with socket.create_connection(("127.0.0.1", client.port), timeout=30) as sock:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n{{".encode())  # fmt: skip
-            reply = sock.recv(8192)
+            reply = b""
+            while b"larger than" not in reply and len(reply) < 8192:
+                data = sock.recv(8192)
+                if not data:
+                    break
+                reply += data
         assert reply.startswith(b"HTTP/1.1 413") and b"larger than" in reply
         # sent in chunks, with no length: counted as it arrives
         conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
@@ -696,3 +701,15 @@ def test_a_template_past_its_budgets_is_refused_before_a_child_starts(cli, make_
         assert status == 500 and "the model's chat template failed" in body["error"]["message"], body
         assert client.stats("h") == {} and client.ps() == []  # no child was started
         assert client.call("POST", "/v1/chat/completions", CHAT)[0] == 200  # a plain template loads
+
+
+def test_a_kept_alive_connection_the_child_dropped_is_retried_not_a_502(models, log_check) -> None:
+    """llama-server closes a kept-alive connection left idle 5 s; a request that meets one just as
+    it closes never reached the child, and is sent again on a fresh connection."""
+    with serving(fake={"a": {"drop_idle": True}}) as client:
+        for n in range(5):
+            status, body = client.call("POST", "/v1/chat/completions", CHAT)
+            assert status == 200, (n, body)
+            status, stream = client.call("POST", "/v1/completions", {"model": "a", "prompt": "x", "stream": True})
+            assert status == 200 and events(stream)[-1] == "[DONE]", (n, stream)
+        assert client.stats("a")["started"] == 10  # each once

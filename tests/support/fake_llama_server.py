@@ -9,7 +9,8 @@ Switches, so tests can make it slow, fail or die:
 
 - at start, from ``LLMCTL_FAKE_SERVER`` (JSON, by alias or ``"*"``): ``load_s`` (answer 503 this
   long), ``exit`` (exit with this code after printing ``error: fake load failure``), ``hang``
-  (never answer /health);
+  (never answer /health), ``drop_idle`` (close each connection after its answer, unannounced, as
+  llama-server does to a kept-alive connection left idle 5 s);
 - per request, from the body's ``"fake"`` object: ``text`` (the reply), ``delay`` (seconds
   between pieces), ``hold`` (a file: wait until it exists before answering), ``die_after`` (SIGKILL
   itself after this many pieces), ``status`` (answer this status with an error body).
@@ -149,6 +150,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._answer(body)
         finally:
             SLOTS.release()
+        if MINE.get("drop_idle"):
+            self.close_connection = True  # as llama-server drops an idle kept-alive connection, unannounced
 
     def _answer(self, body: dict[str, Any]) -> None:
         record(started=1, paths=self.path)
