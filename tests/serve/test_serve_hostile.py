@@ -593,7 +593,8 @@ def test_ps_and_stop_do_not_follow_redirects_with_the_key(cli, monkeypatch: pyte
 
 # --- the same hostile requests against a real server process -------------------------------
 
-# Passed through to llama-server, which answers them itself: requests of the wrong shape.
+# Passed through to llama-server, which answers them itself (an error, or leniently an answer):
+# requests of the wrong shape.
 PASSED_THROUGH = {
     "a text part that is a number": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}])),
     "a text part that is null": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "text", "text": None}]}])),
@@ -612,6 +613,18 @@ PASSED_THROUGH = {
 }
 
 
+def _post(url: str, body: bytes) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 @pytest.mark.slow
 def test_a_real_server_answers_hostile_requests_with_errors_and_logs_no_traceback(tmp_path: Path, demo_model: Path, native_tools) -> None:
     """The front's 400s, and llama-server's own answers to what it is passed: an error status with an
@@ -627,8 +640,10 @@ def test_a_real_server_answers_hostile_requests_with_errors_and_logs_no_tracebac
             status, answer, _ = server.raw("POST", path, body)
             assert status == 400 and _is_openai_error(answer, 400), (case, answer)
         for case, (path, body) in PASSED_THROUGH.items():
-            status, answer, _ = server.raw("POST", path, body)
-            assert 400 <= status < 600 and status != 502 and isinstance(answer.get("error"), dict), (case, status, answer)
+            status, text = _post(server.url + path, body)
+            # llama-server's own answer: an error body with its status, or (it is lenient) an answer
+            assert status < 400 or isinstance(json.loads(text).get("error"), dict), (case, status, text)
+            assert status not in (499, 502), (case, status, text)
             assert [m["state"] for m in server.raw("GET", "/api/ps")[1]["models"]] == ["ready"], case
         for name in ("~nosuchuser-llmctl", str(tmp_path), "/etc/passwd"):
             status, answer, _ = server.raw("POST", "/v1/chat/completions", json.dumps({**CHAT, "model": name}).encode())
