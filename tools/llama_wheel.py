@@ -43,7 +43,6 @@ def _pinned_version() -> str:
 
 
 VERSION = _pinned_version()
-NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 REMEMBERED = ".llama-cmake-args"  # in the venv: the CMAKE_ARGS of its last build
 
 
@@ -61,13 +60,12 @@ def user_cmake_args(venv: Path) -> str:
 
 
 def cmake_args(user: str) -> str:
-    """The user's arguments, plus the no-AMX flags for each language they leave alone."""
-    args = user
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        for lang in ("C", "CXX"):
-            if not re.search(rf"-DCMAKE_{lang}_FLAGS(:[A-Z]+)?=", user):
-                args = f'{args} "-DCMAKE_{lang}_FLAGS={NO_AMX}"'
-    return args.strip()
+    """The user's arguments, plus the no-AMX flags for each language they leave alone: the rule
+    llmctl's own build of llama.cpp's tools follows (llmctl/engine/native.py), without RPC."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # llmctl is installed after the wheel
+    from llmctl.engine.native import cmake_args as native_cmake_args
+
+    return native_cmake_args(user, rpc=False)
 
 
 def cpu_identity() -> str:

@@ -97,16 +97,17 @@ def llama_cpp_python_version() -> str:
         raise NativeEngineError("llama-cpp-python is not installed", hint="reinstall llmctl") from exc
 
 
-def cmake_args(user: str | None = None) -> str:
-    """``CMAKE_ARGS`` (the wheel's), plus the RPC backend and, on x86-64, the no-AMX flags for
-    each language whose flags the user leaves alone."""
+def cmake_args(user: str | None = None, *, rpc: bool = True) -> str:
+    """``CMAKE_ARGS`` (the wheel's), plus the RPC backend (unless ``rpc`` is False: the wheel, whose
+    bindings cannot use it) and, on x86-64, the no-AMX flags for each language whose flags the user
+    leaves alone. tools/llama_wheel.py builds the wheel with the same function."""
     user = (os.environ.get("CMAKE_ARGS", "") if user is None else user).strip()
     args = user
     if platform.machine().lower() in ("x86_64", "amd64"):
         for lang in ("C", "CXX"):
             if not re.search(rf"-DCMAKE_{lang}_FLAGS(:[A-Z]+)?=", user):
                 args = f'{args} "-DCMAKE_{lang}_FLAGS={NO_AMX}"'
-    if "-DGGML_RPC=" not in user:
+    if rpc and "-DGGML_RPC=" not in user:
         args = f"{args} -DGGML_RPC=ON"
     return args.strip()
 
