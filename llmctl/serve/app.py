@@ -6,7 +6,7 @@ What the front owns it checks and refuses in OpenAI's error format (``api.py``):
 route, the body's size and JSON, the model's name (404 for anything but a model of the store), a
 full queue (503 + Retry-After). The request body then goes to the child as it came (answers carry
 llmctl's name for the model: the child is started with it as its alias), and the child's status
-code and body come back unchanged, streams event by event. A child that dies mid-answer ends a
+code and body come back unchanged, streams event by event (``upstream.py``). A child that dies mid-answer ends a
 stream with an error event (and ``data: [DONE]``), or answers 502; the next request starts it again.
 
 Endpoints: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/rerank``,
@@ -34,14 +34,13 @@ from llmctl.config import debug_enabled
 from llmctl.errors import LlmctlError
 from llmctl.serve.api import MAX_MODEL_NAME, ApiError, check_stop, media_parts, model_name, parse_json, stream_error
 from llmctl.serve.pool import Loaded, ModelPool
+from llmctl.serve.upstream import FAILURES, post
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a few images, base64-encoded, in one chat request
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/messages", "/v1/messages/count_tokens")
 USAGE_WINDOW = 4096  # the end of an answer, where its usage and timings are
-CONNECT_TIMEOUT_S = 5.0
-KEEPALIVE_S = 2.0  # below cpp-httplib's 5 s keep-alive in llama-server
 
 
 class Guard:
@@ -107,7 +106,6 @@ def create_app(pool: ModelPool) -> Any:
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        pool.on_unload = lambda model: _close_client(model, loop)
         reaping = loop.create_task(reaper(pool))
         try:
             yield
@@ -185,9 +183,7 @@ def create_app(pool: ModelPool) -> Any:
             return Relay(relay, status_code=upstream.status_code, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             content = await _unless_client_leaves(request, upstream.aread())
-        except (ApiError, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the child went away mid-answer
+        except FAILURES as exc:  # the child went away mid-answer
             raise await _child_failed(model, exc) from None
         finally:
             await upstream.aclose()
@@ -226,48 +222,12 @@ def _check_fit(path: str, body: dict[str, Any], model: Loaded) -> None:
         )  # fmt: skip
 
 
-def _client(model: Loaded) -> Any:
-    """The model's HTTP client to its child: kept-alive connections, no read timeout (a generation
-    takes as long as it takes), a connect timeout."""
-    if model.client is None:
-        import httpx2 as httpx
-
-        address = model.child.address
-        model.client = httpx.AsyncClient(
-            base_url=address.base_url,
-            transport=httpx.AsyncHTTPTransport(uds=str(address.uds)) if address.uds is not None else httpx.AsyncHTTPTransport(),
-            timeout=httpx.Timeout(connect=CONNECT_TIMEOUT_S, read=None, write=60.0, pool=None),
-            # idle connections go before llama-server's own 5 s keep-alive ends them
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_S),
-            headers={"accept-encoding": "identity", **address.headers()},
-        )
-    return model.client
-
-
-def _close_client(model: Loaded, loop: asyncio.AbstractEventLoop) -> None:
-    """Close an unloaded model's client on the event loop (unloads happen on other threads)."""
-    client, model.client = model.client, None
-    if client is not None and not loop.is_closed():
-        try:
-            asyncio.run_coroutine_threadsafe(client.aclose(), loop)
-        except RuntimeError:
-            pass  # the loop has stopped: the process is ending
-
-
 async def _send(pool: ModelPool, model: Loaded, path: str, raw: bytes) -> Any:
-    """The child's answer, from its headers on (for a stream: as soon as it begins).
-
-    Tried twice while the child lives: a kept-alive connection the child closed just as it was
-    reused fails before the request reaches it (llama-server drops idle connections after 5 s)."""
-    client = _client(model)
-    for attempt in (1, 2):
-        request = client.build_request("POST", path, content=raw, headers={"content-type": "application/json"})
-        try:
-            return await client.send(request, stream=True)
-        except Exception as exc:  # noqa: BLE001 - httpx's transport errors: the child is gone or not answering
-            if attempt == 2 or not model.alive:
-                raise await _child_failed(model, exc) from None
-    raise AssertionError("unreachable")
+    """The child's answer, from its head on (for a stream: as soon as it begins)."""
+    try:
+        return await post(model.child.address, path, raw)
+    except FAILURES as exc:  # the child is gone, or not answering
+        raise await _child_failed(model, exc) from None
 
 
 async def _child_failed(model: Loaded, exc: BaseException) -> ApiError:
@@ -278,7 +238,7 @@ async def _child_failed(model: Loaded, exc: BaseException) -> ApiError:
         await asyncio.sleep(0.02)
     state = model.child.state()
     if model.alive:
-        why = f"the llama-server of model '{model.name}' stopped answering ({type(exc).__name__})"
+        why = f"the llama-server of model '{model.name}' stopped answering ({type(exc).__name__}: {exc})"
     else:
         why = f"the llama-server of model '{model.name}' {state} mid-answer; it starts again on the next request"
     return ApiError(502, why, "server_error")
@@ -329,7 +289,7 @@ class _Relay:
                 yield out
             if tail:
                 yield tail
-        except Exception as exc:  # noqa: BLE001 - httpx's read errors: the child went away
+        except FAILURES as exc:  # the child went away mid-answer
             self.failed = await _child_failed(self.model, exc)
             yield stream_error(self.failed, self.anthropic)
         self.ended = True

@@ -148,7 +148,6 @@ class Loaded:
     last_used: float
     busy: int = 0  # requests in flight: decoding in a slot or waiting for one
     reported: bool = False  # its end has been logged
-    client: Any = None  # the HTTP client to its child, made by the front on first use
 
     @property
     def slots(self) -> int:
@@ -183,7 +182,6 @@ class ModelPool:
         self.loader: Loader = loader or ChildLoader(store, settings)
         self.clock = clock  # when models were used, for keep-alive and least-recently-used
         self.models: dict[str, Loaded] = {}
-        self.on_unload: Callable[[Loaded], None] = lambda _model: None  # the front closes its client
         self._guard = threading.Lock()  # the dict, busy counts, load/unload decisions; never held while a child stops
         self._load_lock = threading.Lock()  # one load at a time
         self._waiting_loads: dict[str, int] = {}
@@ -295,7 +293,15 @@ class ModelPool:
     async def acquire_async(self, name: str) -> Loaded:
         """``acquire`` for the event loop: waiting for the store or for a load holds no shared thread."""
         loop = asyncio.get_running_loop()
-        canonical, stamp = await loop.run_in_executor(self.control, self._canonical, name)
+        # A name already answered for a loaded model is a dict look-up under the index's stamp (one
+        # stat): no thread hop on every request. Anything else is resolved on a control thread.
+        stamp = self.store.index_stamp()
+        with self._guard:
+            known = self._names.get(name) if stamp == self._names_stamp else None
+        if known is not None:
+            canonical = known
+        else:
+            canonical, stamp = await loop.run_in_executor(self.control, self._canonical, name)
         model = self._claim(canonical)
         if model is not None:
             self._remember(name, canonical, stamp)
@@ -396,7 +402,6 @@ class ModelPool:
     def _stop(self, models: list[tuple[Loaded, str]]) -> None:
         for model, why in models:
             model.child.stop()
-            self.on_unload(model)
             log.info(f"unloaded {model.name} ({why})")
 
     def unload(self, name: str) -> bool:
