@@ -202,8 +202,8 @@ class Address:
 
     @property
     def base_url(self) -> str:
-        # httpx needs a host in the URL even over a Unix socket; it is never resolved
-        return "http://llama-server" if self.uds is not None else f"http://127.0.0.1:{self.port}"
+        """Where it listens, for messages: ``unix:PATH`` or ``http://127.0.0.1:PORT``."""
+        return f"unix:{self.uds}" if self.uds is not None else f"http://127.0.0.1:{self.port}"
 
     def args(self) -> list[str]:
         if self.uds is not None:
