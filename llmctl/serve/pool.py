@@ -422,6 +422,11 @@ class ModelPool:
 
     def expire(self) -> None:
         """Unload the idle models whose keep-alive has run out."""
+        self._stop(self.take_expired())
+
+    def take_expired(self) -> list[tuple[Loaded, str]]:
+        """Take out the idle models whose keep-alive has run out (quick: the event loop calls it);
+        their children are then stopped with ``stop_taken``, off the loop."""
         now = self.clock()
         with self._guard:
             expired = []
@@ -430,7 +435,10 @@ class ModelPool:
                 if model.busy == 0 and expiry is not None and now >= expiry:
                     self._forget(model)
                     expired.append((model, "keep-alive expired"))
-        self._stop(expired)
+        return expired
+
+    def stop_taken(self, models: list[tuple[Loaded, str]]) -> None:
+        self._stop(models)
 
     def close(self) -> None:
         """Stop every child (SIGTERM together, then each waited for) and the pool's threads."""
