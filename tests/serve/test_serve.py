@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import alive as _alive
+
 pytestmark = pytest.mark.slow
 
 EXE = str(Path(sys.executable).with_name("llmctl"))
@@ -96,18 +98,6 @@ def _start_stream(port: int, payload: dict, events: int = 3) -> socket.socket:
     while received.count(b"data: ") < events:
         received += sock.recv(4096)
     return sock
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return True
 
 
 def _wait(condition: Any, seconds: float = 60) -> None:

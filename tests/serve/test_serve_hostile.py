@@ -27,6 +27,7 @@ import pytest
 
 from llmctl.errors import NotFoundError
 from tests.serve.inprocess import events, serving, wait_for
+from tests.support.processes import alive as _alive
 
 KEY = "sekret-key-123"
 CHAT = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
@@ -442,18 +443,6 @@ def test_a_child_that_never_gets_ready_is_given_up_at_the_load_deadline(models, 
         assert client.ps() == []
         pid = client.stats("a")["pid"]
         wait_for(lambda: not _alive(pid), seconds=5)  # and it was stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return True
 
 
 # --- names are model names, never paths ----------------------------------------------------
