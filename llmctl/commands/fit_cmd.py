@@ -43,6 +43,10 @@ def fit_command(
         serving=serve,
     )
     hw = get_hardware(get_settings(), hw_profile, with_bandwidth=True)
+    if overrides.for_server:  # planned for llama-server: its GPU backends count, not the wheel's
+        from llmctl.engine.native import serving_hardware
+
+        hw = serving_hardware(hw)
     candidates = locate.candidates(open_store(), model, status=output.status)
     tuned = _tuned_for(candidates) if hw_profile is None else None
     if tuned:

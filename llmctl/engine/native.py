@@ -27,10 +27,13 @@ import tarfile
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from llmctl.errors import LlmctlError
 from llmctl.fileio import atomic_write_text, exclusive_lock, now_iso
+
+if TYPE_CHECKING:
+    from llmctl.plan.hardware import HardwareInfo
 
 TOOLS = ("llama-server", "ggml-rpc-server", "llama-bench", "llama-fit-params")
 ENV_DIR = "LLMCTL_ENGINE_DIR"
@@ -40,6 +43,7 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # the server flags and routes llmctl drives are those of this line.
 SUPPORTED_LLAMA_CPP = (0, 5)
 MANIFEST = "manifest.json"
+GPU_BACKENDS = {"CUDA": "cuda", "Metal": "metal", "Vulkan": "vulkan", "ROCm": "rocm", "SYCL": "sycl"}  # as _backends names them
 _VERSION_LINE = re.compile(r"version: (\d+)\.(\d+)\.(\d+)\S* \(build (\d+), commit ([^)]*)\)")
 
 
@@ -214,6 +218,34 @@ def _backends(server: Path) -> list[str]:
         if args == ["--help"] and "--rpc" in text:
             found.append("RPC")
     return found
+
+
+def serving_hardware(hw: HardwareInfo) -> HardwareInfo:
+    """``hw`` as llama-server sees it: the GPU backends of the native tools, not of the in-process
+    llama-cpp-python (the two are built apart and may differ: a CPU wheel beside a CUDA server, or
+    no wheel at all). A hardware profile describes its own build and is returned as it is, and so is
+    ``hw`` when the tools are not installed (the serve that follows says so)."""
+    from dataclasses import replace
+
+    from llmctl.plan.hardware import BuildInfo
+
+    if hw.source != "live":
+        return hw
+    try:
+        tools = locate()
+    except NativeEngineError:
+        tools = None
+    if tools is None:
+        return hw
+    gpu = next((b for b in tools.backends if b in GPU_BACKENDS), None)
+    build = BuildInfo(
+        installed=True,
+        version=f"llama.cpp {tools.llama_cpp_version}",
+        system_info=f"llama-server backends: {', '.join(tools.backends)}",
+        gpu_offload=gpu is not None,
+        backend=GPU_BACKENDS[gpu] if gpu else "cpu",
+    )
+    return replace(hw, build=build)
 
 
 # --- building -----------------------------------------------------------------------------------

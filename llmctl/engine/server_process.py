@@ -157,6 +157,7 @@ def plan_server(store: Store, name: str, overrides: Overrides) -> ServerPlan:
     from dataclasses import replace
 
     from llmctl.config import get_settings
+    from llmctl.engine.native import serving_hardware
     from llmctl.models.locate import Located
     from llmctl.plan.fit import make_plan
     from llmctl.plan.hardware import get_hardware
@@ -164,7 +165,8 @@ def plan_server(store: Store, name: str, overrides: Overrides) -> ServerPlan:
 
     located = Located.of(store.resolve(name))
     overrides = apply_tuned(replace(overrides, serving=True), located.paths)
-    plan = make_plan([located.candidate(with_mmproj=True)], get_hardware(get_settings()), overrides)
+    hardware = serving_hardware(get_hardware(get_settings()))
+    plan = make_plan([located.candidate(with_mmproj=True)], hardware, overrides)
     cfg = plan.config
     pooling = located.headers[0].metadata.get(f"{located.info.architecture}.pooling_type")
     spec = ServerSpec(

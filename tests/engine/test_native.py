@@ -115,3 +115,26 @@ def test_the_source_archive_is_unpacked_inside_its_folder_only(tmp_path: Path, m
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "engine" / "escaped.txt").exists()
     assert not any(p.is_symlink() for p in folder.rglob("*"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "llama_cpp_python-9.9.9.tar.gz"]
+
+
+def test_serving_plans_see_the_servers_gpu_backends_not_the_wheels(tmp_path: Path, monkeypatch) -> None:
+    """A CPU-only llama-cpp-python beside a CUDA llama-server (or none at all) must not plan 0 GPU layers for serve."""
+    from dataclasses import replace
+
+    from llmctl.plan.hardware import BuildInfo, load_profile
+
+    described = load_profile("rtx4090-32gb")
+    live = replace(described, source="live", build=BuildInfo(installed=False, error="no wheel"))
+    assert live.usable_gpus == []
+    monkeypatch.setenv(native.ENV_BIN, str(tmp_path))
+    _script(
+        tmp_path / "llama-server",
+        'echo "version: 0.5.0 (build 1, commit abc)" >&2\necho "Available devices:"\necho "  CUDA0: NVIDIA GeForce RTX 4090 (24080 MiB, 23000 MiB free)"\n',
+    )
+    served = native.serving_hardware(live)
+    assert served.build.backend == "cuda" and [g.name for g in served.usable_gpus] == [g.name for g in described.gpus]
+    _script(tmp_path / "llama-server", 'echo "version: 0.5.0 (build 1, commit abc)" >&2\necho "Available devices:"\n')
+    assert native.serving_hardware(live).usable_gpus == []  # a CPU-only server: no GPU layers, whatever the wheel says
+    assert native.serving_hardware(described) is described  # a profile describes its own build
+    monkeypatch.setenv(native.ENV_BIN, str(tmp_path / "nowhere"))
+    assert native.serving_hardware(live) is live  # no tools: serve itself reports that
