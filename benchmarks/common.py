@@ -23,9 +23,12 @@ class Row:
     reference_name: str
     target: str  # the acceptance target, in words
     ok: bool | None  # None: informational
+    paired_ratio: float | None = None  # a ratio measured pairwise (median of per-round ratios), shown instead of value ÷ reference
 
     @property
     def ratio(self) -> str:
+        if self.paired_ratio is not None:
+            return f"{self.paired_ratio:.3f}"
         if not self.reference:
             return "-"
         return f"{self.value / self.reference:.3f}"
