@@ -342,9 +342,11 @@ PARTIAL = "partial offload"
 CPU_ONLY = "CPU only"
 TOO_LARGE = "too large"
 _CLASS_RANK = {FULL_GPU: 0, PARTIAL: 1, CPU_ONLY: 2, TOO_LARGE: 3}
-# Above ~8.5 bits per weight (Q8_0) quality no longer improves noticeably while
-# speed halves; higher precisions are chosen only when nothing else fits as well.
-QUALITY_CAP_BPW = 8.6
+# Unquantised weights: no better than Q8_0 in use, while twice its size and half its
+# speed. They are chosen only when no quantised file fits. Decided by the file's type,
+# not by bits per weight: a small model's Q8_0 file has more than 8.5 bits per weight
+# (its tokenizer and norms weigh more), an F16 file less than 16.
+UNQUANTISED_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 
 
 @dataclass
@@ -360,6 +362,11 @@ class Candidate:
     @property
     def bits_per_weight(self) -> float:
         return self.size * 8 / max(self.info.parameter_count, 1)
+
+    @property
+    def unquantised(self) -> bool:
+        """F16/BF16/F32 weights (``general.file_type``, else the dominant tensor type)."""
+        return self.info.quant.upper() in UNQUANTISED_TYPES
 
 
 @dataclass
@@ -613,7 +620,8 @@ def make_plan(
     """Choose among candidates (one local model, or every quant of a repo).
 
     The highest-quality candidate in the best fit class wins (full GPU offload,
-    then partial offload, then CPU only), preferring up to Q8_0-level precision;
+    then partial offload, then CPU only); unquantised files (F16, BF16, F32) only
+    when no quantised one fits;
     in partial offload and CPU-only classes a candidate must also reach at least
     half the fastest one's expected speed. Nothing that does not fit is chosen
     unless ``force`` is set. A serving plan's candidates each carry their slots
@@ -625,12 +633,17 @@ def make_plan(
     reasons: list[str] = []
     warnings: list[str] = []
     fitting = [p for p in plans if p.fits]
+    quantised = [p for p in fitting if not p.candidate.unquantised]
+    passed_over = [p.candidate.label for p in fitting if p.candidate.unquantised] if quantised else []
+    fitting = quantised or fitting
     if fitting:
         best_class = min(_CLASS_RANK[p.fit] for p in fitting)
         pool = [p for p in fitting if _CLASS_RANK[p.fit] == best_class]
         chosen = _pick_quality(pool)
         if len(plans) > 1:
             reasons.append(f"{chosen.candidate.label}: {_why_chosen(chosen, pool)}")
+        if passed_over:
+            reasons.append(f"{', '.join(passed_over)} not chosen: unquantised weights only when no quantised file fits")
     else:
         chosen = min(plans, key=lambda p: p.estimate.total)
         if not force:
@@ -694,8 +707,7 @@ def _pick_quality(pool: list[CandidatePlan]) -> CandidatePlan:
         fastest = max((p.tokens_per_second or 0) for p in pool)
         if fastest:
             pool = [p for p in pool if (p.tokens_per_second or 0) >= fastest / 2] or pool
-    capped = [p for p in pool if p.candidate.bits_per_weight <= QUALITY_CAP_BPW]
-    return max(capped or pool, key=lambda p: p.candidate.bits_per_weight if capped else -p.candidate.bits_per_weight)
+    return max(pool, key=lambda p: p.candidate.bits_per_weight)
 
 
 def _why_chosen(chosen: CandidatePlan, pool: list[CandidatePlan]) -> str:
