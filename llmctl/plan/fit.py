@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from llmctl.errors import DoesNotFitError
 from llmctl.gguf import ModelInfo
 from llmctl.plan.hardware import GPUInfo, HardwareInfo
 
@@ -632,6 +633,7 @@ def make_plan(
     threads = o.threads or hw.cpu.physical_cores
     reasons: list[str] = []
     warnings: list[str] = []
+    refused: DoesNotFitError | None = None
     fitting = [p for p in plans if p.fits]
     quantised = [p for p in fitting if not p.candidate.unquantised]
     passed_over = [p.candidate.label for p in fitting if p.candidate.unquantised] if quantised else []
@@ -647,18 +649,16 @@ def make_plan(
     else:
         chosen = min(plans, key=lambda p: p.estimate.total)
         if not force:
-            from llmctl.errors import DoesNotFitError
-
-            error = DoesNotFitError(chosen)
+            refused = DoesNotFitError(chosen)
             if o.parallel is not None and o.parallel > 1:
                 fewer = _most_slots_that_fit(candidates, hw, o)
-                error.hint = (
+                refused.hint = (
                     f"try --parallel {fewer} (the most slots that fit), a shorter --ctx, or a smaller quantisation"
                     if fewer
                     else "not even one slot fits: try a shorter --ctx or a smaller quantisation"
                 )
-            raise error
-        warnings.append(f"{chosen.candidate.label} does not fit ({chosen.reason}); loading anyway because of --force")
+        else:
+            warnings.append(f"{chosen.candidate.label} does not fit ({chosen.reason}); loading anyway because of --force")
     reasons.append(f"{chosen.fit}: {chosen.reason}")
     cfg = chosen.config
     if o.for_server:
@@ -668,9 +668,25 @@ def make_plan(
         warnings.append(f"context {cfg.n_ctx} is longer than the {trained} tokens the model was trained on")
     elif o.n_ctx is None and trained and cfg.n_ctx < trained:
         reasons.append(f"context {cfg.n_ctx} of the model's {trained}" + (" (the default cap)" if cfg.n_ctx == DEFAULT_CTX else " (more does not fit)"))
+    if o.n_gpu_layers and not hw.usable_gpus:
+        reasons.append(_why_no_gpu_layers(hw, o.n_gpu_layers))
     if hw.gpus and not hw.usable_gpus:
         warnings.append("a GPU is present but the installed llama.cpp cannot use it (see `llmctl hwinfo`)")
-    return Plan(chosen, plans, threads, hw.source, reasons, warnings, serving=o.for_server)
+    plan = Plan(chosen, plans, threads, hw.source, reasons, warnings, serving=o.for_server)
+    if refused is not None:
+        refused.full_plan = plan  # what `fit` shows before it exits 4
+        raise refused
+    return plan
+
+
+def _why_no_gpu_layers(hw: HardwareInfo, asked: int) -> str:
+    """Why ``--gpu-layers N`` left every layer on the CPU."""
+    if hw.build.gpu_offload:
+        return f"no GPU this llama.cpp build ({hw.build.backend}) can use was found: --gpu-layers {asked} has nothing to offload to"
+    return (
+        f"this llama.cpp build has no GPU backend: --gpu-layers {asked} cannot offload anything; "
+        "rebuild llama-cpp-python with CUDA or Metal to use a GPU (docs/gpu.md)"
+    )
 
 
 def _why_slots(chosen: CandidatePlan, o: Overrides) -> str:
