@@ -7,6 +7,8 @@ is documented in docs/configuration.md ("Exit codes").
 
 from __future__ import annotations
 
+from typing import Any
+
 # Documented exit codes. Keep docs/configuration.md in step with this table.
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -91,3 +93,10 @@ class DoesNotFitError(LlmctlError):
             hint="try a smaller quantisation, a shorter --ctx, or --force to load it anyway",
         )
         self.plan = plan
+        self.full_plan: Any = None  # the whole plan (every candidate, reasons): what `fit` prints before exiting
+
+    def for_planning_only(self) -> DoesNotFitError:
+        """The error as a command that loads nothing (``fit``) reports it: no --force to suggest."""
+        if self.hint and "--force" in self.hint:
+            self.hint = "try a smaller quantisation or a shorter --ctx"
+        return self

@@ -10,7 +10,7 @@ import typer
 from llmctl import output
 from llmctl.commands import open_store
 from llmctl.config import get_settings
-from llmctl.errors import UsageError
+from llmctl.errors import DoesNotFitError, UsageError
 from llmctl.models import locate
 from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
 from llmctl.plan import fit
@@ -51,13 +51,24 @@ def fit_command(
     tuned = _tuned_for(candidates) if hw_profile is None else None
     if tuned:
         overrides = merge_tuned(overrides, tuned)
-    plan = fit.make_plan(candidates, hw, overrides, force=True)
+    try:
+        plan = fit.make_plan(candidates, hw, overrides)
+    except DoesNotFitError as refused:
+        if refused.full_plan is None:
+            raise
+        show(refused.full_plan, json_output, tuned)  # the plan that does not fit, then exit 4
+        raise refused.for_planning_only() from None
+    show(plan, json_output, tuned)
+
+
+def show(plan: fit.Plan, json_output: bool, tuned: TunedProfile | None = None) -> None:
+    """The plan on stdout: the JSON document, or (several candidates: their table and) the chosen one."""
     if tuned:
         plan.reasons.append(f"tuned on this machine by `bench --tune`: {describe_tuned(tuned)}")
     if json_output:
         output.emit_json(plan.to_dict())
         return
-    if len(candidates) > 1:
+    if len(plan.candidates) > 1:
         render_candidates(plan)
     render_plan(plan)
 

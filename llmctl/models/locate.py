@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmctl import gguf
-from llmctl.errors import NotFoundError
+from llmctl.errors import AmbiguousNameError, NotFoundError
 from llmctl.models import catalog, hub, pull
 from llmctl.models.names import HubRef, parse_ref
 from llmctl.models.store import ResolvedModel, Store, mmproj_for
@@ -77,9 +77,15 @@ def read_repo(ref: HubRef, *, status: hub.Status = hub.silent) -> RepoQuants:
 
 
 def candidates(store: Store, name: str, *, status: hub.Status = hub.silent) -> list[fit.Candidate]:
-    """A model in the store (or a file), else every quant of the repo ``name`` means on the Hub."""
+    """A model in the store (or a file); several pulled quants of the repo ``name`` means; else every quant
+    of that repo on the Hub."""
     try:
         model = store.resolve(name)
+    except AmbiguousNameError:
+        local = store.repo_models(name)
+        if len(local) < 2:
+            raise
+        return [Located.of(m).candidate() for m in local]
     except NotFoundError:
         ref = parse_ref(name, catalog.aliases())
         if ref is None or name.startswith((".", "/", "~")) or name.lower().endswith(".gguf") and ref.filename is None:

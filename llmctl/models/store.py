@@ -447,6 +447,17 @@ class Store:
         hint = f"did you mean {', '.join(close)}?" if close else "run `llmctl list` to see your models, or `llmctl pull NAME` to download one"
         raise NotFoundError(f"no model named '{text}'", hint=hint)
 
+    def repo_models(self, name: str) -> list[ResolvedModel]:
+        """Every local model of the repo ``name`` names (``owner/repo`` or a catalog name, no quant or file):
+        those llmctl pulled if any, else the copies found in the Hugging Face cache. Where ``resolve`` finds
+        several and cannot choose, ``fit`` compares them as ``pull`` compares a repo's quants."""
+        ref = parse_ref(name.strip(), catalog.aliases())
+        if ref is None or ref.quant or ref.filename:
+            return []
+        rows = [r for r in self.listing_for_resolution(self.entries()) if (_row_repo(r) or "").lower() == ref.repo_id.lower()]
+        pulled = [r for r in rows if r.kind == "registered"]
+        return [self._from_row(r) for r in (pulled or rows)]
+
     def listing_for_resolution(self, entries: list[ModelEntry]) -> list[Listing]:
         rows = [Listing(e.name, e.paths, e.source_label, "registered", None, "ok", e.size, entry=e) for e in entries]
         return rows + self._discovered_rows(entries)

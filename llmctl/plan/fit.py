@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from llmctl.errors import DoesNotFitError
 from llmctl.gguf import ModelInfo
 from llmctl.plan.hardware import GPUInfo, HardwareInfo
 
@@ -342,9 +343,11 @@ PARTIAL = "partial offload"
 CPU_ONLY = "CPU only"
 TOO_LARGE = "too large"
 _CLASS_RANK = {FULL_GPU: 0, PARTIAL: 1, CPU_ONLY: 2, TOO_LARGE: 3}
-# Above ~8.5 bits per weight (Q8_0) quality no longer improves noticeably while
-# speed halves; higher precisions are chosen only when nothing else fits as well.
-QUALITY_CAP_BPW = 8.6
+# Unquantised weights: no better than Q8_0 in use, while twice its size and half its
+# speed. They are chosen only when no quantised file fits. Decided by the file's type,
+# not by bits per weight: a small model's Q8_0 file has more than 8.5 bits per weight
+# (its tokenizer and norms weigh more), an F16 file less than 16.
+UNQUANTISED_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 
 
 @dataclass
@@ -360,6 +363,11 @@ class Candidate:
     @property
     def bits_per_weight(self) -> float:
         return self.size * 8 / max(self.info.parameter_count, 1)
+
+    @property
+    def unquantised(self) -> bool:
+        """F16/BF16/F32 weights (``general.file_type``, else the dominant tensor type)."""
+        return self.info.quant.upper() in UNQUANTISED_TYPES
 
 
 @dataclass
@@ -613,7 +621,8 @@ def make_plan(
     """Choose among candidates (one local model, or every quant of a repo).
 
     The highest-quality candidate in the best fit class wins (full GPU offload,
-    then partial offload, then CPU only), preferring up to Q8_0-level precision;
+    then partial offload, then CPU only); unquantised files (F16, BF16, F32) only
+    when no quantised one fits;
     in partial offload and CPU-only classes a candidate must also reach at least
     half the fastest one's expected speed. Nothing that does not fit is chosen
     unless ``force`` is set. A serving plan's candidates each carry their slots
@@ -624,28 +633,32 @@ def make_plan(
     threads = o.threads or hw.cpu.physical_cores
     reasons: list[str] = []
     warnings: list[str] = []
+    refused: DoesNotFitError | None = None
     fitting = [p for p in plans if p.fits]
+    quantised = [p for p in fitting if not p.candidate.unquantised]
+    passed_over = [p.candidate.label for p in fitting if p.candidate.unquantised] if quantised else []
+    fitting = quantised or fitting
     if fitting:
         best_class = min(_CLASS_RANK[p.fit] for p in fitting)
         pool = [p for p in fitting if _CLASS_RANK[p.fit] == best_class]
         chosen = _pick_quality(pool)
         if len(plans) > 1:
             reasons.append(f"{chosen.candidate.label}: {_why_chosen(chosen, pool)}")
+        if passed_over:
+            reasons.append(f"{', '.join(passed_over)} not chosen: unquantised weights only when no quantised file fits")
     else:
         chosen = min(plans, key=lambda p: p.estimate.total)
         if not force:
-            from llmctl.errors import DoesNotFitError
-
-            error = DoesNotFitError(chosen)
+            refused = DoesNotFitError(chosen)
             if o.parallel is not None and o.parallel > 1:
                 fewer = _most_slots_that_fit(candidates, hw, o)
-                error.hint = (
+                refused.hint = (
                     f"try --parallel {fewer} (the most slots that fit), a shorter --ctx, or a smaller quantisation"
                     if fewer
                     else "not even one slot fits: try a shorter --ctx or a smaller quantisation"
                 )
-            raise error
-        warnings.append(f"{chosen.candidate.label} does not fit ({chosen.reason}); loading anyway because of --force")
+        else:
+            warnings.append(f"{chosen.candidate.label} does not fit ({chosen.reason}); loading anyway because of --force")
     reasons.append(f"{chosen.fit}: {chosen.reason}")
     cfg = chosen.config
     if o.for_server:
@@ -655,9 +668,25 @@ def make_plan(
         warnings.append(f"context {cfg.n_ctx} is longer than the {trained} tokens the model was trained on")
     elif o.n_ctx is None and trained and cfg.n_ctx < trained:
         reasons.append(f"context {cfg.n_ctx} of the model's {trained}" + (" (the default cap)" if cfg.n_ctx == DEFAULT_CTX else " (more does not fit)"))
+    if o.n_gpu_layers and not hw.usable_gpus:
+        reasons.append(_why_no_gpu_layers(hw, o.n_gpu_layers))
     if hw.gpus and not hw.usable_gpus:
         warnings.append("a GPU is present but the installed llama.cpp cannot use it (see `llmctl hwinfo`)")
-    return Plan(chosen, plans, threads, hw.source, reasons, warnings, serving=o.for_server)
+    plan = Plan(chosen, plans, threads, hw.source, reasons, warnings, serving=o.for_server)
+    if refused is not None:
+        refused.full_plan = plan  # what `fit` shows before it exits 4
+        raise refused
+    return plan
+
+
+def _why_no_gpu_layers(hw: HardwareInfo, asked: int) -> str:
+    """Why ``--gpu-layers N`` left every layer on the CPU."""
+    if hw.build.gpu_offload:
+        return f"no GPU this llama.cpp build ({hw.build.backend}) can use was found: --gpu-layers {asked} has nothing to offload to"
+    return (
+        f"this llama.cpp build has no GPU backend: --gpu-layers {asked} cannot offload anything; "
+        "rebuild llama-cpp-python with CUDA or Metal to use a GPU (docs/gpu.md)"
+    )
 
 
 def _why_slots(chosen: CandidatePlan, o: Overrides) -> str:
@@ -694,8 +723,7 @@ def _pick_quality(pool: list[CandidatePlan]) -> CandidatePlan:
         fastest = max((p.tokens_per_second or 0) for p in pool)
         if fastest:
             pool = [p for p in pool if (p.tokens_per_second or 0) >= fastest / 2] or pool
-    capped = [p for p in pool if p.candidate.bits_per_weight <= QUALITY_CAP_BPW]
-    return max(capped or pool, key=lambda p: p.candidate.bits_per_weight if capped else -p.candidate.bits_per_weight)
+    return max(pool, key=lambda p: p.candidate.bits_per_weight)
 
 
 def _why_chosen(chosen: CandidatePlan, pool: list[CandidatePlan]) -> str:

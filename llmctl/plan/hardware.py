@@ -465,11 +465,11 @@ def load_profile(path: str | os.PathLike[str]) -> HardwareInfo:
     except ValueError as exc:
         raise ProfileError(name, str(exc)) from None
     cpu, ram = described.cpu, described.ram
-    total = int(ram.total_gb * GIB)
+    total = described.ram_total
     gpus = []
     for index, gpu in enumerate(described.gpus):
-        memory_total = int(gpu.memory_total_gb * GIB) if gpu.memory_total_gb else int(total * schema.APPLE_GPU_SHARE)
-        memory_free = int(gpu.memory_free_gb * GIB) if gpu.memory_free_gb else memory_total
+        memory_total = described.gpu_memory_total(gpu)
+        memory_free = gpu.size_bytes("memory_free") or memory_total
         vendor = described.vendor(gpu)
         gpus.append(
             GPUInfo(
@@ -496,10 +496,10 @@ def load_profile(path: str | os.PathLike[str]) -> HardwareInfo:
             bandwidth_gbs=cpu.bandwidth_gbs,
         ),
         ram_total=total,
-        ram_available=int(ram.available_gb * GIB) if ram.available_gb else int(total * schema.RAM_AVAILABLE_SHARE),
+        ram_available=ram.size_bytes("available") or int(total * schema.RAM_AVAILABLE_SHARE),
         swap_total=0,
         swap_free=0,
-        disk_free=int(described.disk_free_gb * GIB) if described.disk_free_gb else None,
+        disk_free=described.size_bytes("disk_free"),
         disk_path=None,
         gpus=gpus,
         gpu_note=None if gpus else "no GPU in this profile",

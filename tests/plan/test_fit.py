@@ -167,7 +167,7 @@ def test_planner_decisions(shapes, profile: str, shape: str) -> None:
         assert dev.available is None or dev.total <= dev.available
     # a better-quality candidate that was passed over was either a worse fit class or too slow
     for other in plan.candidates:
-        if other.candidate.bits_per_weight > plan.chosen.candidate.bits_per_weight and other.candidate.bits_per_weight <= fit.QUALITY_CAP_BPW:
+        if other.candidate.bits_per_weight > plan.chosen.candidate.bits_per_weight and not other.candidate.unquantised:
             assert (
                 (not other.fits)
                 or fit._CLASS_RANK[other.fit] > fit._CLASS_RANK[plan.chosen.fit]

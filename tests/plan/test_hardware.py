@@ -78,7 +78,7 @@ def test_shipped_profiles_load(cli, name: str) -> None:
 
 def test_profile_from_env_and_path(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "box.json"
-    path.write_text(json.dumps({"name": "my box", "cpu": {"physical_cores": 2}, "ram": {"total_gb": 4}}))
+    path.write_text(json.dumps({"name": "my box", "cpu": {"physical_cores": 2}, "ram": {"total_gib": 4}}))
     monkeypatch.setenv("LLMCTL_HW_PROFILE", str(path))
     doc = json.loads(cli("hwinfo", "--json").stdout)
     assert doc["source"] == "profile: my box" and doc["ram_total"] == 4 * 1024**3
@@ -97,7 +97,10 @@ def test_profile_from_env_and_path(cli, tmp_path: Path, monkeypatch: pytest.Monk
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8, "available_gb": 9}}, "'ram.available_gb' is larger"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "backend": "tpu"}, "'backend' must be one of"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "backend": "cuda"}, "needs at least one entry in 'gpus'"),
-        ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "backend": "cuda", "gpus": [{"name": "x"}]}, "missing field 'gpus[0].memory_total_gb'"),
+        (
+            {"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "backend": "cuda", "gpus": [{"name": "x"}]},
+            "missing field 'gpus[0].memory_total_gib' (or 'gpus[0].memory_total_gb')",
+        ),
         (
             {"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "gpus": [{"name": "x", "memory_total_gb": True}]},
             "field 'gpus[0].memory_total_gb' must be a number, got True",
@@ -109,6 +112,13 @@ def test_profile_from_env_and_path(cli, tmp_path: Path, monkeypatch: pytest.Monk
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "gpus": ["x"]}, "field 'gpus[0]' must be an object, got 'x'"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "gpus": [{"memory_total_gb": 8}]}, "missing field 'gpus[0].name'"),
         ({"cpu": {"physical_cores": 4}, "ram": {"total_gb": 8}, "disk_free_gb": 0}, "field 'disk_free_gb' must be positive, got 0"),
+        ({"cpu": {"physical_cores": 4}, "ram": {}}, "missing field 'ram.total_gib' (or 'ram.total_gb')"),
+        ({"cpu": {"physical_cores": 4}, "ram": {"total_gib": 8, "total_gb": 8}}, "fields 'ram.total_gib' and 'ram.total_gb' are both given: use one"),
+        ({"cpu": {"physical_cores": 4}, "ram": {"total_gib": 8, "available_gb": 9}}, "field 'ram.available_gb' is larger than 'ram.total_gib'"),
+        (
+            {"cpu": {"physical_cores": 4}, "ram": {"total_gib": 8}, "gpus": [{"name": "x", "memory_total_gib": 8, "memory_free_gib": 8, "memory_free_gb": 8}]},
+            "fields 'gpus[0].memory_free_gib' and 'gpus[0].memory_free_gb' are both given",
+        ),
         ([1, 2], "must be a JSON object"),
     ],
 )
@@ -128,8 +138,8 @@ def test_a_profile_reads_as_before(tmp_path: Path) -> None:
     path.write_text(json.dumps({
         "backend": "metal", "comment": "ignored", "os": None,
         "cpu": {"physical_cores": 8, "features": ["NEON"], "bandwidth_gbs": 100},
-        "ram": {"total_gb": 16},
-        "gpus": [{"name": "M2", "memory_free_gb": 10}],
+        "ram": {"total_gib": 16},
+        "gpus": [{"name": "M2", "memory_free_gib": 10}],
     }))  # fmt: skip
     hw = hardware.load_profile(path)
     gib = 1024**3
@@ -140,6 +150,34 @@ def test_a_profile_reads_as_before(tmp_path: Path) -> None:
     assert gpu.vendor == "apple" and gpu.unified and gpu.memory_total == int(16 * gib * 0.75)
     assert gpu.memory_free == 10 * gib and gpu.memory_used == gpu.memory_total - gpu.memory_free
     assert hw.usable_gpus == [gpu] and hw.disk_free is None
+
+
+def test_profile_sizes_are_read_in_the_unit_their_field_names(tmp_path: Path) -> None:
+    """``_gb`` is 10^9 bytes, ``_gib`` 2^30: 0.8 GB is 800,000,000 bytes, not 0.8 GiB. Fields may mix units."""
+    path = tmp_path / "box.json"
+    path.write_text(json.dumps({
+        "backend": "cuda", "cpu": {"physical_cores": 4},
+        "ram": {"total_gib": 16, "available_gb": 17},  # 17 GB is 15.8 GiB: within 16 GiB
+        "gpus": [{"name": "g", "memory_total_gb": 8, "memory_free_gb": 0.8}, {"name": "h", "memory_total_gib": 8}],
+        "disk_free_gb": 500,
+    }))  # fmt: skip
+    hw = hardware.load_profile(path)
+    assert hw.ram_total == 16 * 1024**3 and hw.ram_available == 17 * 10**9
+    assert (hw.gpus[0].memory_total, hw.gpus[0].memory_free) == (8 * 10**9, 800_000_000)
+    assert hw.gpus[1].memory_total == hw.gpus[1].memory_free == 8 * 1024**3
+    assert hw.disk_free == 500 * 10**9
+
+
+def test_shipped_profiles_describe_the_machines_they_name() -> None:
+    """In GiB, as RAM and GPU makers count: an 8 GB RTX 4060 has 8 GiB."""
+    gib = 1024**3
+    rtx4060 = hardware.load_profile("rtx4060-16gb")
+    assert rtx4060.ram_total == 16 * gib and rtx4060.gpus[0].memory_total == 8 * gib
+    assert int(rtx4060.gpus[0].memory_free) == int(7.6 * gib)
+    assert hardware.load_profile("laptop-8gb").ram_total == 8 * gib
+    for name in PROFILES:
+        text = (hardware.shipped_profiles_dir() / f"{name}.json").read_text()
+        assert '_gb"' not in text, name  # every size in GiB
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

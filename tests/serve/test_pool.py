@@ -156,7 +156,7 @@ def test_a_busy_model_is_never_unloaded_to_make_room(models, log) -> None:
 def test_the_memory_budget_unloads_before_max_loaded_is_reached(models, log, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A machine with 1 GiB free keeps 512 MiB for itself: two models of 300 MiB do not fit together."""
     profile = tmp_path / "machine.json"
-    profile.write_text(json.dumps({"cpu": {"physical_cores": 2}, "ram": {"total_gb": 4, "available_gb": 1}}))
+    profile.write_text(json.dumps({"cpu": {"physical_cores": 2}, "ram": {"total_gib": 4, "available_gib": 1}}))
     monkeypatch.setenv("LLMCTL_HW_PROFILE", str(profile))
     pool = pool_of(Clock(), StubLoader(memory=300 * MIB), max_loaded=4)
     use(pool, "a")
