@@ -17,7 +17,7 @@ from llmctl.engine import reasoning
 from llmctl.engine.base import Result
 from llmctl.engine.llama import grammar_for
 from llmctl.engine.runner import open_model
-from llmctl.errors import NotFoundError, UsageError
+from llmctl.errors import LlmctlError, NotFoundError, UsageError
 from llmctl.options import (
     ChatFormatOpt,
     CtxOpt,
@@ -140,8 +140,8 @@ def _stream_reply(
             if reply is not None and piece:
                 reply.write(piece)
                 at_line_start = piece.endswith("\n")
-    except KeyboardInterrupt:
-        end_partial_line(at_line_start)  # so "error: interrupted" starts a line of its own
+    except (KeyboardInterrupt, LlmctlError):
+        end_partial_line(at_line_start)  # so "error: …" starts a line of its own
         raise
     finally:
         if thinking is not None:
