@@ -83,3 +83,14 @@ HideThinkingOpt = Annotated[
     bool,
     typer.Option("--hide-thinking", help="Do not show a reasoning model's thinking on the terminal (stdout never has it)."),
 ]
+RpcOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        envvar="LLMCTL_RPC",
+        help="Split the model across llama.cpp RPC workers (ggml-rpc-server) at these addresses; it then runs in a "
+        "llama-server child, its layers on the workers (all of them unless --gpu-layers says). Also LLMCTL_RPC.",
+        metavar="HOST:PORT,...",
+        show_default=False,
+    ),
+]

@@ -10,10 +10,10 @@ import typer
 
 from llmctl import output
 from llmctl.commands import open_store
-from llmctl.commands.generation import load_feedback, overrides_from_flags, sampling_from_flags
+from llmctl.commands.generation import load_feedback, overrides_from_flags, rpc_from_flag, sampling_from_flags
 from llmctl.config import get_settings
 from llmctl.engine import reasoning
-from llmctl.engine.base import Engine, ReloadError, Result
+from llmctl.engine.base import Engine, EngineLostError, ReloadError, Result
 from llmctl.engine.chat import ChatSession, Command
 from llmctl.engine.runner import Loaded, open_model, reload_with_context
 from llmctl.errors import LlmctlError
@@ -27,6 +27,7 @@ from llmctl.options import (
     MinPOpt,
     ModelArg,
     RepeatPenaltyOpt,
+    RpcOpt,
     SeedOpt,
     StopOpt,
     TemperatureOpt,
@@ -54,6 +55,7 @@ def chat(
     ctx: CtxOpt = None,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
+    rpc: RpcOpt = None,
     chat_format: ChatFormatOpt = None,
     think: ThinkOpt = None,
     hide_thinking: HideThinkingOpt = False,
@@ -64,7 +66,8 @@ def chat(
     think = reasoning.check_think(think, chat_format)
     store = open_store()
     overrides = overrides_from_flags(ctx, gpu_layers, threads)
-    loaded = open_model(store, model, overrides, force=force, chat_format=chat_format, feedback=load_feedback())
+    workers = rpc_from_flag(rpc)
+    loaded = open_model(store, model, overrides, force=force, chat_format=chat_format, feedback=load_feedback(), rpc=workers)
     if not loaded.engine.has_chat_template and chat_format is None:
         output.warn("this model has no chat template; using a generic format (choose one with --chat-format)")
     current = [loaded]
@@ -215,8 +218,8 @@ def _turn(session: ChatSession, line: str, *, markdown: bool, interactive: bool)
         sys.stdout.write("\n")
         output.info("[reply stopped]")
     except LlmctlError as exc:
-        if isinstance(exc, ReloadError) and exc.engine is None:
-            raise  # no model is loaded any more: the chat cannot go on
+        if isinstance(exc, EngineLostError) or (isinstance(exc, ReloadError) and exc.engine is None):
+            raise  # no model is loaded any more (or its llama-server or an RPC worker died): the chat cannot go on
         session.failed_turn = True
         output.error(exc.message, exc.hint)
     for notice in session.notices:

@@ -39,6 +39,15 @@ def sampling_from_flags(
     )
 
 
+def rpc_from_flag(value: str | None) -> list[str] | None:
+    """``--rpc``'s workers (None: generate in this process)."""
+    if not value:
+        return None
+    from llmctl.engine.server_engine import parse_rpc
+
+    return parse_rpc(value)
+
+
 def overrides_from_flags(ctx: int | None, gpu_layers: int | None, threads: int | None) -> Overrides:
     return Overrides(n_ctx=ctx, n_gpu_layers=gpu_layers, threads=threads)
 

@@ -12,12 +12,12 @@ import typer
 
 from llmctl import output
 from llmctl.commands import open_store
-from llmctl.commands.generation import end_partial_line, load_feedback, overrides_from_flags, print_summary, sampling_from_flags
+from llmctl.commands.generation import end_partial_line, load_feedback, overrides_from_flags, print_summary, rpc_from_flag, sampling_from_flags
 from llmctl.engine import reasoning
 from llmctl.engine.base import Result
 from llmctl.engine.llama import grammar_for
 from llmctl.engine.runner import open_model
-from llmctl.errors import NotFoundError, UsageError
+from llmctl.errors import LlmctlError, NotFoundError, UsageError
 from llmctl.options import (
     ChatFormatOpt,
     CtxOpt,
@@ -29,6 +29,7 @@ from llmctl.options import (
     MinPOpt,
     ModelArg,
     RepeatPenaltyOpt,
+    RpcOpt,
     SeedOpt,
     StopOpt,
     TemperatureOpt,
@@ -57,6 +58,7 @@ def run(
     ctx: CtxOpt = None,
     gpu_layers: GpuLayersOpt = None,
     threads: ThreadsOpt = None,
+    rpc: RpcOpt = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text only when it is complete.")] = False,
     format_: Annotated[str | None, typer.Option("--format", help="'json': constrain the output to valid JSON.")] = None,
     json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Constrain the output to JSON matching this schema file.")] = None,
@@ -80,7 +82,8 @@ def run(
         chat_format = think = None
     think = reasoning.check_think(think, chat_format)
     overrides = overrides_from_flags(ctx, gpu_layers, threads)
-    loaded = open_model(open_store(), model, overrides, force=force, chat_format=chat_format, feedback=load_feedback())
+    workers = rpc_from_flag(rpc)
+    loaded = open_model(open_store(), model, overrides, force=force, chat_format=chat_format, feedback=load_feedback(), rpc=workers)
     warnings += loaded.notes  # already said as they arose
     engine = loaded.engine
     if raw:
@@ -137,8 +140,8 @@ def _stream_reply(
             if reply is not None and piece:
                 reply.write(piece)
                 at_line_start = piece.endswith("\n")
-    except KeyboardInterrupt:
-        end_partial_line(at_line_start)  # so "error: interrupted" starts a line of its own
+    except (KeyboardInterrupt, LlmctlError):
+        end_partial_line(at_line_start)  # so "error: …" starts a line of its own
         raise
     finally:
         if thinking is not None:

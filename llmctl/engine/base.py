@@ -20,6 +20,11 @@ class EngineError(LlmctlError):
     """llama.cpp could not load or run the model."""
 
 
+class EngineLostError(EngineError):
+    """The engine went away mid-use (its llama-server child, or an RPC worker under it, died):
+    nothing more can be generated, so chat ends instead of taking the next message."""
+
+
 class ReloadError(EngineError):
     """Loading a model again (another context size) failed; ``engine`` is the one loaded instead, if any."""
 

@@ -109,6 +109,19 @@ def load_llama(path: Path | str, config: LoadConfig, *, threads: int | None, cha
     )
 
 
+def load_vocab(path: Path | str, *, chat_format: str | None = None, verbose: bool = False) -> Any:
+    """A ``llama_cpp.Llama`` of ``path``'s vocabulary alone (no weights): its tokenizer, chat templates and
+    chat format, chosen as ``load_llama`` chooses them, for an engine whose forward pass runs elsewhere
+    (llmctl/engine/server_engine.py). llama-cpp-python still makes a context: the smallest llama.cpp allows."""
+    import llama_cpp
+
+    quiet_llama_log()
+    return llama_cpp.Llama(str(path), vocab_only=True, n_ctx=VOCAB_CONTEXT, n_batch=VOCAB_CONTEXT, n_threads=1, chat_format=chat_format, verbose=verbose)
+
+
+VOCAB_CONTEXT = 256
+
+
 def _is_memory_error(message: str) -> bool:
     lowered = message.lower()
     return any(word in lowered for word in ("memory", "alloc", "oom", "cuda error", "failed to create context"))
@@ -254,7 +267,7 @@ class Engine:
     ) -> Iterator[str | Result]:
         """Stream a chat reply: text pieces, then one ``Result`` with the finish reason and timings.
         ``grammar`` (from ``grammar_for``, built once where the request is checked) constrains the output."""
-        kwargs = self._sampling_kwargs(sampling)
+        kwargs = sampling_kwargs(sampling)
         if grammar is not None:
             kwargs["grammar"] = grammar
         return self._stream(
@@ -272,7 +285,7 @@ class Engine:
         on_first_token: Callable[[], None] | None = None,
     ) -> Iterator[str | Result]:
         """Plain completion of raw text, without a chat template."""
-        kwargs = self._sampling_kwargs(sampling)
+        kwargs = sampling_kwargs(sampling)
         if grammar is not None:
             kwargs["grammar"] = grammar
         return self._stream(
@@ -280,18 +293,6 @@ class Engine:
             lambda chunk: chunk["choices"][0].get("text") or "",
             on_first_token,
         )
-
-    def _sampling_kwargs(self, s: SamplingSettings) -> dict[str, Any]:
-        return {
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "top_k": s.top_k,
-            "min_p": s.min_p,
-            "repeat_penalty": s.repeat_penalty,
-            "seed": s.seed,
-            "max_tokens": s.max_tokens if s.max_tokens is not None else -1,
-            "stop": list(s.stop),
-        }
 
     def _stream(
         self,
@@ -329,22 +330,13 @@ class Engine:
                 yield text
         except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the consumer stopped reading
             finish = "interrupted"
-            _close(stream)
+            stop_stream(stream)
             raise
-        except ChatTemplateError as exc:
-            raise EngineError(exc.message, hint=exc.hint) from None
-        except ValueError as exc:
-            if "context" in str(exc).lower():  # "Requested tokens (N) exceed context window of M"
-                raise EngineError(str(exc), hint="shorten the input or raise --ctx") from None
-            raise EngineError(f"generation failed: {exc}", hint="the model's chat template may be at fault: try --chat-format or --raw") from None
         except Exception as exc:
-            if type(exc).__module__.startswith("jinja2"):
-                # Templates render in llama-cpp-python's Jinja sandbox; a blocked or broken one lands here.
-                raise EngineError(
-                    f"the model's chat template failed: {type(exc).__name__}: {exc}",
-                    hint="choose a known format with --chat-format, or use --raw",
-                ) from None
-            raise
+            translated = engine_error(exc)
+            if translated is None:
+                raise
+            raise translated from None
         finally:
             end = time.perf_counter()
             perf = llama_cpp.llama_perf_context(self.llm._ctx.ctx)
@@ -361,7 +353,41 @@ class Engine:
         yield Result("".join(pieces), finish, timings)
 
 
-def _close(stream: Any) -> None:
+def sampling_kwargs(s: SamplingSettings) -> dict[str, Any]:
+    """``create_completion``'s sampling arguments for ``s`` (both engines hand them to llama-cpp-python's calls)."""
+    return {
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "min_p": s.min_p,
+        "repeat_penalty": s.repeat_penalty,
+        "seed": s.seed,
+        "max_tokens": s.max_tokens if s.max_tokens is not None else -1,
+        "stop": list(s.stop),
+    }
+
+
+def engine_error(exc: Exception) -> EngineError | None:
+    """What a failure while rendering or generating means for the user (None: not one of ours to word)."""
+    if isinstance(exc, EngineError):
+        return exc
+    if isinstance(exc, ChatTemplateError):
+        return EngineError(exc.message, hint=exc.hint)
+    if isinstance(exc, ValueError):
+        if "context" in str(exc).lower():  # "Requested tokens (N) exceed context window of M"
+            return EngineError(str(exc), hint="shorten the input or raise --ctx")
+        return EngineError(f"generation failed: {exc}", hint="the model's chat template may be at fault: try --chat-format or --raw")
+    if type(exc).__module__.startswith("jinja2"):
+        # Templates render in llama-cpp-python's Jinja sandbox; a blocked or broken one lands here.
+        return EngineError(
+            f"the model's chat template failed: {type(exc).__name__}: {exc}",
+            hint="choose a known format with --chat-format, or use --raw",
+        )
+    return None
+
+
+def stop_stream(stream: Any) -> None:
+    """Close a half-read stream (best effort): llama-cpp-python's generator, or the server engine's connection."""
     close = getattr(stream, "close", None)
     if close:
         try:

@@ -24,8 +24,13 @@ from llmctl.plan.hardware import get_hardware
 from llmctl.plan.tuned import apply_tuned
 
 
-def load_llama_engine(name: str, paths: list[Path], plan: Plan, **options: Any) -> Engine:
-    """llama.cpp's engine (``llmctl.engine.llama.Engine.load``), imported when a model is loaded."""
+def load_llama_engine(name: str, paths: list[Path], plan: Plan, *, rpc: list[str] | None = None, **options: Any) -> Engine:
+    """llama.cpp's engine, imported when a model is loaded: in this process (``llmctl.engine.llama``),
+    or, with RPC workers (``rpc``), in a llama-server child (``llmctl.engine.server_engine``)."""
+    if rpc:
+        from llmctl.engine.server_engine import ServerEngine
+
+        return ServerEngine.load(name, paths, plan, rpc=rpc, **options)
     from llmctl.engine.llama import Engine as LlamaEngine
 
     return LlamaEngine.load(name, paths, plan, **options)
@@ -58,6 +63,7 @@ class Planned:
     threads: int | None
     overrides: Overrides | None = None  # what the plan was made with (the user's, then the tuned profile's)
     force: bool = False
+    rpc: list[str] | None = None  # llama.cpp RPC workers: the model runs in a llama-server child, its layers on them
 
 
 @dataclass
@@ -70,17 +76,22 @@ class Loaded:
     notes: list[str] = field(default_factory=list)  # the plan's warnings, then what the loader changed
 
 
-def plan_model(store: Store, name: str, overrides: Overrides, *, force: bool = False) -> Planned:
-    """Resolve, read the header (llama.cpp never sees a file we reject) and plan; nothing is loaded."""
-    return _plan_resolved(store.resolve(name), overrides, force=force)
+def plan_model(store: Store, name: str, overrides: Overrides, *, force: bool = False, rpc: list[str] | None = None) -> Planned:
+    """Resolve, read the header (llama.cpp never sees a file we reject) and plan; nothing is loaded.
+    With ``rpc`` workers the plan's layers go to them (``server_engine.offload_to_workers``)."""
+    return _plan_resolved(store.resolve(name), overrides, force=force, rpc=rpc)
 
 
-def _plan_resolved(resolved: ResolvedModel, overrides: Overrides, *, force: bool) -> Planned:
+def _plan_resolved(resolved: ResolvedModel, overrides: Overrides, *, force: bool, rpc: list[str] | None = None) -> Planned:
     located = Located.of(resolved)
     hw = get_hardware(get_settings())
     overrides = apply_tuned(overrides, resolved.paths)
     plan = make_plan([located.candidate()], hw, overrides, force=force)
-    return Planned(plan, resolved, located.info, overrides.threads, overrides, force)
+    if rpc:
+        from llmctl.engine.server_engine import offload_to_workers
+
+        plan = offload_to_workers(plan, located.info.layer_count, overrides.n_gpu_layers)
+    return Planned(plan, resolved, located.info, overrides.threads, overrides, force, rpc)
 
 
 def check_chat_format(name: str | None) -> None:
@@ -103,7 +114,8 @@ def load_planned(store: Store, planned: Planned, *, chat_format: str | None = No
     for warning in notes:
         feedback.note(warning)  # before loading, which may take long or fail
     resolved = planned.model
-    with feedback.progress(f"Loading {resolved.name}…"):
+    where = f" on {len(planned.rpc)} RPC worker{'s' if len(planned.rpc) > 1 else ''}" if planned.rpc else ""
+    with feedback.progress(f"Loading {resolved.name}{where}…"):
         engine = engine_factory(
             resolved.name,
             resolved.paths,
@@ -111,6 +123,7 @@ def load_planned(store: Store, planned: Planned, *, chat_format: str | None = No
             threads=planned.threads,
             verbose=debug_enabled(),  # llama.cpp's own log; --verbose is the timing summary
             chat_format=chat_format,
+            **({"rpc": planned.rpc} if planned.rpc else {}),
         )
     for note in engine.notes:
         feedback.note(note)
@@ -134,7 +147,7 @@ def reload_with_context(store: Store, loaded: Loaded, n_ctx: int, *, feedback: L
     before = loaded.planned or Planned(loaded.plan, loaded.model, loaded.info, loaded.engine.threads)
     threads = loaded.engine.threads or before.threads
     overrides = replace(before.overrides or Overrides(), n_ctx=n_ctx, threads=threads)
-    planned = _plan_resolved(loaded.model, overrides, force=before.force)
+    planned = _plan_resolved(loaded.model, overrides, force=before.force, rpc=before.rpc)
     chat_format = loaded.engine.chat_format
     previous_ctx = loaded.engine.n_ctx
     loaded.engine.close()
@@ -158,7 +171,8 @@ def open_model(
     force: bool = False,
     chat_format: str | None = None,
     feedback: LoadFeedback | None = None,
+    rpc: list[str] | None = None,
 ) -> Loaded:
-    """Resolve, plan and load ``name`` (``plan_model`` then ``load_planned``)."""
+    """Resolve, plan and load ``name`` (``plan_model`` then ``load_planned``); ``rpc``: on these llama.cpp RPC workers."""
     check_chat_format(chat_format)
-    return load_planned(store, plan_model(store, name, overrides, force=force), chat_format=chat_format, feedback=feedback)
+    return load_planned(store, plan_model(store, name, overrides, force=force, rpc=rpc), chat_format=chat_format, feedback=feedback)

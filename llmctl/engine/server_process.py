@@ -75,6 +75,7 @@ class ServerSpec:
     mmproj: Path | None = None  # a multimodal projector: images (and audio) in chat messages
     reranker: bool = False  # the GGUF's pooling is "rank": /v1/rerank, nothing else
     pooling: str | None = POOLING_FOR_EMBEDDINGS  # None: the GGUF's own pooling for /v1/embeddings
+    rpc: list[str] = field(default_factory=list)  # llama.cpp RPC workers (HOST:PORT) the offloaded layers go to
 
     @property
     def total_ctx(self) -> int:
@@ -105,6 +106,8 @@ def server_args(spec: ServerSpec) -> list[str]:
         args.append("--swa-full")
     if spec.tensor_split:
         args += ["-ts", ",".join(f"{share:g}" for share in spec.tensor_split)]
+    if spec.rpc:
+        args += ["--rpc", ",".join(spec.rpc)]
     if spec.mmproj is not None:
         args += ["--mmproj", str(spec.mmproj)]
     if spec.reranker:

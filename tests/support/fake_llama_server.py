@@ -2,7 +2,8 @@
 fast tests (``ChildLoader(command=[python, this file])``): it takes llama-server's command line,
 listens where it is told (a Unix socket, or TCP with an API key), and speaks enough of its API:
 ``/health`` (503 while "loading"), ``/v1/chat/completions`` and ``/v1/completions`` (streamed as
-server-sent events or whole, with usage and timings), ``/v1/embeddings``, ``/v1/rerank`` (with
+server-sent events or whole, with usage and timings), its own ``/completion`` (streamed, for the
+server engine; the body it got is kept as ``last_body``), ``/v1/embeddings``, ``/v1/rerank`` (with
 ``--rerank``), ``/v1/messages`` and ``/v1/messages/count_tokens``.
 
 Switches, so tests can make it slow, fail or die:
@@ -13,7 +14,8 @@ Switches, so tests can make it slow, fail or die:
   llama-server does to a kept-alive connection left idle 5 s);
 - per request, from the body's ``"fake"`` object: ``text`` (the reply), ``delay`` (seconds
   between pieces), ``hold`` (a file: wait until it exists before answering), ``die_after`` (SIGKILL
-  itself after this many pieces), ``status`` (answer this status with an error body).
+  itself after this many pieces), ``status`` (answer this status with an error body); for
+  ``/completion``, ``text``, ``delay`` and ``die_after`` may also be given at start.
 
 What it did goes to ``$LLMCTL_FAKE_DIR/<alias>.json`` (requests started and finished, pieces sent,
 cancellations, the paths asked for, its argv), for the tests to read. Like llama-server, it
@@ -166,6 +168,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._error(int(fake["status"]), str(fake.get("message", "fake failure")))
         elif self.path in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
             self._generate(body, fake)
+        elif self.path == "/completion":
+            self._native(body, {**MINE, **fake})
         elif self.path == "/v1/embeddings":
             inputs = body.get("input")
             inputs = [inputs] if isinstance(inputs, str) else inputs
@@ -186,6 +190,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._error(404, "File Not Found", "not_found_error")
         record(finished=1)
+
+    def _native(self, body: dict[str, Any], fake: dict[str, Any]) -> None:
+        """llama-server's own ``/completion``, streamed: one event per token, then the final one
+        with ``stop_type`` and ``timings`` (the end-of-generation token counted, as llama-server does)."""
+        with LOCK:
+            STATS["last_body"] = body
+        pieces = re.findall(r"\S+\s*", str(fake.get("text", "hello world")))
+        limit = int(body.get("n_predict", -1))
+        cut = 0 <= limit < len(pieces)
+        pieces = pieces[:limit] if cut else pieces
+        prompt_n = len(body.get("prompt") or [])
+        die_after = fake.get("die_after")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for n, piece in enumerate(pieces):
+                if die_after is not None and n >= int(die_after):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                event = {"index": 0, "content": piece, "stop": False, "tokens_predicted": n + 1, "tokens_evaluated": prompt_n}
+                self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+                record(pieces=1)
+                time.sleep(float(fake.get("delay", 0)))
+            predicted = len(pieces) + (0 if cut else 1)
+            timings = {"cache_n": 0, "prompt_n": prompt_n, "prompt_ms": prompt_n * 1.0, "predicted_n": predicted, "predicted_ms": predicted * 10.0}
+            last = {"index": 0, "content": "", "stop": True, "stop_type": "limit" if cut else "eos", "tokens_predicted": predicted,
+                    "tokens_evaluated": prompt_n, "timings": timings}  # fmt: skip
+            self._chunk(f"data: {json.dumps(last)}\n\n".encode())
+            self._chunk(b"")
+        except OSError:
+            record(cancelled=1)
 
     def _generate(self, body: dict[str, Any], fake: dict[str, Any]) -> None:
         pieces = re.findall(r"\S+\s*", str(fake.get("text", "hello world"))) or [""]
