@@ -209,9 +209,10 @@ def main() -> int:
     if importlib.util.find_spec("llama_cpp") is None:
         # llama-cpp-python itself is not needed here (serve and fit drive the native tools), only the
         # version whose vendored llama.cpp the tools are built from: a dist-info naming it stands in.
-        meta = site / f"llama_cpp_python-{a.sdist.name.split('-')[1].removesuffix('.tar.gz')}.dist-info"
+        version = a.sdist.name.removeprefix("llama_cpp_python-").removesuffix(".tar.gz")
+        meta = site / f"llama_cpp_python-{version}.dist-info"
         meta.mkdir(parents=True, exist_ok=True)
-        (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: {meta.name.split('-')[1].removesuffix('.dist-info')}\n")
+        (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: {version}\n")
         sys.path.append(str(site))
     os.environ.update(
         {
