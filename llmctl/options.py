@@ -83,3 +83,12 @@ HideThinkingOpt = Annotated[
     bool,
     typer.Option("--hide-thinking", help="Do not show a reasoning model's thinking on the terminal (stdout never has it)."),
 ]
+RpcOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        help="Split the model across llama.cpp RPC workers, each running `llmctl rpc-server`: HOST:PORT[,HOST:PORT…]. Also LLMCTL_RPC.",
+        metavar="HOST:PORT,…",
+        show_default=False,
+    ),
+]

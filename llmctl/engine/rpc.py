@@ -17,7 +17,9 @@ protocol itself (ggml/src/ggml-rpc/ggml-rpc.cpp in the vendored llama.cpp):
 
 A ``ggml-rpc-server`` serves one client at a time: while ``llama-server`` holds a worker, another
 connection is accepted by the kernel but gets no answer until that client leaves. The probe
-closes its connection when done, and the server then accepts the next client as before.
+closes its connection when done, and the server then accepts the next client as before. A probe
+that gives up (a busy or silent worker) resets its connection instead: a ggml-rpc-server that
+later reads the abandoned HELLO would answer into a closed socket and die of SIGPIPE.
 
 Upstream's transport is IPv4 only (``gethostbyname`` and ``AF_INET`` on both sides), and it
 splits an endpoint at its first ``:``; IPv6 endpoints are therefore recognised and refused with
@@ -275,6 +277,7 @@ def probe(endpoint: Endpoint, *, timeout: float = PREFLIGHT_TIMEOUT_S, expected:
     started = time.monotonic()
     deadline = started + timeout
     sock = _connect(endpoint, timeout)
+    done = False
     try:
         channel = _Channel(sock, endpoint, deadline, timeout, want)
         channel.send(CMD_HELLO, bytes(CONN_CAPS_SIZE))
@@ -294,8 +297,14 @@ def probe(endpoint: Endpoint, *, timeout: float = PREFLIGHT_TIMEOUT_S, expected:
             channel.send(CMD_GET_DEVICE_MEMORY, struct.pack("<I", index))
             free, total = struct.unpack("<QQ", channel.receive(16, what="device memory"))
             devices.append(DeviceMemory(index, free, total))
+        done = True
         return WorkerInfo(endpoint, remote, devices, latency)
     finally:
+        if not done:
+            # Reset rather than close: a ggml-rpc-server that gets to a request after its client left
+            # answers into a closed socket and dies of SIGPIPE (upstream ignores no signal); a reset
+            # connection fails its reads instead, and it goes on to the next client.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
 
 

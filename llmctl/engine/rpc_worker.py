@@ -6,7 +6,7 @@ nothing but "Failed to create server socket" when the port is taken), starts the
 process group of its own (Ctrl-C at the terminal is llmctl's to handle; on Linux it also dies
 with llmctl), and waits until it answers ggml's RPC handshake (``rpc.probe``) — the only sign
 that it listens, since it prints nothing after binding and its stdout is block-buffered into a
-pipe until its first client. What it prints after that (a client came or went, an error) goes
+pipe until its first client. It runs with SIGPIPE ignored (see ``_worker_preexec``). What it prints after that (a client came or went, an error) goes
 to a callback.
 
 Nothing here prints.
@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -211,6 +212,22 @@ def _check_port_free(host: str, port: int) -> None:
         probe.close()
 
 
+def _worker_preexec() -> Callable[[], None]:
+    """Ignore SIGPIPE in the server (inherited across exec), then ask to die with llmctl.
+
+    ggml-rpc-server sends with flags 0 and leaves SIGPIPE at its default: a client that goes away
+    while the server answers (a killed llama-server, an abandoned handshake) kills the worker.
+    Ignored, the send fails with EPIPE, the server drops that client and accepts the next."""
+    die_with_parent = _die_with_parent()
+
+    def preexec() -> None:
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        if die_with_parent is not None:
+            die_with_parent()
+
+    return preexec
+
+
 def start_worker(
     spec: WorkerSpec,
     *,
@@ -234,7 +251,8 @@ def start_worker(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # the terminal's Ctrl-C reaches llmctl, which stops the server
-            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only a prctl call, resolved in the parent
+            restore_signals=False,  # keep SIGPIPE ignored (see _worker_preexec)
+            preexec_fn=_worker_preexec(),  # noqa: PLW1509 - a signal disposition and a prctl call
         )
     except OSError as exc:
         raise RpcWorkerError(f"cannot start {binary}: {exc.strerror or exc}", hint="check `llmctl engine status`") from None
