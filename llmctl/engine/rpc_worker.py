@@ -6,8 +6,8 @@ nothing but "Failed to create server socket" when the port is taken), starts the
 process group of its own (Ctrl-C at the terminal is llmctl's to handle; on Linux it also dies
 with llmctl), and waits until it answers ggml's RPC handshake (``rpc.probe``) — the only sign
 that it listens, since it prints nothing after binding and its stdout is block-buffered into a
-pipe until its first client. It runs with SIGPIPE ignored (see ``_worker_preexec``). What it prints after that (a client came or went, an error) goes
-to a callback.
+pipe until its first client. It runs with SIGPIPE ignored (see ``_worker_preexec``). What it
+prints after that (a client came or went, an error) goes to a callback.
 
 Nothing here prints.
 """
