@@ -36,8 +36,8 @@ import re
 import socket
 import struct
 import subprocess
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -256,19 +256,35 @@ def preflight(endpoints: list[Endpoint], *, timeout: float = PREFLIGHT_TIMEOUT_S
     if not endpoints:
         return []
     want = expected or local_protocol()
-    with ThreadPoolExecutor(max_workers=len(endpoints), thread_name_prefix="rpc-preflight") as pool:
-        futures = [pool.submit(probe, e, timeout=timeout, expected=want) for e in endpoints]
-        # A name lookup cannot be interrupted: a hung resolver only delays the error, by the timeout.
-        results: list[WorkerInfo | RpcError] = []
-        for future in futures:
-            try:
-                results.append(future.result())
-            except RpcError as exc:
-                results.append(exc)
-    for result in results:
-        if isinstance(result, RpcError):
+    results: dict[int, WorkerInfo | BaseException] = {}
+
+    def run(index: int, endpoint: Endpoint) -> None:
+        try:
+            results[index] = probe(endpoint, timeout=timeout, expected=want)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            results[index] = exc
+
+    # Daemon threads, not a pool: a name lookup cannot be interrupted, and a hung resolver must
+    # neither hold the caller past the deadline nor keep the process from exiting.
+    threads = [threading.Thread(target=run, args=(i, e), name=f"rpc-preflight-{e}", daemon=True) for i, e in enumerate(endpoints)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout + 1.0
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    found: list[WorkerInfo] = []
+    for index, endpoint in enumerate(endpoints):
+        result = results.get(index)
+        if result is None:
+            raise EndpointUnreachableError(
+                f"rpc worker {endpoint} is unreachable: no answer within {timeout:g} s (name lookup or connect)",
+                hint=_unreachable_hint(endpoint),
+                endpoint=endpoint,
+            )
+        if isinstance(result, BaseException):
             raise result
-    return [r for r in results if isinstance(r, WorkerInfo)]
+        found.append(result)
+    return found
 
 
 def probe(endpoint: Endpoint, *, timeout: float = PREFLIGHT_TIMEOUT_S, expected: ProtocolVersion | None = None) -> WorkerInfo:

@@ -65,6 +65,7 @@ def test_a_port_in_use_is_one_line(cli, native_tools) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unknown_device_names_the_ones_there_are(cli, native_tools) -> None:
     result = cli("rpc-server", "--device", "NOPE0", "--port", str(free_port()))
     assert result.exit_code == 1

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def test_the_protocol_constant_is_the_vendored_headers() -> None:
     assert rpc.ProtocolVersion(*found) == rpc.RPC_PROTOCOL
 
 
+@pytest.mark.slow
 def test_the_built_server_speaks_the_protocol_constant(native_tools) -> None:
     assert rpc.local_protocol() == rpc.RPC_PROTOCOL
 
@@ -146,6 +148,29 @@ def test_an_unreachable_endpoint_fails_fast_naming_it() -> None:
 def test_an_unresolvable_name_is_unreachable() -> None:
     with pytest.raises(rpc.EndpointUnreachableError, match="cannot resolve"):
         rpc.probe(rpc.Endpoint("no-such-worker.invalid", 50052), timeout=5, expected=rpc.RPC_PROTOCOL)
+
+
+def test_a_hung_name_lookup_is_given_up_at_the_deadline(monkeypatch) -> None:
+    release = threading.Event()
+
+    def hang(*_args: object, **_kwargs: object) -> list[object]:
+        release.wait(30)
+        raise socket.gaierror("released")
+
+    monkeypatch.setattr(rpc.socket, "getaddrinfo", hang)
+    started = time.monotonic()
+    try:
+        with pytest.raises(rpc.EndpointUnreachableError, match="no answer within 0.3 s"):
+            rpc.preflight([rpc.Endpoint("slow-dns.example", 50052)], timeout=0.3, expected=rpc.RPC_PROTOCOL)
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+
+
+def test_results_come_in_the_order_given_whatever_answers_first() -> None:
+    with FakeRpcWorker(devices=[(1, 2)]) as a, FakeRpcWorker(devices=[(3, 4), (5, 6)]) as b:
+        infos = rpc.preflight(rpc.parse_endpoints(f"{b.endpoint},{a.endpoint}"), timeout=5, expected=rpc.RPC_PROTOCOL)
+    assert [len(i.devices) for i in infos] == [2, 1]
 
 
 def test_the_probe_sends_ggmls_hello_and_reads_each_devices_memory() -> None:
@@ -214,6 +239,7 @@ def two_workers(native_tools):
             worker.stop()
 
 
+@pytest.mark.slow
 def test_two_real_workers_pass_preflight_and_accept_the_next_client(two_workers: list[RpcWorker]) -> None:
     endpoints = [w.endpoint for w in two_workers]
     first = rpc.preflight(endpoints)
@@ -246,6 +272,7 @@ def _free_again(endpoint: rpc.Endpoint) -> rpc.WorkerInfo:
             assert time.monotonic() < deadline
 
 
+@pytest.mark.slow
 def test_a_worker_busy_with_another_client_is_reported_as_not_answering(two_workers: list[RpcWorker]) -> None:
     endpoint = two_workers[0].endpoint
     held = _hold(endpoint)
@@ -259,6 +286,7 @@ def test_a_worker_busy_with_another_client_is_reported_as_not_answering(two_work
     assert two_workers[0].exit_code() is None
 
 
+@pytest.mark.slow
 def test_an_abandoned_probe_does_not_kill_a_plain_ggml_rpc_server(native_tools) -> None:
     """Upstream's server dies of SIGPIPE when it answers a client that has gone; the probe that
     gives up on a busy worker resets its connection, so the server never answers it."""
@@ -285,6 +313,7 @@ def test_an_abandoned_probe_does_not_kill_a_plain_ggml_rpc_server(native_tools) 
         plain.wait()
 
 
+@pytest.mark.slow
 def test_a_worker_llmctl_starts_survives_a_client_that_leaves_before_its_answer(two_workers: list[RpcWorker]) -> None:
     """A client that sends a request and closes before the answer (a killed llama-server) would
     kill a plain ggml-rpc-server with SIGPIPE; llmctl starts its workers with SIGPIPE ignored."""

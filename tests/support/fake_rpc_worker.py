@@ -32,6 +32,7 @@ class FakeRpcWorker:
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(8)
+        self._listener.settimeout(0.05)  # so close() is not held up by a blocked accept
         self.port = self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -43,8 +44,8 @@ class FakeRpcWorker:
 
     def close(self) -> None:
         self._stop.set()
-        self._listener.close()
         self._thread.join(timeout=5)
+        self._listener.close()
 
     def __enter__(self) -> FakeRpcWorker:
         return self
@@ -56,10 +57,12 @@ class FakeRpcWorker:
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             with conn:
-                conn.settimeout(10)
+                conn.settimeout(5)
                 try:
                     self._talk(conn)
                 except (OSError, struct.error):
