@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Annotated, Callable, Iterator
 
 import typer
@@ -65,7 +66,7 @@ def chat(
     sampling = sampling_from_flags(temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, stop)
     think = reasoning.check_think(think, chat_format)
     store = open_store()
-    overrides = overrides_from_flags(ctx, gpu_layers, threads)
+    overrides = replace(overrides_from_flags(ctx, gpu_layers, threads), multi_turn=True)
     workers = rpc_from_flag(rpc)
     loaded = open_model(store, model, overrides, force=force, chat_format=chat_format, feedback=load_feedback(), rpc=workers)
     if not loaded.engine.has_chat_template and chat_format is None:

@@ -25,7 +25,9 @@ def fit_command(
     threads: ThreadsOpt = None,
     cache_type_k: CacheTypeKOpt = None,
     cache_type_v: CacheTypeVOpt = None,
-    flash_attn: Annotated[bool, typer.Option("--flash-attn", help="Plan with flash attention (smaller compute buffers).")] = False,
+    flash_attn: Annotated[
+        bool | None, typer.Option("--flash-attn/--no-flash-attn", help="Plan with or without flash attention (default: on, as llama.cpp's auto).")
+    ] = None,
     serve: Annotated[bool, typer.Option("--serve", help="Plan for `llmctl serve`: parallel slots, each with its own context.")] = False,
     parallel: Annotated[int | None, typer.Option("--parallel", min=1, help="Slots to plan for (implies --serve; default: as many as fit, up to 4).")] = None,
     hw_profile: HwProfileOpt = None,
@@ -38,7 +40,7 @@ def fit_command(
         threads=threads,
         type_k=_cache_type(cache_type_k, "--cache-type-k"),
         type_v=_cache_type(cache_type_v, "--cache-type-v"),
-        flash_attn=flash_attn or None,
+        flash_attn=flash_attn,
         parallel=parallel,
         serving=serve,
     )
@@ -131,7 +133,7 @@ def render_plan(plan: fit.Plan) -> None:
             ("threads", plan.threads),
             ("kv cache", f"{cfg.type_k} / {cfg.type_v}"),
             ("generation", speed),
-            ("why", "; ".join(plan.reasons)),
+            *[("why" if i == 0 else "", reason) for i, reason in enumerate(plan.reasons)],
         ]
     )
     rows = []
@@ -146,14 +148,15 @@ def render_plan(plan: fit.Plan) -> None:
                 output.human_bytes(dev.compute),
                 output.human_bytes(dev.overhead),
                 output.human_bytes(dev.total),
+                output.human_bytes(dev.resident),
                 output.human_bytes(dev.available) if dev.available is not None else "-",
                 "yes" if dev.fits else "NO",
             ]
         )
     output.emit_table(
-        ["DEVICE", "WEIGHTS", "KV CACHE", "COMPUTE", "OVERHEAD", "TOTAL", "AVAILABLE", "FITS"],
+        ["DEVICE", "WEIGHTS", "KV CACHE", "COMPUTE", "OVERHEAD", "ALLOCATED", "IN USE", "AVAILABLE", "FITS"],
         rows,
-        right_align=("WEIGHTS", "KV CACHE", "COMPUTE", "OVERHEAD", "TOTAL", "AVAILABLE"),
+        right_align=("WEIGHTS", "KV CACHE", "COMPUTE", "OVERHEAD", "ALLOCATED", "IN USE", "AVAILABLE"),
     )
     for warning in plan.warnings:
         output.warn(warning)

@@ -191,7 +191,7 @@ def plan_server(store: Store, name: str, overrides: Overrides) -> ServerPlan:
         reranker=pooling == POOLING_RANK,
         pooling=None if isinstance(pooling, int) else POOLING_FOR_EMBEDDINGS,
     )
-    return ServerPlan(plan.chosen.estimate.total, spec, list(plan.warnings), located.info.chat_template)
+    return ServerPlan(plan.chosen.estimate.resident, spec, list(plan.warnings), located.info.chat_template)
 
 
 # --- the address a child listens on ------------------------------------------------------------

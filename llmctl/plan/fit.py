@@ -50,9 +50,18 @@ KV_TYPES: dict[str, tuple[int, int]] = {
 VOCAB_BYTES_PER_TOKEN = 300
 VOCAB_BYTES_PER_MERGE = 116
 CPU_RUNTIME_BYTES = 4 * MIB
-# Per-GPU backend context (CUDA context, cuBLAS workspace). Not measurable on a
-# CPU-only machine; a typical figure for current drivers.
-GPU_BACKEND_BYTES = {"nvidia": 400 * MIB, "apple": 64 * MIB}
+# Per-GPU memory outside llama.cpp's buffers (CUDA context, cuBLAS workspace): measured
+# 696-716 MiB for a llama-server child on an H200 (CUDA 13.0, driver 580; NVML's figure for
+# the process minus the buffers llama.cpp logs; docs/fit.md). Apple's is a typical figure.
+GPU_BACKEND_BYTES = {"nvidia": 700 * MIB, "apple": 64 * MIB}
+# Host memory a CUDA process holds beyond llama.cpp's buffers (the CUDA and cuBLAS
+# libraries and the driver's host allocations): measured 472-534 MiB of RSS on the same
+# machine. Resident only: llama.cpp's own projection leaves it out.
+CUDA_HOST_RUNTIME_BYTES = 500 * MIB
+# With layers on a GPU, llama.cpp runs the graph there (big batches of host layers too:
+# ``op_offload``) and the host keeps a pinned staging buffer of about this many bytes per
+# token of the micro-batch and per embedding dimension (measured 26.0 on CUDA, three shapes).
+HOST_STAGING_BYTES_PER_TOKEN_DIM = 26
 # Head-room the planner leaves: llama.cpp's own fitting keeps 1 GiB free per GPU.
 GPU_MARGIN = 1 * GIB
 RAM_MARGIN = 512 * MIB
@@ -89,6 +98,15 @@ class LoadConfig:
 
 @dataclass
 class DeviceEstimate:
+    """One device's memory for a load: what llama.cpp allocates there (``total``) and, for host
+    memory, what the process holds in use (``resident``).
+
+    The two differ in RAM only: llama.cpp reserves its compute buffer for the worst graph (a
+    micro-batch of logits rows), but a generation touches one row per sequence, and the pages
+    never touched are never resident. On a GPU the allocation is what is taken. So a GPU fits
+    on ``total``, the host on ``resident`` (the planner keeps a margin beside it).
+    """
+
     device: str
     weights: int = 0
     kv_cache: int = 0
@@ -99,14 +117,36 @@ class DeviceEstimate:
     bandwidth_gbs: float | None = None
     bytes_per_token: int = 0  # read per generated token (weights + KV at the assumed depth)
     layers: int = 0
+    host: bool = False  # system RAM (decided on resident memory)
+    compute_resident: int | None = None  # the part of the compute buffer a generation touches (host only)
+    runtime_resident: int = 0  # resident memory outside llama.cpp's allocations (the CUDA libraries)
+
+    @property
+    def buffers(self) -> int:
+        """llama.cpp's own buffers: what ``llama-fit-params`` projects for this device."""
+        return self.weights + self.kv_cache + self.compute + self.projector
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.overhead + self.projector
+        """Allocated: llama.cpp's buffers and the runtime beside them (a GPU's context, the tokenizer)."""
+        return self.buffers + self.overhead
+
+    @property
+    def resident(self) -> int:
+        """In use: for the host, what the process's RSS grows by; for a GPU, its allocation."""
+        if not self.host:
+            return self.total
+        compute = self.compute if self.compute_resident is None else self.compute_resident
+        return self.weights + self.kv_cache + compute + self.projector + self.overhead + self.runtime_resident
+
+    @property
+    def needed(self) -> int:
+        """What the fit is decided on: resident memory in RAM, the allocation on a GPU."""
+        return self.resident if self.host else self.total
 
     @property
     def fits(self) -> bool:
-        return self.available is None or self.total <= self.available
+        return self.available is None or self.needed <= self.available
 
 
 @dataclass
@@ -117,7 +157,13 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
+        """Allocated, all devices together."""
         return sum(d.total for d in self.devices)
+
+    @property
+    def resident(self) -> int:
+        """In use, all devices together (host memory as resident, GPU memory as allocated)."""
+        return sum(d.resident for d in self.devices)
 
     @property
     def fits(self) -> bool:
@@ -269,7 +315,7 @@ def estimate_memory(
     kv_layers = kv_cache_bytes_per_layer(info, config)
     layer_bytes = info.layer_bytes if len(info.layer_bytes) == n_layer else [0] * n_layer
 
-    cpu = DeviceEstimate("CPU", available=None if hw is None else max(hw.ram_available - RAM_MARGIN, 0))
+    cpu = DeviceEstimate("CPU", available=None if hw is None else max(hw.ram_available - RAM_MARGIN, 0), host=True)
     cpu.bandwidth_gbs = hw.cpu.bandwidth_gbs if hw else None
     gpu_estimates = [DeviceEstimate(f"GPU {g.index}: {g.name}", available=max(g.memory_free - GPU_MARGIN, 0), bandwidth_gbs=g.bandwidth_gbs) for g in gpus]
 
@@ -306,14 +352,20 @@ def estimate_memory(
     n_kv = kv_depth
     outputs = batch if n_outputs is None else n_outputs
     full = compute_buffer_bytes(info, batch, n_kv, outputs, config.flash_attn)
+    # A generation asks for one row of logits per sequence, not the micro-batch reserved.
+    touched = compute_buffer_bytes(info, batch, n_kv, min(config.n_seq, batch) if n_outputs is None else n_outputs, config.flash_attn)
     for index, dev in enumerate(gpu_estimates):
         if dev.layers or index == output_device:
             dev.compute = full
         dev.overhead = GPU_BACKEND_BYTES.get(gpus[index].vendor, GPU_BACKEND_BYTES["nvidia"])
-    if ngl >= n_layer + 1 and gpus:
-        cpu.compute = 4 * batch * (2 * (info.embedding_length or 0) + 1)  # inputs staged on the host
+    if ngl >= 1 and gpus:
+        # The graph runs on the GPU (host layers' big batches too); the host only stages inputs.
+        cpu.compute = HOST_STAGING_BYTES_PER_TOKEN_DIM * batch * (info.embedding_length or 0)
+        if any(g.vendor == "nvidia" for g in gpus):
+            cpu.runtime_resident = CUDA_HOST_RUNTIME_BYTES
     else:
         cpu.compute = full
+        cpu.compute_resident = touched
     cpu.overhead = tokenizer_bytes(info) + CPU_RUNTIME_BYTES
     # llama.cpp's mtmd puts a projector on the first GPU; with no layer offloaded, llmctl keeps it in RAM.
     (gpu_estimates[0] if ngl >= 1 and gpus else cpu).projector = config.projector_bytes
@@ -390,6 +442,9 @@ class Overrides:
     n_ubatch: int | None = None
     parallel: int | None = None
     serving: bool = False
+    # chat: each turn reuses the conversation's KV cache, which a sliding-window cache cut to
+    # its window cannot always roll back to, so chat keeps the full-size one.
+    multi_turn: bool = False
 
     @property
     def for_server(self) -> bool:
@@ -479,12 +534,15 @@ def _candidate_json(plan: CandidatePlan, serving: bool = False) -> dict[str, Any
                 "overhead": d.overhead,
                 "projector": d.projector,
                 "total": d.total,
+                "allocated": d.total,
+                "resident": d.resident,
                 "available": d.available,
                 "fits": d.fits,
             }
             for d in plan.estimate.devices
         ],
         "total_bytes": plan.estimate.total,
+        "resident_bytes": plan.estimate.resident,
     }
     if serving:
         doc |= {
@@ -496,6 +554,14 @@ def _candidate_json(plan: CandidatePlan, serving: bool = False) -> dict[str, Any
             "kv_cache_bytes": sum(d.kv_cache for d in plan.estimate.devices),
         }
     return doc
+
+
+def default_flash_attn(info: ModelInfo) -> bool:
+    """Flash attention unless asked otherwise: the same results without holding the attention
+    scores (the compute buffer shrinks by n_kv × micro-batch × heads floats), on every backend
+    llama.cpp has (llama.cpp's own ``auto`` turns it on there too). Not for models whose keys
+    and values differ in width (MLA): not every backend has those kernels."""
+    return not (info.key_length and info.value_length and info.key_length != info.value_length)
 
 
 def default_context(info: ModelInfo) -> int:
@@ -524,7 +590,7 @@ def plan_candidate(candidate: Candidate, hw: HardwareInfo, overrides: Overrides 
     """
     o = overrides or Overrides()
     if not o.for_server:
-        return _plan_slots(candidate, hw, o, 1, swa_full=True)
+        return _plan_slots(candidate, hw, o, 1, swa_full=o.multi_turn)
     # llama-server keeps only the window of sliding-window layers (its --swa-full is off).
     if o.parallel is not None:
         return _plan_slots(candidate, hw, o, o.parallel, swa_full=False)
@@ -547,7 +613,7 @@ def _plan_slots(candidate: Candidate, hw: HardwareInfo, o: Overrides, slots: int
         n_ctx=0,
         type_k=o.type_k or "f16",
         type_v=o.type_v or "f16",
-        flash_attn=bool(o.flash_attn),
+        flash_attn=default_flash_attn(info) if o.flash_attn is None else o.flash_attn,
         n_batch=o.n_batch or 512,
         n_ubatch=o.n_ubatch or 512,
         projector_bytes=candidate.projector_size,
@@ -565,9 +631,9 @@ def _plan_slots(candidate: Candidate, hw: HardwareInfo, o: Overrides, slots: int
         if estimate.fits:
             return _describe(candidate, estimate, hw, n_layer)
     assert first is not None
-    biggest = max(first.devices, key=lambda d: d.total - (d.available or 0))
+    biggest = max(first.devices, key=lambda d: d.needed - (d.available or 0))
     context = f"{first.config.n_ctx} tokens of context" if slots == 1 else f"{slots} slots of {first.config.n_ctx} tokens of context"
-    reason = f"needs {_gib(first.total)} at {context}; {biggest.device} would need {_gib(biggest.total)} of {_gib(biggest.available or 0)} available"
+    reason = f"needs {_gib(first.resident)} at {context}; {biggest.device} would need {_gib(biggest.needed)} of {_gib(biggest.available or 0)} available"
     return CandidatePlan(candidate, TOO_LARGE, first, expected_tokens_per_second(first), reason)
 
 
@@ -603,7 +669,7 @@ def _describe(candidate: Candidate, estimate: MemoryEstimate, hw: HardwareInfo, 
         fit = CPU_ONLY
         cpu = estimate.devices[0]
         why = "" if not hw.gpus else (" (no layer fits the GPU)" if hw.usable_gpus else " (llama.cpp build cannot use the GPU)")
-        reason = f"in RAM: {_gib(cpu.total)} of {_gib(cpu.available or 0)} available{why}"
+        reason = f"in RAM: {_gib(cpu.resident)} in use ({_gib(cpu.total)} allocated) of {_gib(cpu.available or 0)} available{why}"
     return CandidatePlan(candidate, fit, estimate, speed, reason)
 
 
@@ -663,6 +729,7 @@ def make_plan(
     cfg = chosen.config
     if o.for_server:
         reasons.append(_why_slots(chosen, o))
+    reasons += _why_memory_settings(chosen, o)
     trained = chosen.candidate.info.context_length
     if trained and cfg.n_ctx > trained:
         warnings.append(f"context {cfg.n_ctx} is longer than the {trained} tokens the model was trained on")
@@ -677,6 +744,27 @@ def make_plan(
         refused.full_plan = plan  # what `fit` shows before it exits 4
         raise refused
     return plan
+
+
+def _why_memory_settings(chosen: CandidatePlan, o: Overrides) -> list[str]:
+    """The settings the planner chose to save memory, each with what it saves."""
+    info, cfg = chosen.candidate.info, chosen.config
+    out = []
+    if o.flash_attn is None and cfg.flash_attn:
+        batch = min(cfg.n_ubatch, cfg.total_ctx)
+        cells = kv_streams(cfg)[0]
+        without = compute_buffer_bytes(info, batch, cells, batch, False)
+        with_fa = compute_buffer_bytes(info, batch, cells, batch, True)
+        if without > with_fa:
+            out.append(f"flash attention on: the attention scores are never held, so the compute buffer is {_gib(with_fa)} instead of {_gib(without)}")
+    if info.sliding_window and any(swa_layers(info)):
+        if not cfg.swa_full:
+            full = sum(kv_cache_bytes_per_layer(info, replace(cfg, swa_full=True)))
+            cut = sum(kv_cache_bytes_per_layer(info, cfg))
+            out.append(f"sliding-window layers keep only their window ({info.sliding_window} tokens): KV cache {_gib(cut)} instead of {_gib(full)}")
+        elif o.multi_turn:
+            out.append("chat keeps the full-size sliding-window cache, so every turn reuses the conversation's cache")
+    return out
 
 
 def _why_no_gpu_layers(hw: HardwareInfo, asked: int) -> str:

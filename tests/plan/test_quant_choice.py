@@ -55,8 +55,8 @@ def test_small_models_get_q8_0_on_every_machine(model: str, machine: str) -> Non
 # docs/fit.md's table: repo × machine → chosen quant (None: too large).
 TABLE = {
     "SmolLM2-1.7B-Instruct": ["Q6_K", "Q6_K", "Q8_0", "Q8_0", "Q8_0"],
-    "Llama-2-7b-chat": ["Q4_0", "Q6_K", "Q4_K_M", "Q8_0", "Q8_0"],
-    "Meta-Llama-3.1-70B-Instruct": [None, None, None, None, "Q4_K_S"],
+    "Llama-2-7b-chat": ["Q4_K_M", "Q6_K", "Q4_K_M", "Q8_0", "Q8_0"],
+    "Meta-Llama-3.1-70B-Instruct": [None, None, None, None, "Q4_K_M"],
 }
 COLUMNS = ["laptop-8gb", "laptop-16gb", "rtx4060-16gb", "m2-16gb", "dual-rtx3090-64gb"]
 

@@ -168,7 +168,9 @@ def test_parallel_that_does_not_fit_is_refused_with_a_count_that_does(shapes) ->
 def test_in_process_plans_have_one_slot_and_no_serving_fields(shapes) -> None:
     plan = fit.make_plan(candidates(shapes, "7b"), hardware.load_profile("rtx4090-32gb"))
     assert (plan.serving, plan.parallel, plan.total_ctx) == (False, 1, plan.config.n_ctx)
-    assert plan.config.swa_full is True  # llama-cpp-python's default
+    assert plan.config.swa_full is False  # run: one prompt, nothing to roll back, so the window is enough
+    chat = fit.make_plan(candidates(shapes, "7b"), hardware.load_profile("rtx4090-32gb"), fit.Overrides(multi_turn=True))
+    assert chat.config.swa_full is True  # chat reuses its cache turn after turn
     doc = plan.to_dict()
     assert "serving" not in doc and "parallel" not in doc["chosen"] and not any("slot" in r for r in plan.reasons)
 
