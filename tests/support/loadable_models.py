@@ -14,13 +14,36 @@ from pathlib import Path
 
 import numpy as np
 
-SPECS = {
-    # name: (arch, n_embd, n_head, n_head_kv, n_layer, n_ff, weight type, tied output)
+SPECS: dict[str, tuple] = {
+    # name: (arch, n_embd, n_head, n_head_kv, n_layer, n_ff, weight type, tied output[, extras])
+    # extras: "vocab" (tokens: the demo's 49152 cut, or padded with control tokens), "experts"
+    # ((count, used): a mixture of experts in every layer), "window" (sliding window, gemma2)
     "llama-gqa-f16": ("llama", 1024, 16, 4, 6, 2816, "F16", False),
     "qwen2-mha-q8": ("qwen2", 768, 12, 12, 8, 2048, "Q8_0", True),
     "tiny-llama": ("llama", 64, 4, 2, 2, 128, "F16", True),
     "tiny-gemma2": ("gemma2", 64, 4, 2, 2, 128, "F16", True),  # sliding-window attention on every other layer
+    # the fit zoo (benchmarks/bench_fit.py): MoE, sliding windows and vocabularies of 32k, 150k and 262k
+    "llama-moe-q8": ("llama", 512, 8, 4, 4, 1024, "Q8_0", False, {"experts": (8, 2)}),
+    "gemma2-swa-262k": ("gemma2", 256, 4, 2, 6, 1024, "Q8_0", True, {"vocab": 262144, "window": 512}),
+    "qwen2-150k": ("qwen2", 512, 8, 2, 4, 1536, "Q8_0", True, {"vocab": 151936}),
+    "llama-32k": ("llama", 512, 8, 8, 4, 1536, "Q8_0", False, {"vocab": 32000}),
 }
+
+
+def _vocabulary(src, size: int | None) -> tuple[list, list, list]:
+    """The demo's tokens, types and merges, cut to ``size`` (dropping the merges that need a
+    token cut away) or padded to it with control tokens."""
+    tokens = list(src.fields["tokenizer.ggml.tokens"].contents())
+    types = list(src.fields["tokenizer.ggml.token_type"].contents())
+    merges = list(src.fields["tokenizer.ggml.merges"].contents())
+    if size is None or size == len(tokens):
+        return tokens, types, merges
+    if size < len(tokens):
+        kept = set(tokens[:size])
+        merges = [m for m in merges if all(part in kept for part in m.split(" ")) and m.replace(" ", "") in kept]
+        return tokens[:size], types[:size], merges
+    extra = size - len(tokens)
+    return tokens + [f"<|extra_{i}|>" for i in range(extra)], types + [3] * extra, merges
 
 
 def build(demo: Path, folder: Path, name: str, chat_template: str | None = None) -> Path:
@@ -29,9 +52,10 @@ def build(demo: Path, folder: Path, name: str, chat_template: str | None = None)
     out = folder / f"{name}.gguf"
     if out.exists():
         return out
-    arch, n_embd, n_head, n_kv, n_layer, n_ff, wtype, tied = SPECS[name]
+    arch, n_embd, n_head, n_kv, n_layer, n_ff, wtype, tied = SPECS[name][:8]
+    extras = SPECS[name][8] if len(SPECS[name]) > 8 else {}
     src = gguf.GGUFReader(demo)
-    tokens = src.fields["tokenizer.ggml.tokens"].contents()
+    tokens, token_types, merges = _vocabulary(src, extras.get("vocab"))
     writer = gguf.GGUFWriter(out.with_suffix(".tmp"), arch)
     writer.add_name(name)
     writer.add_block_count(n_layer)
@@ -44,13 +68,16 @@ def build(demo: Path, folder: Path, name: str, chat_template: str | None = None)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     if arch == "gemma2":
-        writer.add_sliding_window(64)
+        writer.add_sliding_window(extras.get("window", 64))
+    if "experts" in extras:
+        writer.add_expert_count(extras["experts"][0])
+        writer.add_expert_used_count(extras["experts"][1])
     writer.add_file_type(1 if wtype == "F16" else 7)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm")
     writer.add_token_list(tokens)
-    writer.add_token_types(src.fields["tokenizer.ggml.token_type"].contents())
-    writer.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     if chat_template is not None:
@@ -84,6 +111,13 @@ def build(demo: Path, folder: Path, name: str, chat_template: str | None = None)
             tensor(f"blk.{i}.post_attention_norm.weight", n_embd, norm=True)
             tensor(f"blk.{i}.post_ffw_norm.weight", n_embd, norm=True)
         tensor(f"blk.{i}.ffn_norm.weight", n_embd, norm=True)
+        if "experts" in extras:
+            count = extras["experts"][0]
+            tensor(f"blk.{i}.ffn_gate_inp.weight", n_embd, count, bias=True)  # the router: kept in F32
+            tensor(f"blk.{i}.ffn_gate_exps.weight", n_embd, n_ff, count)
+            tensor(f"blk.{i}.ffn_up_exps.weight", n_embd, n_ff, count)
+            tensor(f"blk.{i}.ffn_down_exps.weight", n_ff, n_embd, count)
+            continue
         tensor(f"blk.{i}.ffn_gate.weight", n_embd, n_ff)
         tensor(f"blk.{i}.ffn_up.weight", n_embd, n_ff)
         tensor(f"blk.{i}.ffn_down.weight", n_ff, n_embd)

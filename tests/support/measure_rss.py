@@ -1,9 +1,9 @@
 """Measuring memory in a process of its own: a model's load, and a whole ``llmctl`` command.
 
-``python measure_rss.py MODEL N_CTX`` prints JSON: the resident-memory growth
-from before the load to after a 512-token prompt batch and 4 generated tokens,
-with llama-cpp-python's defaults otherwise (mmap, f16 KV cache, no flash
-attention, n_batch = n_ubatch = 512). Run in its own process so nothing else
+``python measure_rss.py MODEL N_CTX [SETTINGS]`` prints JSON: the resident-memory
+growth from before the load to after a prompt (512 tokens unless SETTINGS says)
+and 4 generated tokens, with llama-cpp-python's defaults otherwise (mmap, f16 KV
+cache, no flash attention, n_batch = n_ubatch = 512) unless SETTINGS says. Run in its own process so nothing else
 shares the measurement.
 
 ``run_llmctl(ARGS...)`` runs one ``llmctl`` command and returns its exit code,
@@ -79,21 +79,34 @@ def run_llmctl(*args: str, timeout: float = 120, **env: str) -> Run:
         return Run(int(code), stdout, stderr, float(seconds), int(peak_kb) / 1024)
 
 
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30, "iq4_nl": 20}
+
+
 def main() -> None:
+    """``MODEL N_CTX [SETTINGS]``: SETTINGS is JSON with any of ``depth`` (prompt tokens, default
+    512), ``type_k``/``type_v`` (``f16``, ``q8_0``…), ``flash_attn`` and ``swa_full`` (booleans)."""
     import llama_cpp
     import psutil
 
     path, n_ctx = sys.argv[1], int(sys.argv[2])
+    settings = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    depth = int(settings.get("depth", 512))
+    kwargs = {"flash_attn": bool(settings.get("flash_attn", False))}
+    for key in ("type_k", "type_v"):
+        if key in settings:
+            kwargs[key] = GGML_TYPES[settings[key]]
+    if "swa_full" in settings:
+        kwargs["swa_full"] = bool(settings["swa_full"])
     process = psutil.Process()
     before = process.memory_info().rss
-    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=2, verbose=False, **kwargs)
     after_load = process.memory_info().rss
     rng = random.Random(0)
-    llm.eval([rng.randrange(100, llm.n_vocab()) for _ in range(512)])
+    llm.eval([rng.randrange(100, llm.n_vocab()) for _ in range(depth)])
     for _ in range(4):
         llm.eval([llm.sample(temp=0.0)])
     after = process.memory_info().rss
-    print(json.dumps({"n_ctx": n_ctx, "load_growth": after_load - before, "rss_growth": after - before}))
+    print(json.dumps({"n_ctx": n_ctx, "depth": depth, "load_growth": after_load - before, "rss_growth": after - before}))
 
 
 if __name__ == "__main__":
