@@ -20,6 +20,7 @@ from llmctl.commands.import_cmd import import_
 from llmctl.commands.list_cmd import list_models
 from llmctl.commands.pull_cmd import pull_command
 from llmctl.commands.rm import rm
+from llmctl.commands.rpc_cmd import rpc_server
 from llmctl.commands.run_cmd import run
 from llmctl.commands.search import search
 from llmctl.commands.serve_cmd import ps, serve, stop
@@ -114,6 +115,7 @@ app.command("chat")(chat)
 app.command("bench")(bench)
 app.command("serve")(serve)
 app.command("ps")(ps)
+app.command("rpc-server")(rpc_server)
 app.command("stop")(stop)
 app.command("list", help=list_models.__doc__)(list_models)
 app.command("ls", hidden=True)(list_models)
