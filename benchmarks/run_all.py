@@ -13,6 +13,7 @@ import bench_foundation  # noqa: E402
 import bench_generation  # noqa: E402
 import bench_hub  # noqa: E402
 import bench_llama_bench  # noqa: E402
+import bench_rpc  # noqa: E402
 import bench_serve  # noqa: E402
 from common import print_table  # noqa: E402
 
@@ -49,7 +50,7 @@ def main() -> int:
     import os
 
     print(f"# llmctl benchmarks on {platform.node()}: {_cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
-    rows = bench_foundation.run() + bench_fit.run() + bench_hub.run() + bench_generation.run() + bench_serve.run() + bench_llama_bench.run()
+    rows = bench_foundation.run() + bench_fit.run() + bench_hub.run() + bench_generation.run() + bench_serve.run() + bench_llama_bench.run() + bench_rpc.run()
     print_table(rows)
     failed = [r.name for r in rows if r.ok is False]
     if failed:

@@ -87,7 +87,6 @@ RpcOpt = Annotated[
     str | None,
     typer.Option(
         "--rpc",
-        envvar="LLMCTL_RPC",
         help="Split the model across llama.cpp RPC workers (each running `llmctl rpc-server`) at these addresses; it then "
         "runs in a llama-server child, its layers on the workers (all of them unless --gpu-layers says). Also LLMCTL_RPC.",
         metavar="HOST:PORT,...",

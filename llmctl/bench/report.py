@@ -42,6 +42,8 @@ def record(run: BenchRun, row: Row) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in LLAMA_BENCH_FIELDS:
         out[name] = fp.get(name) if name in ("build_commit", "build_number", "cpu_info", "gpu_info", "backends") else data.get(name)
+    if row.devices:  # bench --rpc: the devices and backends llama-bench reported for this row, not this machine's
+        out["gpu_info"], out["backends"] = row.devices, row.backend
     out["flash_attn"] = int(row.flash_attn)  # llama-bench's is a number: 0, 1 (or -1, auto, which llmctl resolves)
     for name in LLMCTL_FIELDS:
         out[name] = run.run_id if name == "run_id" else fp.get(name) if name == "llmctl_version" else data.get(name)
@@ -161,7 +163,8 @@ def param_cell(value: Any) -> str:
 
 def table_rows(run: BenchRun) -> tuple[list[str], list[list[str]]]:
     extra_cols = varying(run.rows)
-    columns = ["model", "size", "params", "backend", "threads", *extra_cols, "test", "t/s", "% of bw bound"]
+    with_devices = any(r.devices for r in run.rows)
+    columns = ["model", "size", "params", "backend", *(["devices"] if with_devices else []), "threads", *extra_cols, "test", "t/s", "% of bw bound"]
     rows = []
     for r in run.rows:
         rows.append(
@@ -170,6 +173,7 @@ def table_rows(run: BenchRun) -> tuple[list[str], list[list[str]]]:
                 human_size(r.model_size),
                 human_params(r.model_n_params),
                 r.backend,
+                *([r.devices or "-"] if with_devices else []),
                 str(r.n_threads),
                 *[param_cell(getattr(r, c)) for c in extra_cols],
                 r.test,

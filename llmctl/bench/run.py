@@ -106,6 +106,7 @@ class Row:
     bytes_per_token: int | None = None
     roofline_pct: float | None = None
     status: str = "ok"  # ok | skipped: … | failed: … | interrupted
+    devices: str | None = None  # bench --rpc: the devices llama-bench used (its gpu_info: RPC workers' HOST:PORT)
 
     @property
     def ok(self) -> bool:

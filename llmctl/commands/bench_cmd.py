@@ -17,7 +17,7 @@ from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import LlmctlError, UsageError
 from llmctl.models.locate import locate
-from llmctl.options import ModelsArg
+from llmctl.options import ModelsArg, RpcOpt
 from llmctl.plan.hardware import _machine_key, get_hardware
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def bench(
     serve_args: Annotated[
         str | None, typer.Option("--serve-args", help="With --serve: options for the fresh `llmctl serve`, e.g. --serve-args='--parallel 8'.")
     ] = None,
+    rpc: RpcOpt = None,
 ) -> None:
     """Benchmark models like llama-bench (pp/tg tokens per second, its defaults), with roofline, load and first-token figures; or a server under concurrent clients (--serve)."""
     from llmctl.bench import report as benchreport
@@ -80,6 +81,7 @@ def bench(
                        "--batch-size": batch_size if batch_size != "2048" else None, "--ubatch-size": ubatch_size if ubatch_size != "512" else None,
                        "--flash-attn": flash_attn if flash_attn != "auto" else None, "--cache-type-k": cache_type_k if cache_type_k != "f16" else None,
                        "--cache-type-v": cache_type_v if cache_type_v != "f16" else None, "--no-extras": no_extras or None, "--tune": tune or None}  # fmt: skip
+    endpoints = _rpc_endpoints(rpc, serve or server is not None, tune)
     if serve or server is not None:
         if given := [flag for flag, value in in_process_only.items() if value is not None]:
             raise UsageError(f"{given[0]} sets up llama.cpp in this process; with --serve the server's own settings apply",
@@ -122,10 +124,16 @@ def bench(
     )
     run = benchrun.new_run(hw)
     bench_models = _models(models, run)
+    if endpoints:
+        _preflight(run, endpoints)
+        no_extras = True  # load times and the run path are in-process figures
     try:
         with _Progress(len(bench_models) * len(sweep.load_configs()) * len(sweep.tests()), run) as progress:
             for model in bench_models:
-                benchrun.run_model(run, model, sweep, hw, extras=not no_extras, on_row=progress.row)
+                if endpoints:
+                    _run_rpc(run, model, sweep, endpoints, progress.row)
+                else:
+                    benchrun.run_model(run, model, sweep, hw, extras=not no_extras, on_row=progress.row)
     except KeyboardInterrupt:
         run.interrupted = True  # reported once, after the results (BenchInterrupted below)
     if not run.interrupted:
@@ -154,6 +162,36 @@ def bench(
 
 
 LOAD_HINT = "check that llama.cpp can load the model: `llmctl run MODEL hello`; LLMCTL_DEBUG=1 shows its log"
+
+
+def _rpc_endpoints(flag: str | None, serving: bool, tune: bool) -> list:
+    """--rpc's workers (else LLMCTL_RPC's): for the in-process tests only."""
+    from llmctl.engine.rpc import endpoints_from
+
+    if flag is not None and serving:
+        raise UsageError("--rpc benchmarks llama-bench across the workers; a served model gets its workers from serve",
+                         hint="give them to the server: --serve-args='--rpc HOST:PORT,…'")  # fmt: skip
+    if flag is not None and tune:
+        raise UsageError("--tune tunes this machine's in-process settings; it cannot tune across RPC workers", hint="leave out --rpc")
+    return [] if serving or tune else endpoints_from(flag)
+
+
+def _preflight(run: benchrun.BenchRun, endpoints: list) -> None:
+    """Check every worker before llama-bench (which aborts on a bad one); note them in the run's fingerprint."""
+    from llmctl.engine.rpc import preflight
+
+    workers = preflight(endpoints)
+    run.fingerprint["rpc"] = [w.to_dict() for w in workers]
+
+
+def _run_rpc(run: benchrun.BenchRun, model: benchrun.BenchModel, sweep: benchrun.Sweep, endpoints: list, on_row) -> None:
+    from llmctl.bench import rpc_bench
+    from llmctl.engine import native
+
+    logs = get_settings().home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"bench-rpc-{run.run_id}.log"  # llama-bench's stderr, for when it fails
+    rpc_bench.run_model(run, model, sweep, endpoints, binary=native.require("llama-bench"), log_path=log, on_row=on_row)
 
 
 def _serving_plan(concurrency: str | None, n_prompt: str | None, n_gen: str | None, repetitions: int | None, endpoint: Endpoint):

@@ -12,7 +12,7 @@ from llmctl.commands import open_store
 from llmctl.config import get_settings
 from llmctl.errors import DoesNotFitError, UsageError
 from llmctl.models import locate
-from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, ThreadsOpt
+from llmctl.options import CacheTypeKOpt, CacheTypeVOpt, CtxOpt, GpuLayersOpt, HwProfileOpt, JsonOpt, ModelArg, RpcOpt, ThreadsOpt
 from llmctl.plan import fit
 from llmctl.plan.hardware import get_hardware
 from llmctl.plan.tuned import TunedProfile, describe_tuned, merge_tuned, tuned_here
@@ -32,8 +32,20 @@ def fit_command(
     parallel: Annotated[int | None, typer.Option("--parallel", min=1, help="Slots to plan for (implies --serve; default: as many as fit, up to 4).")] = None,
     hw_profile: HwProfileOpt = None,
     json_output: JsonOpt = False,
+    rpc: RpcOpt = None,
 ) -> None:
-    """Plan how to load a model here (or on a --hw-profile machine): GPU layers, context, memory per device."""
+    """Plan how to load a model here (or on a --hw-profile machine, or across --rpc workers): GPU layers, context, memory per device."""
+    from llmctl.engine.rpc import endpoints_from
+
+    endpoints = endpoints_from(rpc)
+    if endpoints:
+        if serve or parallel or hw_profile:
+            raise UsageError(
+                "--rpc plans one context across the workers with llama.cpp's own projection", hint="leave out --serve, --parallel and --hw-profile"
+            )
+        _fit_rpc(model, endpoints, ctx, gpu_layers, _cache_type(cache_type_k, "--cache-type-k"), _cache_type(cache_type_v, "--cache-type-v"),
+                 flash_attn or None, json_output)  # fmt: skip
+        return
     overrides = fit.Overrides(
         n_ctx=ctx,
         n_gpu_layers=gpu_layers,
@@ -160,3 +172,84 @@ def render_plan(plan: fit.Plan) -> None:
     )
     for warning in plan.warnings:
         output.warn(warning)
+
+
+def _fit_rpc(name: str, endpoints: list, ctx: int | None, gpu_layers: int | None, type_k: str | None, type_v: str | None,
+             flash_attn: bool | None, json_output: bool) -> None:  # fmt: skip
+    """fit --rpc: the workers checked, then llama-fit-params' layout shown; exit 4 when it does not fit."""
+    from llmctl.engine import native
+    from llmctl.engine.rpc import preflight
+    from llmctl.plan import rpc_fit
+
+    located = locate.locate(open_store(), name)
+    workers = preflight(endpoints)
+    layer_count = (located.info.layer_count or 0) + 1
+    n_ctx = ctx or min(located.info.context_length or fit.DEFAULT_CTX, fit.DEFAULT_CTX)
+    with output.status(f"Asking llama-fit-params to lay out {located.name} on {len(endpoints)} worker(s)…"):
+        projection = rpc_fit.project(native.require("llama-fit-params"), located.name, located.paths[0], endpoints, layer_count=layer_count,
+                                     n_ctx=n_ctx, n_gpu_layers=gpu_layers, type_k=type_k, type_v=type_v, flash_attn=flash_attn)  # fmt: skip
+    if json_output:
+        output.emit_json({**projection.to_dict(), "workers": [w.to_dict() for w in workers]})
+    else:
+        _render_rpc(projection)
+    if not projection.fits:
+        raise rpc_fit.refusal(projection)
+
+
+def _render_rpc(projection) -> None:
+    from llmctl.plan.rpc_fit import FIT_TARGET_MIB
+
+    on_workers = sum(len(d.layers) for d in projection.devices if d.endpoint)
+    output.emit_fields(
+        [
+            ("model", projection.model),
+            ("workers", ", ".join(projection.endpoints)),
+            ("fit", "fits" if projection.fits else "does not fit"),
+            ("gpu layers", f"{projection.n_gpu_layers} of {projection.layer_count} ({on_workers} on the workers)"),
+            ("context", projection.n_ctx),
+            ("projection", "llama.cpp's own (llama-fit-params)"),
+            *([("llama.cpp's fit", projection.fitted_args)] if projection.fitted_args else []),
+            *([("why", "; ".join(projection.reasons()))] if projection.reasons() else []),
+        ]
+    )
+
+    def mib(value: int | None) -> str:
+        return "-" if value is None else f"{value} MiB"
+
+    rows = [
+        [
+            d.name,
+            d.endpoint or "this machine",
+            _layer_span(d.layers),
+            mib(d.model_mib),
+            mib(d.context_mib),
+            mib(d.compute_mib),
+            mib(d.used_mib),
+            mib(d.free_mib),
+            "yes" if d.fits and d.within_margin else "tight" if d.fits else "NO",
+        ]  # fmt: skip
+        for d in projection.devices
+    ]
+    output.emit_table(
+        ["DEVICE", "WHERE", "LAYERS", "WEIGHTS", "KV CACHE", "COMPUTE", "TOTAL", "FREE", "FITS"],
+        rows,
+        right_align=("WEIGHTS", "KV CACHE", "COMPUTE", "TOTAL", "FREE"),
+    )
+    if any(not d.within_margin for d in projection.devices if d.fits):
+        output.warn(f"'tight': within the device's memory but under the {FIT_TARGET_MIB} MiB llama.cpp keeps free")
+
+
+def _layer_span(layers: list[int]) -> str:
+    """Layers as ranges: 0-15, or 16-29,30."""
+    if not layers:
+        return "-"
+    spans: list[str] = []
+    start = prev = layers[0]
+    for index in [*layers[1:], None]:
+        if index is not None and index == prev + 1:
+            prev = index
+            continue
+        spans.append(f"{start}-{prev}" if prev != start else str(start))
+        if index is not None:
+            start = prev = index
+    return f"{','.join(spans)} ({len(layers)})"

@@ -40,12 +40,11 @@ def sampling_from_flags(
 
 
 def rpc_from_flag(value: str | None) -> list[str] | None:
-    """``--rpc``'s workers (None: generate in this process)."""
-    if not value:
-        return None
-    from llmctl.engine.server_engine import parse_rpc
+    """``--rpc``'s workers, else ``LLMCTL_RPC``'s (None: generate in this process)."""
+    from llmctl.engine.rpc import endpoints_from
 
-    return parse_rpc(value)
+    endpoints = endpoints_from(value)
+    return [str(e) for e in endpoints] or None
 
 
 def overrides_from_flags(ctx: int | None, gpu_layers: int | None, threads: int | None) -> Overrides:

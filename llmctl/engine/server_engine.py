@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from llmctl.engine.base import EngineError, EngineLostError, Result, Timings, empty_reply_advice
-from llmctl.errors import UsageError
 
 if TYPE_CHECKING:
     from llmctl.engine.chat_template import TemplateWorker
@@ -44,28 +43,9 @@ if TYPE_CHECKING:
 LOAD_TIMEOUT_S = 300.0  # weights travel to the workers while llama-server loads
 EXIT_WAIT_S = 10.0  # for a child that aborts: llama.cpp prints a backtrace (through gdb, where installed) first
 PROBE_TIMEOUT_S = 2.0
-RPC_ENV = "LLMCTL_RPC"
 
 
-# --- the --rpc flag -----------------------------------------------------------------------------
-
-
-def parse_rpc(value: str | None) -> list[str] | None:
-    """``--rpc``'s endpoints (``HOST:PORT,…``), or None without the flag.
-
-    Minimal on purpose: llmctl/engine/rpc.py's ``parse_endpoints`` (and its preflight) takes this
-    function's place once it exists.
-    """
-    if value is None or not value.strip():
-        return None
-    endpoints = []
-    for raw in value.split(","):
-        item = raw.strip()
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UsageError(f"--rpc: {item or '(empty)'!r} is not HOST:PORT", hint="e.g. --rpc 192.168.1.10:50052,192.168.1.11:50052")
-        endpoints.append(f"{host}:{int(port)}")
-    return endpoints
+# --- the workers ----------------------------------------------------------------------------
 
 
 def unreachable(endpoints: list[str], timeout: float = PROBE_TIMEOUT_S) -> list[str]:
@@ -454,9 +434,13 @@ class _Starter:
     def __call__(self, spec: ServerSpec) -> ServerProcess:
         from llmctl.config import get_settings
         from llmctl.engine import native
+        from llmctl.engine.rpc import parse_endpoints, preflight
         from llmctl.engine.server_process import ServerStartError, log_path_for, start_server
 
         command = self.command or [str(native.require("llama-server"))]
+        # llama.cpp aborts on a worker it cannot reach or that runs another build: check each first.
+        if spec.rpc:
+            preflight(parse_endpoints(",".join(spec.rpc)))
         try:
             return start_server(
                 self.name,
