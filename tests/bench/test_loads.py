@@ -48,7 +48,7 @@ def test_extras_load_as_run_does_and_the_measured_context_as_llama_bench_does(cl
     assert r.exit_code == 0, r.stderr
     (bench, _), (extras, threads) = loads
     assert (bench.type_k, bench.type_v, bench.flash_attn, bench.swa_full) == ("q8_0", "q8_0", True, False)
-    assert (extras.type_k, extras.type_v, extras.flash_attn, extras.swa_full) == ("q8_0", "q8_0", True, True)
+    assert (extras.type_k, extras.type_v, extras.flash_attn, extras.swa_full) == ("q8_0", "q8_0", True, False)  # run keeps only the window too
     assert replace(extras, swa_full=False) == bench and threads == 2
     (extra,) = json.loads(r.stdout)["extras"]
     assert extra["e2e_tokens_per_second"] == 100.0 and engines[0].closed  # the fake's rate; its memory freed
