@@ -13,7 +13,7 @@ import typer
 from llmctl import output
 from llmctl.commands import open_store
 from llmctl.errors import UsageError
-from llmctl.options import JsonOpt
+from llmctl.options import JsonOpt, RpcOpt
 from llmctl.output import Column
 from llmctl.serve.client import DEFAULT_PORT, DEFAULT_SERVER, ServerClient
 
@@ -48,6 +48,7 @@ def serve(
     parallel: Annotated[
         int | None, typer.Option("--parallel", min=1, help="Requests each model serves at once (default: as many slots as memory allows, up to 4).")
     ] = None,
+    rpc: RpcOpt = None,
 ) -> None:
     """Serve models over OpenAI- and Anthropic-compatible HTTP APIs, each in llama.cpp's llama-server."""
     from llmctl.engine import native
@@ -56,7 +57,16 @@ def serve(
 
     if not _is_loopback(host) and not api_key:
         output.warn(f"binding to {host} without --api-key: anyone who can reach this port can use your models")
-    settings = ServerSettings(keep_alive=parse_duration(keep_alive), max_loaded=max_loaded, max_queue=max_queue, ctx=ctx, api_key=api_key, parallel=parallel)
+    from llmctl.engine.rpc import endpoints_from
+
+    workers = [str(e) for e in endpoints_from(rpc)]
+    if workers and max_loaded > 1:
+        # A ggml-rpc-server serves one client at a time: two children could not share the workers.
+        output.info(f"--rpc: one model is loaded at a time (each RPC worker serves one llama-server), not {max_loaded}")
+        max_loaded = 1
+    settings = ServerSettings(
+        keep_alive=parse_duration(keep_alive), max_loaded=max_loaded, max_queue=max_queue, ctx=ctx, api_key=api_key, parallel=parallel, rpc=workers
+    )
     native.require("llama-server")  # missing: one error line with the hint, before anything listens
     store = open_store()
     for name in models or []:

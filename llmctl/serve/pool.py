@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -51,6 +51,7 @@ class ServerSettings:
     api_key: str | None = None
     parallel: int | None = None  # slots per model (llama-server -np); None: the fit plan's choice
     load_timeout: float = LOAD_TIMEOUT_S  # for a child to answer /health after it starts
+    rpc: list[str] = field(default_factory=list)  # llama.cpp RPC workers every child's layers go to (serve --rpc)
 
 
 class Child(Protocol):
@@ -107,7 +108,15 @@ class ChildLoader:
         from llmctl.plan.fit import Overrides
 
         planned = plan_server(self.store, name, Overrides(n_ctx=self.settings.ctx, parallel=self.settings.parallel, serving=True))
+        if self.settings.rpc:  # every layer and the output on the workers, as `run --rpc` places them
+            planned.spec.rpc = list(self.settings.rpc)
+            planned.spec.n_gpu_layers = self.store_layers(name) + 1
         return planned.memory, planned
+
+    def store_layers(self, name: str) -> int:
+        from llmctl.models.locate import Located
+
+        return Located.of(self.store.resolve(name)).info.layer_count or 0
 
     def load(self, planned: Any) -> Child:
         from llmctl.config import get_settings
@@ -122,6 +131,11 @@ class ChildLoader:
             self._templates = TemplateWorker()
         check_chat_template(self._templates, planned.chat_template)
         spec = planned.spec
+        if spec.rpc:
+            # llama-server aborts on a worker it cannot reach: check them all first, for a clear error.
+            from llmctl.engine.rpc import parse_endpoints, preflight
+
+            preflight(parse_endpoints(",".join(spec.rpc)))
         command = self.command or [str(native.require("llama-server"))]
         return start_server(
             spec.alias,
@@ -349,6 +363,10 @@ class ModelPool:
                 child = self.loader.load(planned)
             except LlmctlError as exc:
                 log.error(f"{canonical} failed to load: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
+                from llmctl.engine.rpc import RpcError
+
+                if isinstance(exc, RpcError):  # a worker down or busy: worth retrying, unlike a bad file
+                    raise ApiError(503, f"model '{canonical}' cannot load: {exc.message}", "server_error", headers={"Retry-After": "5"}) from None
                 raise ApiError(500, f"model '{canonical}' failed to load: {exc.message}", "server_error") from None
             except Exception as exc:  # noqa: BLE001 - one bad file must not take the server down
                 raise ApiError(500, f"model '{canonical}' failed to load: {type(exc).__name__}: {exc}", "server_error") from None

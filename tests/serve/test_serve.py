@@ -460,3 +460,40 @@ def test_no_child_survives_a_sigkill_of_the_server(tmp_path: Path, demo_model: P
     server.proc.wait(10)
     server.log.close()
     _wait(lambda: not _alive(pid), 10)
+
+
+def test_serve_rpc_splits_every_child_across_the_workers_and_survives_a_worker_killed(tmp_path: Path, demo_model: Path, native_tools) -> None:
+    """`serve --rpc`: the child's layers on the workers; a worker killed mid-answer ends that stream
+    with an error and the server stays up; while it is down a request gets 503 naming it; restarted,
+    it is used again."""
+    import openai
+
+    from llmctl.engine.rpc_worker import WorkerSpec, start_worker
+    from tests.support.rpc_workers import endpoints_of, running_workers
+
+    _import(tmp_path, demo_model, "demo")
+    with running_workers(native_tools.path("ggml-rpc-server")) as workers:
+        server = Server(tmp_path, "demo", "--ctx", "1024", "--rpc", endpoints_of(workers), env=tools_env(native_tools))
+        try:
+            client = server.client()
+            cmdline = Path(f"/proc/{server.ps()[0]['pid']}/cmdline").read_bytes().split(b"\0")
+            assert endpoints_of(workers).encode() in cmdline and cmdline[cmdline.index(b"-ngl") + 1] == b"31"
+            reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+            assert reply.choices[0].message.content
+            stream = client.chat.completions.create(model="demo", messages=LONG_STORY["messages"], max_tokens=2000, stream=True)
+            victim = workers[1]
+            with pytest.raises(openai.APIError):
+                for pieces, _chunk in enumerate(stream):
+                    if pieces == 3:
+                        os.kill(victim.process.pid, signal.SIGKILL)
+            _wait(lambda: server.ps()[0]["state"] != "ready", 30)
+            status, body, _headers = server.raw(
+                "POST", "/v1/chat/completions", json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+            )
+            assert status == 503 and str(victim.endpoint) in body["error"]["message"], body
+            workers[1] = start_worker(WorkerSpec(port=victim.endpoint.port, threads=1), binary=native_tools.path("ggml-rpc-server"))
+            reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+            assert reply.choices[0].message.content and server.ps()[0]["state"] == "ready"
+            assert server.proc.poll() is None
+        finally:
+            server.stop()
