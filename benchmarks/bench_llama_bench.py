@@ -1,7 +1,7 @@
 """`llmctl bench` against native llama-bench on the same llama.cpp.
 
-llama-bench is built from the llama.cpp tree vendored in the pinned
-llama-cpp-python sdist (benchmarks/build_llama_bench.sh, cached outside git).
+llama-bench is the one `llmctl engine install` builds (`make setup` does) from the llama.cpp
+tree vendored in the pinned llama-cpp-python sdist, with the wheel's CPU options.
 Both run pp512 and tg128 with 2 threads and 5 repetitions on the demo model,
 flash attention off on both sides (both default to llama.cpp's "auto", on here;
 off keeps the figures comparable with earlier ones),
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, Row
+from common import Row
 
 from tools.demo_model import ensure_demo_model
 
@@ -32,9 +32,9 @@ ROUNDS = 6
 
 
 def native_binary() -> str:
-    script = ROOT / "benchmarks" / "build_llama_bench.sh"
-    env = {**os.environ, "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+    from llmctl.engine import native
+
+    return str(native.require("llama-bench"))
 
 
 def run() -> list[Row]:
