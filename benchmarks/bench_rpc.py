@@ -6,8 +6,10 @@ machine's two cores. Rounds alternate local and RPC; each figure is the median o
 
 With added latency: as root, each worker runs in its own network namespace behind a veth pair
 (10.200.N.1 here, 10.200.N.2 in the namespace; only these addresses, nothing else routed), and
-``tc netem`` delays each direction by half the RTT. Where namespaces or netem are not available,
-the row says so instead of a figure. Namespaces are removed whatever happens.
+``tc netem`` delays each direction by half the RTT. Where namespaces or netem are not available
+(a kernel without sch_netem), a small TCP proxy on loopback in front of each worker holds every
+chunk half the RTT in each direction instead; its rows say "delay proxy" (the proxy's own CPU
+shares the two cores). Namespaces are removed whatever happens.
 """
 
 from __future__ import annotations
@@ -121,6 +123,74 @@ def _namespace(index: int, half_rtt_ms: float) -> Iterator[tuple[str, str]]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+@contextmanager
+def _delay_proxy(target: str, one_way_s: float) -> Iterator[str]:
+    """A loopback TCP proxy to ``target`` that delivers each chunk ``one_way_s`` after it arrived,
+    in both directions (in order; no bandwidth limit): an RTT of twice that, where netem is missing."""
+    import asyncio
+    import logging
+    import socket
+    import threading
+
+    host, port = target.rsplit(":", 1)
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(lambda _loop, _context: None)  # connections cut when it stops
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    ready = threading.Event()
+    address: list[str] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def pump() -> None:
+            while True:
+                data = await reader.read(1 << 16)
+                queue.put_nowait((loop.time() + one_way_s, data))
+                if not data:
+                    return
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                if not data:
+                    writer.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        await asyncio.gather(pump(), deliver(), return_exceptions=True)
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        for w in (client_writer, upstream_writer):
+            w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.gather(pipe(client_reader, upstream_writer), pipe(upstream_reader, client_writer), return_exceptions=True)
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        address.append(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    def serve() -> None:
+        try:
+            loop.run_until_complete(main())
+        except asyncio.CancelledError:
+            pass  # stopped
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield address[0]
+    finally:
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+        thread.join(5)
+
+
 def _netem_problem() -> str | None:
     """Why the latency rows cannot run here, or None."""
     if os.geteuid() != 0:
@@ -152,18 +222,15 @@ def run() -> list[Row]:
         rows.append(Row(f"rpc {test}: 2 loopback workers (1 thread each)", there, "t/s", here, "local llama-bench, 2 threads", "reported", None))
     problem = _netem_problem()
     if problem is not None:
-        print(f"rpc with added latency: not measured, tc netem / network namespaces unavailable here ({problem})", file=sys.stderr)
-        rows.append(
-            Row(
-                f"rpc tg32/pp128 at {'/'.join(f'{r:g}' for r in RTTS_MS)} ms RTT: NOT MEASURED ({problem})",
-                float("nan"),
-                "t/s",
-                None,
-                "-",
-                "netem unavailable",
-                None,
-            )
-        )
+        print(f"rpc with added latency: tc netem / network namespaces unavailable here ({problem}); a delay proxy instead", file=sys.stderr)
+        for rtt in RTTS_MS:
+            with tempfile.TemporaryDirectory() as home, ExitStack() as stack:
+                workers = [stack.enter_context(_worker(bin_dir, "127.0.0.1", _free_port())) for _ in range(2)]
+                proxied = [stack.enter_context(_delay_proxy(w, rtt / 2000)) for w in workers]
+                figures = _rpc(",".join(proxied), model, home)
+            for test in TESTS:
+                name = f"rpc {test}: 2 workers at {rtt:g} ms RTT (delay proxy)"
+                rows.append(Row(name, figures.get(test, float("nan")), "t/s", statistics.median(local[test]), "local", "reported", None))
         return rows
     for rtt in RTTS_MS:
         with tempfile.TemporaryDirectory() as home, ExitStack() as stack:
