@@ -86,12 +86,36 @@ def _plan_resolved(resolved: ResolvedModel, overrides: Overrides, *, force: bool
     located = Located.of(resolved)
     hw = get_hardware(get_settings())
     overrides = apply_tuned(overrides, resolved.paths)
-    plan = make_plan([located.candidate()], hw, overrides, force=force)
-    if rpc:
-        from llmctl.engine.server_engine import offload_to_workers
+    if not rpc:
+        plan = make_plan([located.candidate()], hw, overrides, force=force)
+        return Planned(plan, resolved, located.info, overrides.threads, overrides, force, rpc)
+    from llmctl.engine.server_engine import offload_to_workers
 
-        plan = offload_to_workers(plan, located.info.layer_count, overrides.n_gpu_layers)
+    # The weights go to the workers: this machine's memory does not decide; the workers' does.
+    plan = offload_to_workers(make_plan([located.candidate()], hw, overrides, force=True), located.info.layer_count, overrides.n_gpu_layers)
+    plan.warnings[:] = [w for w in plan.warnings if "loading anyway because of --force" not in w]
+    _check_workers_fit(located, plan, rpc, force)
     return Planned(plan, resolved, located.info, overrides.threads, overrides, force, rpc)
+
+
+def _check_workers_fit(located: Located, plan: Plan, rpc: list[str], force: bool) -> None:
+    """llama.cpp's own projection of ``plan`` across the workers (``fit --rpc``'s): refused (exit 4)
+    when a device would need more than it has free, unless ``force``. Each worker is checked first:
+    llama.cpp aborts on one it cannot reach."""
+    from llmctl.engine import native
+    from llmctl.engine.rpc import parse_endpoints, preflight
+    from llmctl.plan import rpc_fit
+
+    endpoints = parse_endpoints(",".join(rpc))
+    preflight(endpoints)
+    cfg = plan.config
+    projection = rpc_fit.project(native.require("llama-fit-params"), str(located.name), located.paths[0], endpoints,
+                                 layer_count=(located.info.layer_count or 0) + 1, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
+                                 type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn)  # fmt: skip
+    if not projection.fits:
+        if not force:
+            raise rpc_fit.refusal(projection)
+        plan.warnings.append(f"{located.name} does not fit on the RPC workers; loading anyway because of --force")
 
 
 def check_chat_format(name: str | None) -> None:

@@ -50,11 +50,12 @@ def test_run_with_rpc_asks_for_the_workers_with_every_layer_on_them(cli, make_gg
 
     recorder = Recorder()
     monkeypatch.setattr(runner, "engine_factory", recorder)
+    monkeypatch.setattr(runner, "_check_workers_fit", lambda *args: None)  # no workers: the engine is a fake
     model = make_gguf(n_layers=12)
-    r = cli("run", model, "Hi", "--rpc", "127.0.0.1:50052,10.0.0.9:50053", "--json")
+    r = cli("run", model, "Hi", "--rpc", "127.0.0.1:50052,127.0.0.9:50053", "--json")
     assert r.exit_code == 0, r.stderr
     (call,) = recorder.calls
-    assert call["rpc"] == ["127.0.0.1:50052", "10.0.0.9:50053"]
+    assert call["rpc"] == ["127.0.0.1:50052", "127.0.0.9:50053"]
     assert call["plan"].config.n_gpu_layers == 13  # the 12 blocks and the output layer
     assert json.loads(r.stdout)["load"]["n_gpu_layers"] == 13
     monkeypatch.setenv("LLMCTL_RPC", "127.0.0.1:50099")
@@ -75,16 +76,17 @@ def test_a_bad_rpc_flag_is_a_usage_error_before_anything_loads(cli, make_gguf, f
 def test_chat_ends_when_the_engine_is_lost_and_keeps_the_workers_for_a_new_context(cli, make_gguf, monkeypatch) -> None:
     from llmctl.engine import runner
 
-    lost = EngineLostError("the RPC worker 10.0.0.9:50053 went away during generation", hint="restart it")
+    lost = EngineLostError("the RPC worker 127.0.0.9:50053 went away during generation", hint="restart it")
     recorder = Recorder(FakeEngine(["first reply", "second reply"], fail=lost, fail_after=1))
     monkeypatch.setattr(runner, "engine_factory", recorder)
-    r = cli("chat", make_gguf(), "--rpc", "10.0.0.9:50053", input="Hello\nAgain\nOnce more\n")
+    monkeypatch.setattr(runner, "_check_workers_fit", lambda *args: None)  # no workers: the engine is a fake
+    r = cli("chat", make_gguf(), "--rpc", "127.0.0.9:50053", input="Hello\nAgain\nOnce more\n")
     assert r.exit_code == 1
-    assert "error: the RPC worker 10.0.0.9:50053 went away during generation" in r.stderr and "Traceback" not in r.stderr
+    assert "error: the RPC worker 127.0.0.9:50053 went away during generation" in r.stderr and "Traceback" not in r.stderr
     assert len(recorder.engine.calls) == 1 and recorder.engine.closed  # no turn after the loss; the engine closed
     recorder.engine = FakeEngine(["a", "b"])
-    assert cli("chat", make_gguf(n_ctx=4096), "--rpc", "10.0.0.9:50053", input="Hi\n/set ctx 1024\nAgain\n").exit_code == 0
-    assert [call["rpc"] for call in recorder.calls[1:]] == [["10.0.0.9:50053"]] * 2  # /set ctx reloads on the same workers
+    assert cli("chat", make_gguf(n_ctx=4096), "--rpc", "127.0.0.9:50053", input="Hi\n/set ctx 1024\nAgain\n").exit_code == 0
+    assert [call["rpc"] for call in recorder.calls[1:]] == [["127.0.0.9:50053"]] * 2  # /set ctx reloads on the same workers
 
 
 def test_sampling_settings_become_llama_servers_request_fields() -> None:
@@ -323,3 +325,23 @@ def test_a_worker_killed_mid_generation_ends_run_with_its_name(demo_model, worke
     assert f"error: the RPC worker {victim_endpoint} went away during generation" in said and "Traceback" not in said
     assert workers[1][1] not in said.splitlines()[0]  # only the worker that died is named
     assert rpc_children(workers) == []  # llama-server went with it
+
+
+@pytest.mark.slow
+def test_a_model_too_large_for_this_machine_runs_on_workers_that_hold_it_and_one_they_cannot_is_refused(
+    cli, demo_model, workers, tmp_path, monkeypatch
+) -> None:
+    """With --rpc the workers' memory decides (llama.cpp's own projection, as `fit --rpc`), not this machine's."""
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps({"name": "a 0.1 GiB box", "os": "Linux", "backend": "cpu",
+                                "cpu": {"brand": "x", "physical_cores": 2, "logical_cores": 2, "features": ["avx2"], "bandwidth_gbs": 10},
+                                "ram": {"total_gib": 0.1, "available_gib": 0.1}, "disk_free_gib": 10}))  # fmt: skip
+    monkeypatch.setenv("LLMCTL_HW_PROFILE", str(tiny))
+    endpoints = ",".join(endpoint for _, endpoint in workers)
+    prompt = ["run", demo_model, "Say hi.", "--temperature", "0", "--max-tokens", "4", "--ctx", "1024"]
+    assert cli(*prompt).exit_code == 4  # here alone it does not fit
+    on_workers = cli(*prompt, "--rpc", endpoints)
+    assert on_workers.exit_code == 0 and on_workers.stdout.strip(), on_workers.stderr
+    too_long = cli("run", demo_model, "Say hi.", "--max-tokens", "4", "--ctx", str(4 * 1024 * 1024), "--rpc", endpoints)
+    assert too_long.exit_code == 4 and "does not fit on the RPC workers" in too_long.stderr, too_long.stderr
+    assert rpc_children(workers) == []
