@@ -155,8 +155,9 @@ def check_chat_template(worker: TemplateWorker, template: str | None) -> None:
         raise ChatTemplateError(worker.budgets.problem(str(reply["error"])))
 
 
-def plan_server(store: Store, name: str, overrides: Overrides) -> ServerPlan:
-    """``name``'s serving plan (``fit``'s, with parallel slots and its projector counted) as a ``ServerSpec``."""
+def plan_server(store: Store, name: str, overrides: Overrides, *, force: bool = False) -> ServerPlan:
+    """``name``'s serving plan (``fit``'s, with parallel slots and its projector counted) as a ``ServerSpec``;
+    ``force``: planned even where it does not fit this machine (its layers go to RPC workers)."""
     from dataclasses import replace
 
     from llmctl.config import get_settings
@@ -169,7 +170,7 @@ def plan_server(store: Store, name: str, overrides: Overrides) -> ServerPlan:
     located = Located.of(store.resolve(name))
     overrides = apply_tuned(replace(overrides, serving=True), located.paths)
     hardware = serving_hardware(get_hardware(get_settings()))
-    plan = make_plan([located.candidate(with_mmproj=True)], hardware, overrides)
+    plan = make_plan([located.candidate(with_mmproj=True)], hardware, overrides, force=force)
     cfg = plan.config
     pooling = located.headers[0].metadata.get(f"{located.info.architecture}.pooling_type")
     spec = ServerSpec(

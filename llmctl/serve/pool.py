@@ -107,10 +107,13 @@ class ChildLoader:
         from llmctl.engine.server_process import plan_server
         from llmctl.plan.fit import Overrides
 
-        planned = plan_server(self.store, name, Overrides(n_ctx=self.settings.ctx, parallel=self.settings.parallel, serving=True))
-        if self.settings.rpc:  # every layer and the output on the workers, as `run --rpc` places them
+        rpc = bool(self.settings.rpc)
+        planned = plan_server(self.store, name, Overrides(n_ctx=self.settings.ctx, parallel=self.settings.parallel, serving=True), force=rpc)
+        if rpc:  # every layer and the output on the workers, as `run --rpc` places them; their memory decides (load)
             planned.spec.rpc = list(self.settings.rpc)
             planned.spec.n_gpu_layers = self.store_layers(name) + 1
+            planned.warnings = [w for w in planned.warnings if "loading anyway because of --force" not in w]
+            return 0, planned  # this machine holds the context's host buffers only; one model at a time
         return planned.memory, planned
 
     def store_layers(self, name: str) -> int:
@@ -134,8 +137,15 @@ class ChildLoader:
         if spec.rpc:
             # llama-server aborts on a worker it cannot reach: check them all first, for a clear error.
             from llmctl.engine.rpc import parse_endpoints, preflight
+            from llmctl.plan import rpc_fit
 
-            preflight(parse_endpoints(",".join(spec.rpc)))
+            endpoints = parse_endpoints(",".join(spec.rpc))
+            preflight(endpoints)
+            projection = rpc_fit.project(native.require("llama-fit-params"), spec.alias, spec.model, endpoints, layer_count=spec.n_gpu_layers,
+                                         n_ctx=spec.total_ctx, n_gpu_layers=spec.n_gpu_layers, type_k=spec.type_k, type_v=spec.type_v,
+                                         flash_attn=spec.flash_attn)  # fmt: skip
+            if not projection.fits:
+                raise rpc_fit.refusal(projection)
         command = self.command or [str(native.require("llama-server"))]
         return start_server(
             spec.alias,
