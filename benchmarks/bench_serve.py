@@ -233,11 +233,11 @@ def run() -> list[Row]:
         fit = subprocess.run([LLMCTL, "fit", "demo", "--serve", "--json"], env=env, check=True, capture_output=True, text=True).stdout
         import json
 
-        estimate = int(json.loads(fit)["chosen"]["total_bytes"])
+        estimate = int(json.loads(fit)["chosen"]["resident_bytes"])  # in use: what RSS shows
         resident: list[int] = []
         rows += serve_vs_hand("demo", env, on_child=lambda pid: resident.append(_rss(pid)))
         rows.append(
-            Row("serve: llama-server child RSS after load vs fit --serve", resident[0] / 2**20, "MiB", estimate / 2**20, "fit estimate", "reported", None)
+            Row("serve: llama-server child RSS after load vs fit --serve in use", resident[0] / 2**20, "MiB", estimate / 2**20, "fit, in use", "reported", None)
         )
         with _old_tree() as old:
             if old is None:
