@@ -304,53 +304,69 @@ class Engine:
 
         self._counts.update(prompt=0, sampled=0)
         llama_cpp.llama_perf_context_reset(self.llm._ctx.ctx)
-        timings = Timings(load_s=self.load_s if self._first else 0.0)
+        timings = self.last_timings = Timings(load_s=self.load_s if self._first else 0.0)
         self._first = False
-        start = time.perf_counter()
-        first_at = last_at = None
-        finish = "stop"
-        pieces = []
-        stream = None
-        try:
-            stream = start_call()  # the chat template is rendered here (llmctl.engine.chat_template)
-            for chunk in stream:
-                reason = chunk["choices"][0].get("finish_reason")
-                if reason:
-                    finish = reason
-                text = text_of(chunk)
-                if not text:
-                    continue
-                now = time.perf_counter()
-                if first_at is None:
-                    first_at = now
-                    if on_first_token:
-                        on_first_token()
-                last_at = now
-                pieces.append(text)
-                yield text
-        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the consumer stopped reading
-            finish = "interrupted"
-            stop_stream(stream)
-            raise
-        except Exception as exc:
-            translated = engine_error(exc)
-            if translated is None:
-                raise
-            raise translated from None
-        finally:
-            end = time.perf_counter()
+
+        def fill(timings: Timings, finish: str) -> None:
             perf = llama_cpp.llama_perf_context(self.llm._ctx.ctx)
-            sampled = self._counts["sampled"]
             # A reply that stopped on its own ended with an end-of-generation token, which is not text.
-            timings.generated_tokens = max(sampled - (1 if finish == "stop" else 0), 0)
+            timings.generated_tokens = max(self._counts["sampled"] - (1 if finish == "stop" else 0), 0)
             timings.prompt_tokens = self._counts["prompt"]
             timings.prompt_eval_tokens = int(perf.n_p_eval)
             timings.prompt_eval_s = perf.t_p_eval_ms / 1000
-            timings.ttft_s = (first_at - start) if first_at else end - start
-            timings.generation_s = (last_at - first_at) if first_at and last_at else 0.0
-            timings.total_s = end - start
-            self.last_timings = timings
-        yield Result("".join(pieces), finish, timings)
+
+        yield from relay_stream(start_call, text_of, timings, fill, on_first_token)
+
+
+def relay_stream(
+    start_call: Callable[[], Iterator[dict[str, Any]]],
+    text_of: Callable[[dict[str, Any]], str],
+    timings: Timings,
+    fill: Callable[[Timings, str], None],
+    on_first_token: Callable[[], None] | None = None,
+) -> Iterator[str | Result]:
+    """A llama-cpp-python-shaped stream of chunks (``start_call()``; either engine's) as text pieces,
+    then its ``Result``. However it ends (done, Ctrl-C, the consumer gone, an error), ``fill`` gives
+    ``timings`` the engine's counts and the time to first token, generation and total are measured
+    here, where the text arrives."""
+    start = time.perf_counter()
+    first_at = last_at = None
+    finish = "stop"
+    pieces = []
+    stream = None
+    try:
+        stream = start_call()  # the chat template is rendered here (llmctl.engine.chat_template)
+        for chunk in stream:
+            reason = chunk["choices"][0].get("finish_reason")
+            if reason:
+                finish = reason
+            text = text_of(chunk)
+            if not text:
+                continue
+            now = time.perf_counter()
+            if first_at is None:
+                first_at = now
+                if on_first_token:
+                    on_first_token()
+            last_at = now
+            pieces.append(text)
+            yield text
+    except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the consumer stopped reading
+        finish = "interrupted"
+        stop_stream(stream)
+        raise
+    except Exception as exc:
+        translated = engine_error(exc)
+        if translated is None:
+            raise
+        raise translated from None
+    finally:
+        end = time.perf_counter()
+        fill(timings, finish)
+        timings.ttft_s = (first_at - start) if first_at else end - start
+        timings.generation_s = (last_at - first_at) if first_at and last_at else 0.0
+        timings.total_s = end - start
+    yield Result("".join(pieces), finish, timings)
 
 
 def sampling_kwargs(s: SamplingSettings) -> dict[str, Any]:

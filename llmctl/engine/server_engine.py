@@ -259,48 +259,12 @@ class ServerEngine:
         )
 
     def _stream(self, start_call: Callable[[], Iterator[dict[str, Any]]], text_of: Callable[[dict[str, Any]], str]) -> Iterator[str | Result]:
-        from llmctl.engine.llama import engine_error, stop_stream
+        from llmctl.engine.llama import relay_stream
 
         self._final = {}
-        timings = Timings(load_s=self.load_s if self._first else 0.0)
+        timings = self.last_timings = Timings(load_s=self.load_s if self._first else 0.0)
         self._first = False
-        start = time.perf_counter()
-        first_at = last_at = None
-        finish = "stop"
-        pieces: list[str] = []
-        stream = None
-        try:
-            stream = start_call()
-            for chunk in stream:
-                reason = chunk["choices"][0].get("finish_reason")
-                if reason:
-                    finish = reason
-                text = text_of(chunk)
-                if not text:
-                    continue
-                now = time.perf_counter()
-                if first_at is None:
-                    first_at = now
-                last_at = now
-                pieces.append(text)
-                yield text
-        except (KeyboardInterrupt, GeneratorExit):
-            finish = "interrupted"
-            stop_stream(stream)
-            raise
-        except Exception as exc:
-            translated = engine_error(exc)
-            if translated is None:
-                raise
-            raise translated from None
-        finally:
-            end = time.perf_counter()
-            self._fill(timings, finish)
-            timings.ttft_s = (first_at - start) if first_at else end - start
-            timings.generation_s = (last_at - first_at) if first_at and last_at else 0.0
-            timings.total_s = end - start
-            self.last_timings = timings
-        yield Result("".join(pieces), finish, timings)
+        yield from relay_stream(start_call, text_of, timings, self._fill)
 
     def _fill(self, timings: Timings, finish: str) -> None:
         final = self._final
