@@ -126,21 +126,6 @@ def generate(url: str, n_prompt: int, n_gen: int) -> dict[str, Any]:
         return json.loads(reply.read()).get("timings", {})
 
 
-def wait_healthy(url: str, child: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise RuntimeError(f"llama-server exited {child.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("llama-server did not become healthy")
-
-
 def case(out: Path, label: str, model: str, ngl: int | None, ctx: int | None, slots: int | None) -> dict[str, Any]:
     from llmctl.bench.serving import free_port
     from llmctl.commands import open_store
@@ -169,7 +154,9 @@ def case(out: Path, label: str, model: str, ngl: int | None, ctx: int | None, sl
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, child, 180)
+        from bench_serve import _wait_healthy
+
+        _wait_healthy(url, child)
         result["after_load"] = {"nvml": nvml_process_memory(child.pid), "rss": rss(child.pid)}
         result["timings"] = generate(url, 512, 16)
         result["after_generation"] = {"nvml": nvml_process_memory(child.pid), "rss": rss(child.pid)}

@@ -115,15 +115,9 @@ class RpcWorker:
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; waits for the end either way."""
-        if self.process.poll() is None:
-            try:
-                self.process.terminate()
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            except OSError:
-                pass
+        from llmctl.engine.server_process import stop_process
+
+        stop_process(self.process, grace)
         if self._reader is not None:
             self._reader.join(timeout=2.0)
 

@@ -435,21 +435,27 @@ class ServerProcess:
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; waits for the end either way."""
-        if self.process.poll() is None:
-            try:
-                self.process.terminate()
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            except OSError:
-                pass
+        stop_process(self.process, grace)
         self.log.join()
         if self.address.uds is not None:
             try:
                 self.address.uds.unlink()
             except OSError:
                 pass
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; waits for the end either way (a child of
+    llmctl's: llama-server, ggml-rpc-server)."""
+    if process.poll() is None:
+        try:
+            process.terminate()
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        except OSError:
+            pass
 
 
 def describe_exit(code: int | None) -> str:
