@@ -116,3 +116,21 @@ def test_llama_fit_params_does_not_outlive_a_killed_llmctl(make_gguf, tmp_path: 
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.parametrize(("flag", "passed"), [([], None), (["--flash-attn"], True), (["--no-flash-attn"], False)])
+def test_fit_rpc_hands_the_flash_attention_choice_to_llama_fit_params(cli, make_gguf, monkeypatch, flag: list[str], passed: bool | None) -> None:
+    from tests.support.fake_rpc_worker import FakeRpcWorker
+
+    asked: dict = {}
+
+    def project(binary, label, model, endpoints, **settings):
+        asked.update(settings)
+        raise rpc_fit.RpcFitError("stop here")
+
+    monkeypatch.setattr(rpc_fit, "project", project)
+    monkeypatch.setattr("llmctl.engine.native.require", lambda name: Path("/nowhere") / name)
+    model = make_gguf(n_layers=4)
+    with FakeRpcWorker() as worker:
+        r = cli("fit", model, "--rpc", worker.endpoint, *flag)
+    assert "stop here" in r.stderr and asked["flash_attn"] is passed  # off stays off, not llama.cpp's auto
