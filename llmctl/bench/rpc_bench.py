@@ -24,6 +24,7 @@ from typing import Any, Callable
 from llmctl.bench.measure import test_name
 from llmctl.bench.run import BenchModel, BenchRun, Row, Sweep, _emit
 from llmctl.engine.rpc import Endpoint, format_endpoints
+from llmctl.engine.server_process import _die_with_parent
 
 ERROR_TAIL = 20  # lines of llama-bench's stderr kept to say why it failed
 
@@ -111,7 +112,17 @@ def run_model(
     log = log_path.open("w", encoding="utf-8", errors="replace") if log_path is not None else None
     done = 0
     try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, errors="replace")
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            # Killed with llmctl (a SIGTERM or SIGKILL runs no cleanup here): a llama-bench left
+            # running would hold every worker, since each serves one client at a time.
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only a prctl call, resolved in the parent
+        )
         reader = threading.Thread(target=_drain, args=(process.stderr, tail, log), daemon=True)
         reader.start()
         try:

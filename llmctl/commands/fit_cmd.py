@@ -44,7 +44,7 @@ def fit_command(
                 "--rpc plans one context across the workers with llama.cpp's own projection", hint="leave out --serve, --parallel and --hw-profile"
             )
         _fit_rpc(model, endpoints, ctx, gpu_layers, _cache_type(cache_type_k, "--cache-type-k"), _cache_type(cache_type_v, "--cache-type-v"),
-                 flash_attn or None, json_output)  # fmt: skip
+                 flash_attn, json_output)  # fmt: skip
         return
     overrides = fit.Overrides(
         n_ctx=ctx,

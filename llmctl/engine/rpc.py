@@ -188,6 +188,9 @@ def parse_endpoints(text: str) -> list[Endpoint]:
     items = text.split(",")
     if not text.strip():
         raise EndpointSyntaxError("--rpc needs at least one HOST:PORT", hint=_USAGE_HINT)
+    listed = sum(1 for item in items if item.strip())
+    if listed > MAX_ENDPOINTS:  # before the entries are read: a huge list must not cost a quadratic check for duplicates
+        raise EndpointSyntaxError(f"--rpc lists {listed} workers; llama.cpp takes at most {MAX_ENDPOINTS}", hint="use fewer, larger workers")
     endpoints: list[Endpoint] = []
     for item in items:
         if not item.strip():
@@ -196,8 +199,6 @@ def parse_endpoints(text: str) -> list[Endpoint]:
         if endpoint in endpoints:
             raise EndpointSyntaxError(f"rpc endpoint {endpoint} is listed twice", hint="name each worker once")
         endpoints.append(endpoint)
-    if len(endpoints) > MAX_ENDPOINTS:
-        raise EndpointSyntaxError(f"--rpc lists {len(endpoints)} workers; llama.cpp takes at most {MAX_ENDPOINTS}", hint="use fewer, larger workers")
     return endpoints
 
 
@@ -238,7 +239,8 @@ def _is_ipv6(text: str) -> bool:
 
 
 def _port(item: str, text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    # ASCII digits only: str.isdigit() also holds for "²", which int() refuses
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise EndpointSyntaxError(f"rpc endpoint {item!r}: the port must be a number from 1 to 65535", hint=_USAGE_HINT)
     return int(text)
 

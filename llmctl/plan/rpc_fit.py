@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmctl.engine.rpc import Endpoint, format_endpoints
+from llmctl.engine.server_process import _die_with_parent
 from llmctl.errors import EXIT_DOES_NOT_FIT, LlmctlError
 
 FIT_TARGET_MIB = 1024  # llama.cpp's default --fit-target: memory it keeps free per device
@@ -180,7 +181,16 @@ def project(
     ngl = layer_count if n_gpu_layers is None else n_gpu_layers
     command = [str(binary), *fit_params_args(model, endpoints, n_ctx=n_ctx, n_gpu_layers=ngl, type_k=type_k, type_v=type_v, flash_attn=flash_attn)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+            check=False,
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - not left holding the workers if llmctl is killed
+        )
     except subprocess.TimeoutExpired:
         raise RpcFitError(f"llama-fit-params did not finish within {TIMEOUT_S:g} s", hint="check the workers' logs") from None
     devices, _ = parse(done.stderr)

@@ -42,6 +42,8 @@ def test_endpoints_parse_in_order_with_names_and_addresses() -> None:
         ("10.0.0.1:0", "port must be"),
         ("10.0.0.1:65536", "port must be"),
         ("10.0.0.1:5x", "port must be"),
+        ("10.0.0.1:5²", "port must be"),  # a digit to str.isdigit(), not to int()
+        ("10.0.0.1:٥٠٠٥٢", "port must be"),  # Arabic-Indic digits: llama.cpp would not read them either
         (":50052", "has no host"),
         ("10.0.0.1:50052,", "empty entry"),
         ("10.0.0.1:50052,,10.0.0.2:50052", "empty entry"),
@@ -76,6 +78,14 @@ def test_more_workers_than_llama_cpp_takes_are_refused() -> None:
     with pytest.raises(rpc.EndpointSyntaxError, match="at most 16"):
         rpc.parse_endpoints(text)
     assert len(rpc.parse_endpoints(",".join(f"10.0.0.{i}:50052" for i in range(1, rpc.MAX_ENDPOINTS + 1)))) == 16
+
+
+def test_a_huge_endpoint_list_is_refused_at_once() -> None:
+    # LLMCTL_RPC is read on every command that takes --rpc: its length must not cost a quadratic check.
+    started = time.monotonic()
+    with pytest.raises(rpc.EndpointSyntaxError, match="lists 50000 workers"):
+        rpc.parse_endpoints(",".join(f"h{i}:50052" for i in range(50_000)))
+    assert time.monotonic() - started < 2.0
 
 
 def test_the_flag_wins_over_the_environment_and_neither_means_local() -> None:

@@ -86,3 +86,51 @@ def test_fit_rpc_shows_each_workers_memory_and_layers_and_refuses_what_does_not_
         refused = cli("fit", demo_model, "--rpc", endpoints, "--ctx", str(huge))
     assert refused.exit_code == EXIT_DOES_NOT_FIT, refused.stderr
     assert "does not fit on the RPC workers" in refused.stderr and "NO" in refused.stdout and str(workers[0].endpoint) in refused.stdout
+
+
+def test_llama_fit_params_does_not_outlive_a_killed_llmctl(make_gguf, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.processes import gone_within, sleeping_tool, wait_for_pid
+
+    model = make_gguf(n_layers=4)
+    binary, pid_file = sleeping_tool(tmp_path, "llama-fit-params")
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom llmctl.engine.rpc import parse_endpoints\nfrom llmctl.plan import rpc_fit\n"
+        "rpc_fit.project(Path(sys.argv[2]), 'm', Path(sys.argv[1]), parse_endpoints('127.0.0.1:50611'), layer_count=5, n_ctx=256)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    llmctl = subprocess.Popen([sys.executable, "-c", script, str(model), str(binary)], env=env, stdin=subprocess.DEVNULL)
+    try:
+        tool = wait_for_pid(pid_file)
+        llmctl.send_signal(signal.SIGTERM)
+        llmctl.wait(timeout=10)
+        assert gone_within(tool), "llama-fit-params kept running after llmctl was killed"
+    finally:
+        llmctl.kill()
+        if pid_file.exists() and pid_file.read_text().strip():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.parametrize(("flag", "passed"), [([], None), (["--flash-attn"], True), (["--no-flash-attn"], False)])
+def test_fit_rpc_hands_the_flash_attention_choice_to_llama_fit_params(cli, make_gguf, monkeypatch, flag: list[str], passed: bool | None) -> None:
+    from tests.support.fake_rpc_worker import FakeRpcWorker
+
+    asked: dict = {}
+
+    def project(binary, label, model, endpoints, **settings):
+        asked.update(settings)
+        raise rpc_fit.RpcFitError("stop here")
+
+    monkeypatch.setattr(rpc_fit, "project", project)
+    monkeypatch.setattr("llmctl.engine.native.require", lambda name: Path("/nowhere") / name)
+    model = make_gguf(n_layers=4)
+    with FakeRpcWorker() as worker:
+        r = cli("fit", model, "--rpc", worker.endpoint, *flag)
+    assert "stop here" in r.stderr and asked["flash_attn"] is passed  # off stays off, not llama.cpp's auto

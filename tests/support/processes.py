@@ -16,3 +16,40 @@ def alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"
     except OSError:
         return True
+
+
+def sleeping_tool(folder, name: str):
+    """An executable ``name`` in ``folder`` that writes its pid to ``name.pid`` and sleeps a minute
+    (``exec``: the pid stays the sleeper's), for tests of what happens to a tool llmctl started."""
+    import stat
+
+    pid_file = folder / f"{name}.pid"
+    script = folder / name
+    script.write_text(f"#!/bin/sh\necho $$ > '{pid_file}'\nexec sleep 60\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script, pid_file
+
+
+def wait_for_pid(pid_file, timeout: float = 20.0) -> int:
+    """The pid a ``sleeping_tool`` wrote, once it has."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = pid_file.read_text().strip() if pid_file.exists() else ""
+        if text:
+            return int(text)
+        time.sleep(0.05)
+    raise AssertionError(f"{pid_file.name} was never written")
+
+
+def gone_within(pid: int, timeout: float = 5.0) -> bool:
+    """Whether ``pid`` ends (or is a zombie) within ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
