@@ -39,7 +39,10 @@ def _csv(values: list[Any]) -> str:
 
 
 def _fa(value: bool | None) -> str:
-    return "auto" if value is None else "on" if value else "off"
+    """``auto`` resolved as in-process `bench` resolves it (on), so the rows of both compare."""
+    from llmctl.bench.measure import resolve_flash_attn
+
+    return "on" if resolve_flash_attn(value) else "off"
 
 
 def llama_bench_args(model: BenchModel, sweep: Sweep, endpoints: list[Endpoint]) -> list[str]:

@@ -167,7 +167,7 @@ class MemoryEstimate:
 
     @property
     def fits(self) -> bool:
-        if self.unified_total_available is not None and self.total > self.unified_total_available:
+        if self.unified_total_available is not None and self.resident > self.unified_total_available:
             return False
         return all(d.fits for d in self.devices)
 
@@ -645,7 +645,7 @@ def _most_layers_that_fit(info: ModelInfo, config: LoadConfig, hw: HardwareInfo)
     while low <= high:
         middle = (low + high) // 2
         estimate = estimate_memory(info, replace(config, n_gpu_layers=middle), hw)
-        if all(d.fits for d in estimate.devices[1:]) and (estimate.unified_total_available is None or estimate.total <= estimate.unified_total_available):
+        if all(d.fits for d in estimate.devices[1:]) and (estimate.unified_total_available is None or estimate.resident <= estimate.unified_total_available):
             best = estimate
             low = middle + 1
         else:

@@ -69,7 +69,7 @@ def test_llama_bench_gets_benchs_settings_with_every_layer_on_the_workers(model)
     pairs = dict(zip(args[::2], args[1::2]))
     assert pairs["--rpc"] == "127.0.0.1:50611,10.0.0.2:50052" and pairs["-o"] == "jsonl" and pairs["-m"] == str(model.paths[0])
     assert (pairs["-p"], pairs["-n"], pairs["-d"], pairs["-r"], pairs["-t"]) == ("32", "8", "0", "2", "1")
-    assert pairs["-ngl"] == "13" and pairs["-fa"] == "auto" and (pairs["-b"], pairs["-ub"], pairs["-ctk"], pairs["-ctv"]) == ("2048", "512", "f16", "f16")
+    assert pairs["-ngl"] == "13" and pairs["-fa"] == "on" and (pairs["-b"], pairs["-ub"], pairs["-ctk"], pairs["-ctv"]) == ("2048", "512", "f16", "f16")
     swept = rpc_bench.llama_bench_args(
         model, sweep(gpu_layers=[4, 8], flash_attn=[False, True], threads=[1, 2], type_k=["q8_0"], prompt_gen=[(64, 16)]), endpoints
     )
