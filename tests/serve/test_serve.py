@@ -368,8 +368,8 @@ def test_memory_budget_unloads_lru_and_load_failures_are_500(tmp_path: Path, dem
     _import(tmp_path, second, "other")
     _import(tmp_path, RawGGUF.minimal().write(tmp_path / "hollow.gguf"), "hollow")  # a valid header llama.cpp cannot load
     profile = tmp_path / "machine.json"
-    # room for one demo model with 4 slots of 2048 tokens (~450 MiB), not two
-    profile.write_text(json.dumps({"cpu": {"physical_cores": 2}, "ram": {"total_gib": 4, "available_gib": 1.2}}))
+    # room for one demo model with 4 slots of 2048 tokens (~311 MiB in use of a 461 MiB budget), not two
+    profile.write_text(json.dumps({"cpu": {"physical_cores": 2}, "ram": {"total_gib": 4, "available_gib": 0.95}}))
     server = Server(tmp_path, "--max-loaded", "4", "--ctx", "2048", env={"LLMCTL_HW_PROFILE": str(profile), **tools_env(native_tools)})
     try:
         client = server.client()
