@@ -489,7 +489,10 @@ def test_interactive_chat_shows_the_thinking_then_the_answer(thinking_models: di
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue()).replace("\r", "")
+    raw = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    # As a terminal shows it: a line redrawn after a carriage return (a live display refreshed while a
+    # slow reply streams) shows its last drawing only.
+    text = "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in raw.split("\n"))
     assert child.exitstatus == 0, text
     reply = text[text.index(QUESTION) :]
     if mode == "hidden":
