@@ -43,7 +43,8 @@ def _raw_tg(model: Path) -> float:
 
     from llmctl.bench.measure import measure
 
-    llm = llama_cpp.Llama(str(model), n_ctx=1024, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    # With what `run` loads by default (flash attention on, as the planner chooses), or the two would differ by it.
+    llm = llama_cpp.Llama(str(model), n_ctx=1024, n_threads=THREADS, n_threads_batch=THREADS, flash_attn=True, verbose=False)
     return measure(llm, n_gen=128, repetitions=5).avg_ts
 
 

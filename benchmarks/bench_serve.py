@@ -127,6 +127,7 @@ def _serve(env: dict[str, str], name: str = "demo", python_path: str | None = No
     child = subprocess.Popen(
         [sys.executable, "-m", "llmctl", "serve", "--host", "127.0.0.1", "--port", str(port), name],
         env=env,
+        cwd=python_path or tempfile.gettempdir(),  # not the checkout: `-m` puts the working folder first on the path
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
