@@ -95,7 +95,7 @@ def _tuned_for(candidates: list[fit.Candidate]) -> TunedProfile | None:
 
 
 def render_candidates(plan: fit.Plan, stderr: bool = False) -> None:
-    """One row per quant: its size, fit label, GPU layers and expected speed."""
+    """One row per quant: its size, fit label, GPU layers, memory (allocated, in use) and expected speed."""
     rows = [
         [
             ("→ " if c is plan.chosen else "  ") + c.candidate.label,
@@ -104,13 +104,15 @@ def render_candidates(plan: fit.Plan, stderr: bool = False) -> None:
             c.fit,
             f"{c.config.n_gpu_layers}/{(c.candidate.info.layer_count or 0) + 1}",
             c.config.n_ctx,
+            output.human_bytes(c.estimate.total),
+            output.human_bytes(c.estimate.resident),
             f"{c.tokens_per_second:.0f}" if c.tokens_per_second else "-",
             *([c.config.n_seq] if plan.serving else []),
         ]
         for c in sorted(plan.candidates, key=lambda c: c.candidate.size)
     ]
-    columns = ["QUANT", "SIZE", "BITS/W", "FIT", "GPU LAYERS", "CONTEXT", "≤ TOKENS/S", *(["SLOTS"] if plan.serving else [])]
-    output.emit_table(columns, rows, right_align=("SIZE", "BITS/W", "CONTEXT", "≤ TOKENS/S", "SLOTS"), stderr=stderr)
+    columns = ["QUANT", "SIZE", "BITS/W", "FIT", "GPU LAYERS", "CONTEXT", "ALLOCATED", "IN USE", "≤ TOKENS/S", *(["SLOTS"] if plan.serving else [])]
+    output.emit_table(columns, rows, right_align=("SIZE", "BITS/W", "CONTEXT", "ALLOCATED", "IN USE", "≤ TOKENS/S", "SLOTS"), stderr=stderr)
 
 
 def _serving_fields(plan: fit.Plan) -> list[tuple[str, object]]:
