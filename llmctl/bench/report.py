@@ -22,7 +22,7 @@ import io
 import json
 from dataclasses import asdict
 from html import escape
-from typing import Any
+from typing import Any, Callable
 
 from llmctl.bench.run import BenchRun, Row, ServingRow
 from llmctl.output import safe
@@ -92,26 +92,25 @@ def to_jsonl(run: BenchRun) -> str:
 def to_csv(run: BenchRun) -> str:
     if run.serving and not run.rows:
         return serving_csv(run)
-    buffer = io.StringIO()
     fields = LLAMA_BENCH_FIELDS + LLMCTL_FIELDS + ["samples_ns", "samples_ts"]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in run.rows:
-        rec = record(run, row)
-        rec["samples_ns"] = ";".join(str(v) for v in rec["samples_ns"])
-        rec["samples_ts"] = ";".join(str(v) for v in rec["samples_ts"])
-        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
-    return buffer.getvalue()
+    return _records_csv(fields, [_joined(record(run, row), ("samples_ns", "samples_ts")) for row in run.rows])
 
 
 def serving_csv(run: BenchRun) -> str:
+    lists = ("errors", "samples_ts", "samples_request_ts", "samples_ttft_s")
+    return _records_csv(SERVING_FIELDS, [_joined(serving_record(run, row), lists) for row in run.serving])
+
+
+def _joined(rec: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """``rec`` with its list fields ``names`` as ``;``-joined text (a CSV cell each)."""
+    return {**rec, **{name: ";".join(str(v) for v in rec[name]) for name in names}}
+
+
+def _records_csv(fields: list[str], records: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SERVING_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    for row in run.serving:
-        rec = serving_record(run, row)
-        for name in ("errors", "samples_ts", "samples_request_ts", "samples_ttft_s"):
-            rec[name] = ";".join(str(v) for v in rec[name])
+    for rec in records:
         writer.writerow({key: csv_cell(value) for key, value in rec.items()})
     return buffer.getvalue()
 
@@ -241,11 +240,16 @@ def serving_summary(run: BenchRun) -> list[str]:
     return lines
 
 
+def markdown_table(columns: list[str], rows: list[list[str]], right: Callable[[str], bool]) -> str:
+    """A markdown table, its cells escaped; ``right(column)`` says which columns align right."""
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---:" if right(c) else "---" for c in columns) + " |"]
+    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def serving_markdown(run: BenchRun) -> str:
     columns, rows = serving_table_rows(run)
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---:" if c in SERVING_RIGHT else "---" for c in columns) + " |"]
-    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
-    text = "\n".join(lines) + "\n\n" + "".join(f"{md_cell(line)}\n" for line in serving_summary(run))
+    text = markdown_table(columns, rows, lambda c: c in SERVING_RIGHT) + "\n" + "".join(f"{md_cell(line)}\n" for line in serving_summary(run))
     for s in run.serving:
         if not s.ok:
             text += f"\n{md_cell(s.model)} {md_cell(s.test)} × {s.concurrency}: {md_cell(s.status)}"
@@ -257,10 +261,7 @@ def to_markdown(run: BenchRun) -> str:
         return serving_markdown(run)
     columns, rows = table_rows(run)
     right = {"size", "params", "threads", "t/s", "% of bw bound"}
-    lines = ["| " + " | ".join(columns) + " |"]
-    lines.append("| " + " | ".join("---:" if c in right else "---" for c in columns) + " |")
-    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
-    text = "\n".join(lines) + "\n"
+    text = markdown_table(columns, rows, lambda c: c in right)
     extras = [e for e in run.extras if e.status == "ok"]
     if extras:
         text += "\n| model | load cold | load warm | TTFT (run path) | generation (run path) | peak RSS |\n|---|---:|---:|---:|---:|---:|\n"
@@ -279,6 +280,22 @@ def to_markdown(run: BenchRun) -> str:
 
 COMPARE_FIELDS = ["model", "model_type", "test", "n_threads", "n_gpu_layers", "n_batch", "n_ubatch", "flash_attn", "type_k",
                   "type_v", "avg_ts_a", "stddev_ts_a", "avg_ts_b", "stddev_ts_b", "ratio", "run_a", "run_b"]  # fmt: skip
+
+
+def _rates(x: Row | ServingRow, y: Row | ServingRow, ratio: float) -> dict[str, Any]:
+    """Both runs' speeds and B's ÷ A's, as every comparison record has them."""
+    return {"avg_ts_a": x.avg_ts, "stddev_ts_a": x.stddev_ts, "avg_ts_b": y.avg_ts, "stddev_ts_b": y.stddev_ts, "ratio": round(ratio, 4)}
+
+
+def _compare_document(a: BenchRun, b: BenchRun, results: list[dict[str, Any]], serving: list[dict[str, Any]] | None = None) -> str:
+    doc: dict[str, Any] = {
+        "run_a": {"run_id": a.run_id, "created": a.created, "cpu_info": a.fingerprint.get("cpu_info")},
+        "run_b": {"run_id": b.run_id, "created": b.created, "cpu_info": b.fingerprint.get("cpu_info")},
+        "results": results,
+    }
+    if serving is not None:
+        doc["serving"] = serving
+    return json.dumps(doc, indent=2)
 
 
 def _model_name(a: Row, b: Row) -> str:
@@ -300,11 +317,7 @@ def compare_records(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]
             "flash_attn": int(x.flash_attn),
             "type_k": x.type_k,
             "type_v": x.type_v,
-            "avg_ts_a": x.avg_ts,
-            "stddev_ts_a": x.stddev_ts,
-            "avg_ts_b": y.avg_ts,
-            "stddev_ts_b": y.stddev_ts,
-            "ratio": round(ratio, 4),
+            **_rates(x, y, ratio),
             "run_a": a.run_id,
             "run_b": b.run_id,
         }
@@ -313,12 +326,7 @@ def compare_records(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]
 
 
 def compare_json(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
-    doc = {
-        "run_a": {"run_id": a.run_id, "created": a.created, "cpu_info": a.fingerprint.get("cpu_info")},
-        "run_b": {"run_id": b.run_id, "created": b.created, "cpu_info": b.fingerprint.get("cpu_info")},
-        "results": compare_records(a, b, pairs),
-    }
-    return json.dumps(doc, indent=2)
+    return _compare_document(a, b, compare_records(a, b, pairs))
 
 
 def compare_jsonl(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
@@ -326,12 +334,7 @@ def compare_jsonl(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]])
 
 
 def compare_csv(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COMPARE_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for rec in compare_records(a, b, pairs):
-        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
-    return buffer.getvalue()
+    return _records_csv(COMPARE_FIELDS, compare_records(a, b, pairs))
 
 
 def compare_table(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> tuple[list[str], list[list[str]]]:
@@ -362,10 +365,7 @@ def compare_chart_pairs(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, fl
 
 def compare_markdown(a: BenchRun, b: BenchRun, pairs: list[tuple[Row, Row, float]]) -> str:
     columns, rows = compare_table(a, b, pairs)
-    left = {"model", "test", "type_k", "type_v"}
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" if c in left else "---:" for c in columns) + " |"]
-    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(columns, rows, lambda c: c not in {"model", "test", "type_k", "type_v"})
 
 
 SERVING_COMPARE_FIELDS = ["kind", "model", "endpoint", "test", "concurrency", "n_prompt", "n_gen", "avg_ts_a", "stddev_ts_a", "avg_ts_b",
@@ -384,11 +384,7 @@ def serving_compare_records(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingR
             "concurrency": x.concurrency,
             "n_prompt": x.n_prompt,
             "n_gen": x.n_gen,
-            "avg_ts_a": x.avg_ts,
-            "stddev_ts_a": x.stddev_ts,
-            "avg_ts_b": y.avg_ts,
-            "stddev_ts_b": y.stddev_ts,
-            "ratio": round(ratio, 4),
+            **_rates(x, y, ratio),
             "ttft_p50_s_a": x.ttft_p50_s,
             "ttft_p50_s_b": y.ttft_p50_s,
             "request_ts_a": x.request_ts,
@@ -403,13 +399,7 @@ def serving_compare_records(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingR
 
 
 def serving_compare_json(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> str:
-    doc = {
-        "run_a": {"run_id": a.run_id, "created": a.created, "cpu_info": a.fingerprint.get("cpu_info")},
-        "run_b": {"run_id": b.run_id, "created": b.created, "cpu_info": b.fingerprint.get("cpu_info")},
-        "results": [],
-        "serving": serving_compare_records(a, b, pairs),
-    }
-    return json.dumps(doc, indent=2)
+    return _compare_document(a, b, [], serving_compare_records(a, b, pairs))
 
 
 def serving_compare_table(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> tuple[list[str], list[list[str]]]:
@@ -423,18 +413,11 @@ def serving_compare_table(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow
 
 def serving_compare_markdown(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> str:
     columns, rows = serving_compare_table(a, b, pairs)
-    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" if c in ("model", "test") else "---:" for c in columns) + " |"]
-    lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(columns, rows, lambda c: c not in ("model", "test"))
 
 
 def serving_compare_csv(a: BenchRun, b: BenchRun, pairs: list[tuple[ServingRow, ServingRow, float]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SERVING_COMPARE_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for rec in serving_compare_records(a, b, pairs):
-        writer.writerow({key: csv_cell(value) for key, value in rec.items()})
-    return buffer.getvalue()
+    return _records_csv(SERVING_COMPARE_FIELDS, serving_compare_records(a, b, pairs))
 
 
 def serving_compare_chart_pairs(pairs: list[tuple[ServingRow, ServingRow, float]]) -> list[tuple[str, float]]:

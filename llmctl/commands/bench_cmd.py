@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 import typer
 
@@ -469,36 +469,51 @@ def _compare(home: Path, ids: tuple[str, str], fmt: str = "table") -> None:
         return
     if not pairs:
         raise UsageError(f"runs {a.run_id} and {b.run_id} have no test in common", hint="compare runs of the same model and settings")
-    if fmt == "json":
-        output.emit_text(benchreport.compare_json(a, b, pairs))
-    elif fmt == "jsonl":
-        sys.stdout.write(benchreport.compare_jsonl(a, b, pairs))
-    elif fmt == "csv":
-        sys.stdout.write(benchreport.compare_csv(a, b, pairs))
-    elif fmt == "md":
-        output.emit_text(benchreport.compare_markdown(a, b, pairs))
-    else:
-        columns, rows = benchreport.compare_table(a, b, pairs)
-        output.emit_table(columns, rows, right_align=("threads", columns[-3], columns[-2], "ratio"))
-        output.info(benchreport.bar_chart(benchreport.compare_chart_pairs(a, b, pairs)), multiline=True)
+    _emit_comparison(
+        fmt,
+        {
+            "json": lambda: benchreport.compare_json(a, b, pairs),
+            "jsonl": lambda: benchreport.compare_jsonl(a, b, pairs),
+            "csv": lambda: benchreport.compare_csv(a, b, pairs),
+            "md": lambda: benchreport.compare_markdown(a, b, pairs),
+        },
+        lambda: benchreport.compare_table(a, b, pairs),
+        lambda columns: ("threads", columns[-3], columns[-2], "ratio"),
+        lambda: benchreport.compare_chart_pairs(a, b, pairs),
+    )
 
 
 def _compare_serving(a: benchrun.BenchRun, b: benchrun.BenchRun, pairs: list, fmt: str) -> None:
     """Two serving benchmarks, level by level (same model name, API, load): B's aggregate rate ÷ A's."""
     from llmctl.bench import report as benchreport
 
-    if fmt == "json":
-        output.emit_text(benchreport.serving_compare_json(a, b, pairs))
-    elif fmt == "jsonl":
-        sys.stdout.write("".join(json.dumps(r) + "\n" for r in benchreport.serving_compare_records(a, b, pairs)))
-    elif fmt == "csv":
-        sys.stdout.write(benchreport.serving_compare_csv(a, b, pairs))
-    elif fmt == "md":
-        output.emit_text(benchreport.serving_compare_markdown(a, b, pairs))
+    _emit_comparison(
+        fmt,
+        {
+            "json": lambda: benchreport.serving_compare_json(a, b, pairs),
+            "jsonl": lambda: "".join(json.dumps(r) + "\n" for r in benchreport.serving_compare_records(a, b, pairs)),
+            "csv": lambda: benchreport.serving_compare_csv(a, b, pairs),
+            "md": lambda: benchreport.serving_compare_markdown(a, b, pairs),
+        },
+        lambda: benchreport.serving_compare_table(a, b, pairs),
+        lambda columns: tuple(columns[2:]),
+        lambda: benchreport.serving_compare_chart_pairs(pairs),
+    )
+
+
+def _emit_comparison(fmt: str, texts: dict[str, Callable[[], str]], table: Callable[[], tuple[list[str], list[list[str]]]],
+                     right_align: Callable[[list[str]], tuple[str, ...]], chart: Callable[[], list[tuple[str, float]]]) -> None:  # fmt: skip
+    """A comparison in ``fmt``: a document (json, md) or lines (jsonl, csv) on stdout, else the table and its chart."""
+    from llmctl.bench import report as benchreport
+
+    if fmt in ("json", "md"):
+        output.emit_text(texts[fmt]())
+    elif fmt in ("jsonl", "csv"):
+        sys.stdout.write(texts[fmt]())
     else:
-        columns, rows = benchreport.serving_compare_table(a, b, pairs)
-        output.emit_table(columns, rows, right_align=tuple(columns[2:]))
-        output.info(benchreport.bar_chart(benchreport.serving_compare_chart_pairs(pairs)), multiline=True)
+        columns, rows = table()
+        output.emit_table(columns, rows, right_align=right_align(columns))
+        output.info(benchreport.bar_chart(chart()), multiline=True)
 
 
 def _tune(home: Path, name: str, hw) -> None:
