@@ -152,11 +152,7 @@ def test_bench_rpc_across_two_real_workers_reports_and_saves_rows_naming_them(cl
 
 def test_llama_bench_does_not_outlive_a_killed_llmctl(model, tmp_path: Path) -> None:
     # A llama-bench left behind would hold every worker (each serves one client at a time).
-    import os
-    import signal
-    import subprocess
-
-    from tests.support.processes import gone_within, sleeping_tool, wait_for_pid
+    from tests.support.processes import outlives_a_killed_parent, sleeping_tool
 
     binary, pid_file = sleeping_tool(tmp_path, "llama-bench")
     script = (
@@ -165,17 +161,4 @@ def test_llama_bench_does_not_outlive_a_killed_llmctl(model, tmp_path: Path) -> 
         "path = Path(sys.argv[1])\nmodel = run.BenchModel('demo', [path], gguf.read_model([path])[1])\n"
         "rpc_bench.run_model(run.BenchRun('r', 'now', {}), model, sweep(), parse_endpoints('127.0.0.1:50611'), binary=Path(sys.argv[2]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    llmctl = subprocess.Popen([sys.executable, "-c", script, str(model.paths[0]), str(binary)], env=env, stdin=subprocess.DEVNULL)
-    try:
-        bench = wait_for_pid(pid_file)
-        llmctl.send_signal(signal.SIGTERM)  # Python's default: the process ends at once, no finally runs
-        llmctl.wait(timeout=10)
-        assert gone_within(bench), "llama-bench kept running after llmctl was killed"
-    finally:
-        llmctl.kill()
-        if pid_file.exists() and pid_file.read_text().strip():
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    assert not outlives_a_killed_parent(script, [str(model.paths[0]), str(binary)], pid_file), "llama-bench kept running after llmctl was killed"

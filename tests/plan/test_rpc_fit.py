@@ -89,12 +89,8 @@ def test_fit_rpc_shows_each_workers_memory_and_layers_and_refuses_what_does_not_
 
 
 def test_llama_fit_params_does_not_outlive_a_killed_llmctl(make_gguf, tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
 
-    from tests.support.processes import gone_within, sleeping_tool, wait_for_pid
+    from tests.support.processes import outlives_a_killed_parent, sleeping_tool
 
     model = make_gguf(n_layers=4)
     binary, pid_file = sleeping_tool(tmp_path, "llama-fit-params")
@@ -102,20 +98,7 @@ def test_llama_fit_params_does_not_outlive_a_killed_llmctl(make_gguf, tmp_path: 
         "import sys\nfrom pathlib import Path\nfrom llmctl.engine.rpc import parse_endpoints\nfrom llmctl.plan import rpc_fit\n"
         "rpc_fit.project(Path(sys.argv[2]), 'm', Path(sys.argv[1]), parse_endpoints('127.0.0.1:50611'), layer_count=5, n_ctx=256)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    llmctl = subprocess.Popen([sys.executable, "-c", script, str(model), str(binary)], env=env, stdin=subprocess.DEVNULL)
-    try:
-        tool = wait_for_pid(pid_file)
-        llmctl.send_signal(signal.SIGTERM)
-        llmctl.wait(timeout=10)
-        assert gone_within(tool), "llama-fit-params kept running after llmctl was killed"
-    finally:
-        llmctl.kill()
-        if pid_file.exists() and pid_file.read_text().strip():
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    assert not outlives_a_killed_parent(script, [str(model), str(binary)], pid_file), "llama-fit-params kept running after llmctl was killed"
 
 
 @pytest.mark.parametrize(("flag", "passed"), [([], None), (["--flash-attn"], True), (["--no-flash-attn"], False)])

@@ -113,6 +113,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             return True
 
+    def _begin_events(self) -> None:
+        """The head of a server-sent-events answer, its body in chunks (``_chunk``)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
@@ -202,10 +209,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pieces = pieces[:limit] if cut else pieces
         prompt_n = len(body.get("prompt") or [])
         die_after = fake.get("die_after")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self._begin_events()
         try:
             for n, piece in enumerate(pieces):
                 if die_after is not None and n >= int(die_after):
@@ -255,10 +259,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._json(200, {"id": ident, "object": "text_completion", "model": ALIAS, "usage": usage, "timings": timings,
                                  "choices": [{"index": 0, "finish_reason": "stop", "text": text}]})  # fmt: skip
             return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self._begin_events()
         try:
             for n, piece in enumerate(pieces):
                 if die_after is not None and n >= int(die_after):

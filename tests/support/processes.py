@@ -53,3 +53,29 @@ def gone_within(pid: int, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def outlives_a_killed_parent(script: str, args: list[str], pid_file) -> bool:
+    """Run ``script`` (Python) in a process of its own with ``args``, wait until the ``sleeping_tool``
+    it starts has written ``pid_file``, SIGTERM that process (Python's default: it ends at once,
+    no ``finally`` runs), and say whether the tool is still running 5 s later. The tool is killed
+    either way."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    parent = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdin=subprocess.DEVNULL)
+    try:
+        tool = wait_for_pid(pid_file)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=10)
+        return not gone_within(tool)
+    finally:
+        parent.kill()
+        if pid_file.exists() and pid_file.read_text().strip():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
