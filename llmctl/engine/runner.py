@@ -92,8 +92,7 @@ def _plan_resolved(resolved: ResolvedModel, overrides: Overrides, *, force: bool
     from llmctl.engine.server_engine import offload_to_workers
 
     # The weights go to the workers: this machine's memory does not decide; the workers' does.
-    plan = offload_to_workers(make_plan([located.candidate()], hw, overrides, force=True), located.info.layer_count, overrides.n_gpu_layers)
-    plan.warnings[:] = [w for w in plan.warnings if "loading anyway because of --force" not in w]
+    plan = offload_to_workers(make_plan([located.candidate()], hw, overrides, elsewhere=True), located.info.layer_count, overrides.n_gpu_layers)
     _check_workers_fit(located, plan, rpc, force)
     return Planned(plan, resolved, located.info, overrides.threads, overrides, force, rpc)
 

@@ -155,9 +155,10 @@ def check_chat_template(worker: TemplateWorker, template: str | None) -> None:
         raise ChatTemplateError(worker.budgets.problem(str(reply["error"])))
 
 
-def plan_server(store: Store, name: str, overrides: Overrides, *, force: bool = False) -> ServerPlan:
-    """``name``'s serving plan (``fit``'s, with parallel slots and its projector counted) as a ``ServerSpec``;
-    ``force``: planned even where it does not fit this machine (its layers go to RPC workers)."""
+def plan_server(store: Store, name: str, overrides: Overrides, *, rpc: list[str] | None = None) -> ServerPlan:
+    """``name``'s serving plan (``fit``'s, with parallel slots and its projector counted) as a ``ServerSpec``.
+    With ``rpc`` workers every layer and the output go to them (their memory is checked when the
+    child starts), and the plan weighs nothing in this machine's budget."""
     from dataclasses import replace
 
     from llmctl.config import get_settings
@@ -170,7 +171,7 @@ def plan_server(store: Store, name: str, overrides: Overrides, *, force: bool = 
     located = Located.of(store.resolve(name))
     overrides = apply_tuned(replace(overrides, serving=True), located.paths)
     hardware = serving_hardware(get_hardware(get_settings()))
-    plan = make_plan([located.candidate(with_mmproj=True)], hardware, overrides, force=force)
+    plan = make_plan([located.candidate(with_mmproj=True)], hardware, overrides, elsewhere=bool(rpc))
     cfg = plan.config
     pooling = located.headers[0].metadata.get(f"{located.info.architecture}.pooling_type")
     spec = ServerSpec(
@@ -178,7 +179,7 @@ def plan_server(store: Store, name: str, overrides: Overrides, *, force: bool = 
         alias=str(located.name),
         n_ctx=cfg.n_ctx,
         slots=plan.parallel,
-        n_gpu_layers=cfg.n_gpu_layers,
+        n_gpu_layers=(located.info.layer_count or 0) + 1 if rpc else cfg.n_gpu_layers,
         threads=plan.threads,
         n_batch=cfg.n_batch,
         n_ubatch=cfg.n_ubatch,
@@ -192,7 +193,10 @@ def plan_server(store: Store, name: str, overrides: Overrides, *, force: bool = 
         reranker=pooling == POOLING_RANK,
         pooling=None if isinstance(pooling, int) else POOLING_FOR_EMBEDDINGS,
     )
-    return ServerPlan(plan.chosen.estimate.resident, spec, list(plan.warnings), located.info.chat_template)
+    if rpc:
+        spec.rpc = list(rpc)
+    memory = 0 if rpc else plan.chosen.estimate.resident  # with workers, this machine holds the context's host buffers only
+    return ServerPlan(memory, spec, list(plan.warnings), located.info.chat_template)
 
 
 # --- the address a child listens on ------------------------------------------------------------

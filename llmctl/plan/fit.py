@@ -683,6 +683,7 @@ def make_plan(
     overrides: Overrides | None = None,
     *,
     force: bool = False,
+    elsewhere: bool = False,
 ) -> Plan:
     """Choose among candidates (one local model, or every quant of a repo).
 
@@ -692,7 +693,8 @@ def make_plan(
     in partial offload and CPU-only classes a candidate must also reach at least
     half the fastest one's expected speed. Nothing that does not fit is chosen
     unless ``force`` is set. A serving plan's candidates each carry their slots
-    (``plan_candidate``); the choice among them is the same.
+    (``plan_candidate``); the choice among them is the same. ``elsewhere``: the weights go to RPC
+    workers, whose memory is checked apart (``plan.rpc_fit``), so not fitting here refuses nothing.
     """
     o = overrides or Overrides()
     plans = [plan_candidate(c, hw, o) for c in candidates]
@@ -714,7 +716,9 @@ def make_plan(
             reasons.append(f"{', '.join(passed_over)} not chosen: unquantised weights only when no quantised file fits")
     else:
         chosen = min(plans, key=lambda p: p.estimate.total)
-        if not force:
+        if elsewhere:
+            pass
+        elif not force:
             refused = DoesNotFitError(chosen)
             if o.parallel is not None and o.parallel > 1:
                 fewer = _most_slots_that_fit(candidates, hw, o)

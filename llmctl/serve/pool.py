@@ -107,19 +107,10 @@ class ChildLoader:
         from llmctl.engine.server_process import plan_server
         from llmctl.plan.fit import Overrides
 
-        rpc = bool(self.settings.rpc)
-        planned = plan_server(self.store, name, Overrides(n_ctx=self.settings.ctx, parallel=self.settings.parallel, serving=True), force=rpc)
-        if rpc:  # every layer and the output on the workers, as `run --rpc` places them; their memory decides (load)
-            planned.spec.rpc = list(self.settings.rpc)
-            planned.spec.n_gpu_layers = self.store_layers(name) + 1
-            planned.warnings = [w for w in planned.warnings if "loading anyway because of --force" not in w]
-            return 0, planned  # this machine holds the context's host buffers only; one model at a time
+        planned = plan_server(
+            self.store, name, Overrides(n_ctx=self.settings.ctx, parallel=self.settings.parallel, serving=True), rpc=self.settings.rpc or None
+        )
         return planned.memory, planned
-
-    def store_layers(self, name: str) -> int:
-        from llmctl.models.locate import Located
-
-        return Located.of(self.store.resolve(name)).info.layer_count or 0
 
     def load(self, planned: Any) -> Child:
         from llmctl.config import get_settings
