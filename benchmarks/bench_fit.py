@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ def measured_rss(model: Path, n_ctx: int, settings: dict[str, object]) -> int:
 def fit_params_host(model: Path, n_ctx: int, settings: dict[str, object]) -> int:
     """The host memory llama.cpp projects for this load (``llama-fit-params -lv 4``'s Host row), bytes."""
     from llmctl.engine import native
+    from llmctl.plan import rpc_fit
 
     argv = [str(native.require("llama-fit-params")), "-m", str(model), "-c", str(n_ctx), "-ngl", "0", "-b", "512", "-ub", "512",
             "-fa", "on" if settings.get("flash_attn") else "off", "-ctk", str(settings.get("type_k", "f16")),
@@ -67,10 +67,10 @@ def fit_params_host(model: Path, n_ctx: int, settings: dict[str, object]) -> int
     if settings.get("swa_full", True):
         argv.append("--swa-full")
     done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
-    match = re.search(r"- Host\s*\|\s*(\d+) =", done.stdout + done.stderr)
-    if match is None:
+    host = next((d for d in rpc_fit.parse(done.stdout + done.stderr)[0] if d.name == "Host"), None)  # fit --rpc's reader
+    if host is None:
         raise RuntimeError(f"llama-fit-params printed no Host projection: {(done.stdout + done.stderr)[-400:]}")
-    return int(match.group(1)) * MIB
+    return host.used_mib * MIB
 
 
 def zoo_row(label: str, model: Path, n_ctx: int, settings: dict[str, object]) -> Row:

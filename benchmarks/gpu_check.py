@@ -90,11 +90,6 @@ def nvml_process_memory(pid: int) -> dict[str, Any]:
         pynvml.nvmlShutdown()
 
 
-def rss(pid: int) -> int:
-    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) * 1024 if match else 0
-
-
 BUFFER_LINE = re.compile(r"(\S+) (model buffer|KV buffer|compute buffer|RS buffer|output buffer|buffer) size\s*=\s*([\d.]+) MiB")
 
 
@@ -127,6 +122,8 @@ def generate(url: str, n_prompt: int, n_gen: int) -> dict[str, Any]:
 
 
 def case(out: Path, label: str, model: str, ngl: int | None, ctx: int | None, slots: int | None) -> dict[str, Any]:
+    from bench_serve import _rss
+
     from llmctl.bench.serving import free_port
     from llmctl.commands import open_store
     from llmctl.engine import native
@@ -157,9 +154,9 @@ def case(out: Path, label: str, model: str, ngl: int | None, ctx: int | None, sl
         from bench_serve import _wait_healthy
 
         _wait_healthy(url, child)
-        result["after_load"] = {"nvml": nvml_process_memory(child.pid), "rss": rss(child.pid)}
+        result["after_load"] = {"nvml": nvml_process_memory(child.pid), "rss": _rss(child.pid)}
         result["timings"] = generate(url, 512, 16)
-        result["after_generation"] = {"nvml": nvml_process_memory(child.pid), "rss": rss(child.pid)}
+        result["after_generation"] = {"nvml": nvml_process_memory(child.pid), "rss": _rss(child.pid)}
     finally:
         child.terminate()
         try:

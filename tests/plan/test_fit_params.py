@@ -5,7 +5,6 @@ resident figure against a real load: the anchors of docs/fit.md, on a few cases 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmctl import gguf
-from llmctl.plan import fit
+from llmctl.plan import fit, rpc_fit
 from tests.support import loadable_models
 
 pytestmark = pytest.mark.slow
@@ -27,9 +26,9 @@ def _projected_host(tools, model: Path, config: fit.LoadConfig) -> int:
     if config.swa_full:
         argv.append("--swa-full")
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    match = re.search(r"- Host\s*\|\s*(\d+) =", done.stdout + done.stderr)
-    assert match, (done.stdout + done.stderr)[-600:]
-    return int(match.group(1)) * MIB
+    host = next((d for d in rpc_fit.parse(done.stdout + done.stderr)[0] if d.name == "Host"), None)  # fit --rpc's reader
+    assert host is not None, (done.stdout + done.stderr)[-600:]
+    return host.used_mib * MIB
 
 
 CASES = [
