@@ -27,6 +27,7 @@ from typing import Iterator
 
 from common import Row
 
+from llmctl.bench.serving import free_port
 from tools.demo_model import ensure_demo_model
 
 ROUNDS = 2
@@ -87,12 +88,6 @@ def _worker(bin_dir: Path, host: str, port: int, netns: str | None = None) -> It
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _free_port() -> int:
-    from tests.support.net import free_port
-
-    return free_port()
 
 
 def _sh(*argv: str) -> None:
@@ -210,7 +205,7 @@ def run() -> list[Row]:
     local: dict[str, list[float]] = {t: [] for t in TESTS}
     remote: dict[str, list[float]] = {t: [] for t in TESTS}
     with tempfile.TemporaryDirectory() as home, ExitStack() as stack:
-        endpoints = ",".join(stack.enter_context(_worker(bin_dir, "127.0.0.1", _free_port())) for _ in range(2))
+        endpoints = ",".join(stack.enter_context(_worker(bin_dir, "127.0.0.1", free_port())) for _ in range(2))
         for _ in range(ROUNDS):
             for test, value in _local(bin_dir, model).items():
                 local[test].append(value)
@@ -225,7 +220,7 @@ def run() -> list[Row]:
         print(f"rpc with added latency: tc netem / network namespaces unavailable here ({problem}); a delay proxy instead", file=sys.stderr)
         for rtt in RTTS_MS:
             with tempfile.TemporaryDirectory() as home, ExitStack() as stack:
-                workers = [stack.enter_context(_worker(bin_dir, "127.0.0.1", _free_port())) for _ in range(2)]
+                workers = [stack.enter_context(_worker(bin_dir, "127.0.0.1", free_port())) for _ in range(2)]
                 proxied = [stack.enter_context(_delay_proxy(w, rtt / 2000)) for w in workers]
                 figures = _rpc(",".join(proxied), model, home)
             for test in TESTS:

@@ -14,9 +14,9 @@ from llmctl import gguf
 from llmctl.bench import report as benchreport
 from llmctl.bench import rpc_bench
 from llmctl.bench import run as benchrun
+from llmctl.bench.serving import free_port
 from llmctl.engine.rpc import parse_endpoints
 from llmctl.errors import EXIT_USAGE
-from tests.support.net import free_port
 from tests.support.rpc_workers import endpoints_of, running_workers
 
 RECORD = {

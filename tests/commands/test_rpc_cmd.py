@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from llmctl.bench.serving import free_port
 from llmctl.engine import rpc, rpc_worker
 from llmctl.errors import EXIT_USAGE
-from tests.support.net import free_port
 
 ROOT = Path(__file__).parents[2]
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from llmctl.bench.serving import free_port
 from llmctl.engine import native, rpc
 from llmctl.engine.rpc_worker import RpcWorker, WorkerSpec, start_worker
 from llmctl.errors import EXIT_ERROR, EXIT_USAGE
 from tests.support.fake_rpc_worker import FakeRpcWorker
-from tests.support.net import free_port
 
 # --- the endpoint list ---------------------------------------------------------------------------
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from llmctl.bench.serving import free_port
 from llmctl.commands.fit_cmd import _layer_span
 from llmctl.engine import rpc
 from llmctl.errors import EXIT_DOES_NOT_FIT, EXIT_USAGE
 from llmctl.plan import rpc_fit
-from tests.support.net import free_port
 from tests.support.rpc_workers import endpoints_of, running_workers
 
 # What llama-fit-params -v logs (trimmed): a first trial load, its breakdown, then a second trial.

@@ -6,8 +6,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from llmctl.bench.serving import free_port
 from llmctl.engine.rpc_worker import RpcWorker, WorkerSpec, start_worker
-from tests.support.net import free_port
 
 
 @contextmanager
