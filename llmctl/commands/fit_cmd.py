@@ -179,17 +179,14 @@ def render_plan(plan: fit.Plan) -> None:
 def _fit_rpc(name: str, endpoints: list, ctx: int | None, gpu_layers: int | None, type_k: str | None, type_v: str | None,
              flash_attn: bool | None, json_output: bool) -> None:  # fmt: skip
     """fit --rpc: the workers checked, then llama-fit-params' layout shown; exit 4 when it does not fit."""
-    from llmctl.engine import native
-    from llmctl.engine.rpc import preflight
     from llmctl.plan import rpc_fit
 
     located = locate.locate(open_store(), name)
-    workers = preflight(endpoints)
     layer_count = (located.info.layer_count or 0) + 1
     n_ctx = ctx or min(located.info.context_length or fit.DEFAULT_CTX, fit.DEFAULT_CTX)
     with output.status(f"Asking llama-fit-params to lay out {located.name} on {len(endpoints)} worker(s)…"):
-        projection = rpc_fit.project(native.require("llama-fit-params"), located.name, located.paths[0], endpoints, layer_count=layer_count,
-                                     n_ctx=n_ctx, n_gpu_layers=gpu_layers, type_k=type_k, type_v=type_v, flash_attn=flash_attn)  # fmt: skip
+        workers, projection = rpc_fit.check_workers(located.name, located.paths[0], endpoints, layer_count=layer_count, n_ctx=n_ctx,
+                                                    n_gpu_layers=gpu_layers, type_k=type_k, type_v=type_v, flash_attn=flash_attn)  # fmt: skip
     if json_output:
         output.emit_json({**projection.to_dict(), "workers": [w.to_dict() for w in workers]})
     else:

@@ -101,16 +101,13 @@ def _check_workers_fit(located: Located, plan: Plan, rpc: list[str], force: bool
     """llama.cpp's own projection of ``plan`` across the workers (``fit --rpc``'s): refused (exit 4)
     when a device would need more than it has free, unless ``force``. Each worker is checked first:
     llama.cpp aborts on one it cannot reach."""
-    from llmctl.engine import native
-    from llmctl.engine.rpc import parse_endpoints, preflight
+    from llmctl.engine.rpc import parse_endpoints
     from llmctl.plan import rpc_fit
 
-    endpoints = parse_endpoints(",".join(rpc))
-    preflight(endpoints)
     cfg = plan.config
-    projection = rpc_fit.project(native.require("llama-fit-params"), str(located.name), located.paths[0], endpoints,
-                                 layer_count=(located.info.layer_count or 0) + 1, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
-                                 type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn)  # fmt: skip
+    _, projection = rpc_fit.check_workers(str(located.name), located.paths[0], parse_endpoints(",".join(rpc)),
+                                          layer_count=(located.info.layer_count or 0) + 1, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
+                                          type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn)  # fmt: skip
     if not projection.fits:
         if not force:
             raise rpc_fit.refusal(projection)

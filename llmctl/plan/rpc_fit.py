@@ -24,7 +24,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmctl.engine.rpc import Endpoint, format_endpoints
+from llmctl.engine.rpc import Endpoint, WorkerInfo, format_endpoints
 from llmctl.engine.server_process import _die_with_parent
 from llmctl.errors import EXIT_DOES_NOT_FIT, LlmctlError
 
@@ -205,6 +205,30 @@ def project(
         )
     fitted = " ".join(line.strip() for line in done.stdout.splitlines() if line.strip().startswith("-")) if done.returncode == 0 else ""
     return RpcProjection(label, [str(e) for e in endpoints], n_ctx, ngl, layer_count, devices, fitted, command)
+
+
+def check_workers(
+    label: str,
+    model: Path,
+    endpoints: list[Endpoint],
+    *,
+    layer_count: int,
+    n_ctx: int,
+    n_gpu_layers: int | None = None,
+    type_k: str | None = None,
+    type_v: str | None = None,
+    flash_attn: bool | None = None,
+) -> tuple[list[WorkerInfo], RpcProjection]:
+    """Each worker checked first (llama.cpp aborts on one it cannot reach or that runs another
+    build), then llama.cpp's own projection of the load across them; what ``fit --rpc`` shows and
+    ``run``/``chat``/``serve --rpc`` decide on."""
+    from llmctl.engine import native
+    from llmctl.engine.rpc import preflight
+
+    workers = preflight(endpoints)
+    projection = project(native.require("llama-fit-params"), label, model, endpoints, layer_count=layer_count, n_ctx=n_ctx,
+                         n_gpu_layers=n_gpu_layers, type_k=type_k, type_v=type_v, flash_attn=flash_attn)  # fmt: skip
+    return workers, projection
 
 
 def refusal(projection: RpcProjection) -> RpcDoesNotFitError:

@@ -127,14 +127,12 @@ class ChildLoader:
         spec = planned.spec
         if spec.rpc:
             # llama-server aborts on a worker it cannot reach: check them all first, for a clear error.
-            from llmctl.engine.rpc import parse_endpoints, preflight
+            from llmctl.engine.rpc import parse_endpoints
             from llmctl.plan import rpc_fit
 
-            endpoints = parse_endpoints(",".join(spec.rpc))
-            preflight(endpoints)
-            projection = rpc_fit.project(native.require("llama-fit-params"), spec.alias, spec.model, endpoints, layer_count=spec.n_gpu_layers,
-                                         n_ctx=spec.total_ctx, n_gpu_layers=spec.n_gpu_layers, type_k=spec.type_k, type_v=spec.type_v,
-                                         flash_attn=spec.flash_attn)  # fmt: skip
+            _, projection = rpc_fit.check_workers(spec.alias, spec.model, parse_endpoints(",".join(spec.rpc)), layer_count=spec.n_gpu_layers,
+                                                  n_ctx=spec.total_ctx, n_gpu_layers=spec.n_gpu_layers, type_k=spec.type_k, type_v=spec.type_v,
+                                                  flash_attn=spec.flash_attn)  # fmt: skip
             if not projection.fits:
                 raise rpc_fit.refusal(projection)
         command = self.command or [str(native.require("llama-server"))]
